@@ -1,0 +1,76 @@
+// Launch geometry shared by the streaming codec kernels.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pvq_cuda {
+
+// Grid-stride kernels: enough blocks to fill every SM a few times over, never more than the work.
+// A persistent grid also pays the decoder's shared-memory table fill once per resident block.
+inline cudaError_t streaming_grid(int64_t items, int threads, int blocks_per_sm, int* blocks) {
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t needed = (items + threads - 1) / threads;
+  const int64_t cap = int64_t(sms) * blocks_per_sm;
+  *blocks = int(needed < cap ? needed : cap);
+  return cudaSuccess;
+}
+
+// Stores one group of D int8 pulses with the widest aligned store (rows start at g*D bytes).
+template <int D>
+__device__ __forceinline__ void store_group(int8_t* dst, const int8_t (&y)[D]) {
+  if constexpr (D >= 4) {
+    uint32_t w[D / 4];
+#pragma unroll
+    for (int q = 0; q < D / 4; ++q)
+      w[q] = uint32_t(uint8_t(y[4 * q])) | uint32_t(uint8_t(y[4 * q + 1])) << 8 |
+             uint32_t(uint8_t(y[4 * q + 2])) << 16 | uint32_t(uint8_t(y[4 * q + 3])) << 24;
+    if constexpr (D == 4) {
+      *reinterpret_cast<uint32_t*>(dst) = w[0];
+    } else if constexpr (D == 8) {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+    } else {
+#pragma unroll
+      for (int q = 0; q < D / 4; q += 4)
+        *reinterpret_cast<uint4*>(dst + 4 * q) = make_uint4(w[q], w[q + 1], w[q + 2], w[q + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < D; ++j) dst[j] = y[j];
+  }
+}
+
+// Loads one group of D int8 pulses (the mirror of store_group).
+template <int D>
+__device__ __forceinline__ void load_group(const int8_t* src, int8_t (&y)[D]) {
+  if constexpr (D >= 4) {
+    uint32_t w[D / 4];
+    if constexpr (D == 4) {
+      w[0] = *reinterpret_cast<const uint32_t*>(src);
+    } else if constexpr (D == 8) {
+      const uint2 v = *reinterpret_cast<const uint2*>(src);
+      w[0] = v.x;
+      w[1] = v.y;
+    } else {
+#pragma unroll
+      for (int q = 0; q < D / 4; q += 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(src + 4 * q);
+        w[q] = v.x;
+        w[q + 1] = v.y;
+        w[q + 2] = v.z;
+        w[q + 3] = v.w;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < D; ++j) y[j] = int8_t(w[j / 4] >> (8 * (j % 4)));
+  } else {
+#pragma unroll
+    for (int j = 0; j < D; ++j) y[j] = src[j];
+  }
+}
+
+}  // namespace pvq_cuda

@@ -1,0 +1,64 @@
+// PVQ search: x[..., D] (fp32/fp16/bf16) -> nearest pyramid point in angle, one thread per group.
+// The search itself is pvq::search_group, the same integer-exact code the CPU runs, so codes agree
+// bit for bit. Cost is O(D) for the projection, < D greedy passes of O(D), and a few O(D^2) swap
+// passes: at D=8 about a thousand instructions per group, far under the time to stream activations
+// only for D <= 8; larger D wants a warp-cooperative search (left for the activation-coding work).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../codec/dispatch.h"
+#include "codec_launchers.h"
+#include "grid.cuh"
+
+namespace pvq_cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kBlocksPerSm = 8;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads) search_kernel(const T* __restrict__ x, int8_t* __restrict__ pulses,
+                                                          int64_t groups, int K, int* status) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
+    float v[D];
+#pragma unroll
+    for (int j = 0; j < D; ++j) v[j] = to_float(x[g * D + j]);
+    int8_t y[D];
+    if (!pvq::search_group<D>([&](int j) { return v[j]; }, K, y)) atomicOr(status, kStatusBadData);
+    store_group<D>(pulses + g * D, y);
+  }
+}
+
+template <typename T>
+cudaError_t launch_typed(const T* x, int8_t* pulses, int64_t groups, int D, int K, int* status, cudaStream_t stream) {
+  int blocks = 0;
+  cudaError_t err = streaming_grid(groups, kThreads, kBlocksPerSm, &blocks);
+  if (err != cudaSuccess) return err;
+  pvq::dispatch_group_size(D, [&](auto Dc) {
+    constexpr int N = decltype(Dc)::value;
+    search_kernel<N, T><<<blocks, kThreads, 0, stream>>>(x, pulses, groups, K, status);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_search(const void* x, FloatKind kind, int8_t* pulses, int64_t groups, int D, int K, int* status,
+                          cudaStream_t stream) {
+  if (groups == 0) return cudaSuccess;
+  switch (kind) {
+    case FloatKind::kFloat16:
+      return launch_typed(static_cast<const __half*>(x), pulses, groups, D, K, status, stream);
+    case FloatKind::kBFloat16:
+      return launch_typed(static_cast<const __nv_bfloat16*>(x), pulses, groups, D, K, status, stream);
+    default:
+      return launch_typed(static_cast<const float*>(x), pulses, groups, D, K, status, stream);
+  }
+}
+
+}  // namespace pvq_cuda

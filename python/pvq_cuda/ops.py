@@ -1,0 +1,106 @@
+"""Typed Python faces of the codec ops, and their shape functions for torch.compile.
+
+Each wrapper calls ``torch.ops.pvq_cuda.<op>.default``; the C++ kernels (CPU always, CUDA when
+built) check their arguments again, so calling the ops directly is just as safe.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .counting import check_limits
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_tensor(op: str, name: str, t, dtypes) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype {allowed}; got {str(t.dtype).removeprefix('torch.')}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{op}: {name} must be on a CPU or CUDA device, got {t.device}")
+    if t.device.type == "cuda" and not torch.ops.pvq_cuda.decode.default.has_kernel_for_dispatch_key("CUDA"):
+        raise RuntimeError(
+            f"{op}: {name} is on {t.device}, but this pvq_cuda build has no CUDA kernels "
+            "(it was built without a CUDA torch or without nvcc); rebuild with PVQ_WITH_CUDA=ON"
+        )
+
+
+def _check_last_dim(op: str, name: str, t: torch.Tensor) -> int:
+    if t.dim() == 0:
+        raise ValueError(f"{op}: {name} must have shape [..., D], got a 0-d tensor")
+    # D picks the kernel, so a symbolic D is specialized (guarded) rather than traced.
+    return int(t.shape[-1])
+
+
+def search(x: torch.Tensor, K: int) -> torch.Tensor:
+    """Nearest point of the pyramid P(D, K) in angle to each row of ``x[..., D]``.
+
+    Args:
+        x: float32, float16 or bfloat16 tensor of shape ``[..., D]``, D in {1, 2, 4, 8, 16, 32};
+            finite values only.
+        K: pulses per group, ``1 <= K <= 127`` (and ``ceil(log2 V(D,K)) <= 63``).
+
+    Returns:
+        int8 pulses ``y`` of shape ``[..., D]`` with ``sum |y| == K`` per row and the signs of ``x``.
+        Greedy placement plus pulse-move refinement; an all-zero row gives ``K`` on its first axis.
+    """
+    _check_tensor("pvq_cuda.search", "x", x, _FLOAT_DTYPES)
+    check_limits(_check_last_dim("pvq_cuda.search", "x", x), K, "pvq_cuda.search")
+    return torch.ops.pvq_cuda.search.default(x, K)
+
+
+def encode(pulses: torch.Tensor, K: int) -> torch.Tensor:
+    """Split-order index of each pulse vector (paper.md §2; the on-disk format).
+
+    Args:
+        pulses: integer tensor of shape ``[..., D]`` with ``sum |y| == K`` in every row.
+        K: pulses per group.
+
+    Returns:
+        int64 tensor of shape ``[...]`` with values in ``[0, V(D, K))``.
+    """
+    _check_tensor("pvq_cuda.encode", "pulses", pulses, _INT_DTYPES)
+    check_limits(_check_last_dim("pvq_cuda.encode", "pulses", pulses), K, "pvq_cuda.encode")
+    return torch.ops.pvq_cuda.encode.default(pulses, K)
+
+
+def decode(index: torch.Tensor, D: int, K: int) -> torch.Tensor:
+    """Pulse vectors of split-order indices: the inverse of :func:`encode`.
+
+    Args:
+        index: int64 (or int32) tensor of any shape, values in ``[0, V(D, K))``.
+        D, K: group size and pulses.
+
+    Returns:
+        int8 tensor of shape ``[*index.shape, D]``.
+    """
+    _check_tensor("pvq_cuda.decode", "index", index, (torch.int64, torch.int32))
+    check_limits(D, K, "pvq_cuda.decode")
+    return torch.ops.pvq_cuda.decode.default(index.long(), D, K)
+
+
+@torch.library.register_fake("pvq_cuda::search")
+def _search_fake(x, K):
+    _check_tensor("pvq_cuda.search", "x", x, _FLOAT_DTYPES)
+    check_limits(_check_last_dim("pvq_cuda.search", "x", x), K, "pvq_cuda.search")
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@torch.library.register_fake("pvq_cuda::encode")
+def _encode_fake(pulses, K):
+    _check_tensor("pvq_cuda.encode", "pulses", pulses, _INT_DTYPES)
+    check_limits(_check_last_dim("pvq_cuda.encode", "pulses", pulses), K, "pvq_cuda.encode")
+    return pulses.new_empty(pulses.shape[:-1], dtype=torch.int64)
+
+
+@torch.library.register_fake("pvq_cuda::decode")
+def _decode_fake(index, D, K):
+    _check_tensor("pvq_cuda.decode", "index", index, (torch.int64,))
+    check_limits(D, K, "pvq_cuda.decode")
+    return index.new_empty((*index.shape, D), dtype=torch.int8)
