@@ -1,0 +1,118 @@
+"""Throughput of the PVQ codec ops (decode, encode, search) in weights per second.
+
+CPU: one thread, timed by thread CPU time (these machines are shared and noisy), median of
+repeated runs. CUDA: CUDA events, median of repeated runs, with the decode/encode bandwidth bound
+from a device-to-device copy measured in the same run (bytes read + written at copy speed).
+
+    python bench/bench_codec.py                 # CPU, and CUDA when present
+    python bench/bench_codec.py --device cuda --out bench/results/codec.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+import pvq_cuda
+
+CONFIGS = [(8, 6), (8, 16), (8, 36), (16, 30), (32, 21), (4, 11)]
+
+
+def _median_cpu(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        times.append(time.thread_time() - t0)
+    return statistics.median(times)
+
+
+def _median_cuda(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _copy_bandwidth(nbytes: int, repeats: int) -> float:
+    src = torch.empty(nbytes // 4, dtype=torch.int32, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _median_cuda(lambda: dst.copy_(src), repeats)
+
+
+def bench(device: str, groups: int, repeats: int) -> list[str]:
+    timer = _median_cuda if device == "cuda" else _median_cpu
+    rows = []
+    copy_bw = _copy_bandwidth(groups * 16, repeats) if device == "cuda" else None
+    if copy_bw:
+        rows.append(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (the bandwidth bound below)")
+    header = f"| D | K | index bits | decode Mw/s | encode Mw/s | search Mw/s |" + (" decode % of bound |" if copy_bw else "")
+    rows += [header, "|" + "---|" * (header.count("|") - 1)]
+    gen = torch.Generator().manual_seed(0)
+    for D, K in CONFIGS:
+        V = pvq_cuda.pyramid_size(D, K)
+        n = groups * 8 // D  # the same number of weights for every D
+        x = torch.randn(n, D, generator=gen).to(device)
+        y = pvq_cuda.search(x, K)
+        index = pvq_cuda.encode(y, K)
+        t_dec = timer(lambda: pvq_cuda.decode(index, D, K), repeats)
+        t_enc = timer(lambda: pvq_cuda.encode(y, K), repeats)
+        t_srch = timer(lambda: pvq_cuda.search(x, K), max(3, repeats // 3))
+        w = n * D
+        line = (f"| {D} | {K} | {pvq_cuda.index_bits(D, K)} | {w / t_dec / 1e6:,.0f} | {w / t_enc / 1e6:,.0f} "
+                f"| {w / t_srch / 1e6:,.0f} |")
+        if copy_bw:
+            line += f" {100 * (n * (8 + D) / t_dec) / copy_bw:.0f} % |"
+        rows.append(line)
+        assert V > 0
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--cpu-groups", type=int, default=1 << 20)
+    parser.add_argument("--cuda-groups", type=int, default=1 << 25)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--out", help="also write the report (markdown) to this file")
+    args = parser.parse_args()
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    report = [f"# bench_codec ({datetime.date.today()}, commit {commit or 'unknown'}, torch {torch.__version__})", ""]
+    if args.device in ("cpu", "all"):
+        torch.set_num_threads(1)
+        report += [f"## CPU, 1 thread: {platform.processor() or platform.machine()}; "
+                   f"{args.cpu_groups * 8:,} weights per call, median of {args.repeats} (thread CPU time)", ""]
+        report += bench("cpu", args.cpu_groups, args.repeats) + [""]
+    if args.device in ("cuda", "all") and torch.cuda.is_available() and pvq_cuda.cuda_built():
+        report += [f"## CUDA: {torch.cuda.get_device_name()}; {args.cuda_groups * 8:,} weights per call, "
+                   f"median of {args.repeats} (CUDA events)", ""]
+        report += bench("cuda", args.cuda_groups, args.repeats) + [""]
+    elif args.device == "cuda":
+        raise SystemExit("bench_codec: no CUDA device or pvq_cuda built without CUDA")
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
