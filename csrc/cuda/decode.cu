@@ -4,9 +4,11 @@
 // at each node a 64-bucket guide table gives k1 (then ~0.1 extra compares on average at D=8,
 // K=16), one multiply-high replaces the division by V(h, k-k1), and the two halves continue
 // independently. 4-leaves come from a table in shared memory. Its prefix for k <= 11 is 11,969
-// words = 47.9 KB (the most that fits the default 48 KB), which covers 98 % of the leaves at
-// D=8, K=16 (mean 8 pulses per leaf); rarer, fuller leaves split 4 -> 2+2 with the same tables.
-// The table fill is paid once per resident block of the persistent grid.
+// words = 46.8 KB (the most that fits the default 48 KB). On Gaussian data at D=8, K=16 a leaf
+// holds 8 pulses on average and 93.7 % of leaves have k <= 11 (97.7 % have k <= 12, which would
+// take 65 KB); fuller leaves split 4 -> 2+2 with the same tables. The table fill is paid once per
+// resident block of the persistent grid. Whether 65 KB (fewer resident blocks, fewer split
+// leaves) is faster is a measurement for the GPU tuning pass.
 #include "../codec/dispatch.h"
 #include "../codec/split_tables.h"
 #include "codec_launchers.h"

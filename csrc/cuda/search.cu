@@ -1,8 +1,9 @@
 // PVQ search: x[..., D] (fp32/fp16/bf16) -> nearest pyramid point in angle, one thread per group.
 // The search itself is pvq::search_group, the same integer-exact code the CPU runs, so codes agree
-// bit for bit. Cost is O(D) for the projection, < D greedy passes of O(D), and a few O(D^2) swap
-// passes: at D=8 about a thousand instructions per group, far under the time to stream activations
-// only for D <= 8; larger D wants a warp-cooperative search (left for the activation-coding work).
+// bit for bit. Cost is O(D) for the projection, < D greedy passes of O(D), and a few O(D^2)
+// pulse-move passes: roughly a thousand instructions per group at D=8 and ~16x that at D=32, with
+// the per-group arrays indexed dynamically (local memory). A warp-cooperative search for large D
+// belongs to the activation-coding work, where search sits on the inference path.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
