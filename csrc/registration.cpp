@@ -6,4 +6,13 @@ TORCH_LIBRARY(pvq_cuda, m) {
   m.def("search(Tensor x, int K) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("encode(Tensor pulses, int K) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("decode(Tensor index, int D, int K) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // Packed layers (csrc/packed/packed_layer.h has the layout).
+  m.def("_pack_codes(Tensor index, Tensor gain, int index_bits, int scale_bits) -> Tensor");
+  m.def("_unpack_codes(Tensor codes, int rows, int groups, int index_bits, int scale_bits) -> (Tensor, Tensor)");
+  m.def("pvq_dequantize(Tensor codes, Tensor row_scale, Tensor levels, int out_features, int in_features, int D, "
+        "int K, int scale_bits) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("pvq_matmul(Tensor x, Tensor codes, Tensor row_scale, Tensor levels, Tensor? signs, Tensor? bias, "
+        "int out_features, int D, int K, int scale_bits) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }

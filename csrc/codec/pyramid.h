@@ -37,6 +37,8 @@ struct SplitTables {
   const uint8_t* magic_log;    // [level 0..4][k]      ceil(log2 V(2^level,k))
   const uint32_t* leaf_base;   // [k], k = 0..leaf_max_k+1: first entry of k pulses in `leaf`
   const uint32_t* leaf;        // int8x4 words: the 4-leaf decode, tabulated for k <= leaf_max_k
+  const float* inv_norm;       // [s], s = 0..kMaxK^2: 1/sqrt(s) rounded once from double, so a
+                               // group's gain is the same float on every device
   int leaf_max_k;              // leaves with more pulses split 4 -> 2+2 instead (-1: no table)
 };
 

@@ -1,5 +1,7 @@
 #include "split_tables.h"
 
+#include <cmath>
+
 namespace pvq {
 namespace {
 
@@ -88,15 +90,18 @@ SplitTableStorage build() {
     }
   }
   s.leaf_max_k = kHostLeafMaxK;
+
+  s.inv_norm.assign(kMaxK * kMaxK + 1, 0.f);
+  for (int q = 1; q <= kMaxK * kMaxK; ++q) s.inv_norm[q] = float(1.0 / std::sqrt(double(q)));
   return s;
 }
 
 }  // namespace
 
 SplitTables SplitTableStorage::view() const {
-  return SplitTables{count.data(),     offset.data(),    guide.data(), guide_shift.data(),
-                     magic.data(),     magic_log.data(), leaf_base.data(),
-                     leaf.data(),      leaf_max_k};
+  return SplitTables{count.data(), offset.data(),    guide.data(), guide_shift.data(),
+                     magic.data(), magic_log.data(), leaf_base.data(), leaf.data(),
+                     inv_norm.data(), leaf_max_k};
 }
 
 const SplitTableStorage& host_split_tables() {

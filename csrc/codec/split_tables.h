@@ -12,6 +12,7 @@ struct SplitTableStorage {
   std::vector<uint64_t> count, offset, magic;
   std::vector<uint8_t> guide, guide_shift, magic_log;
   std::vector<uint32_t> leaf_base, leaf;
+  std::vector<float> inv_norm;
   int leaf_max_k = -1;
 
   SplitTables view() const;

@@ -10,7 +10,6 @@
 // resident block of the persistent grid. Whether 65 KB (fewer resident blocks, fewer split
 // leaves) is faster is a measurement for the GPU tuning pass.
 #include "../codec/dispatch.h"
-#include "../codec/split_tables.h"
 #include "codec_launchers.h"
 #include "grid.cuh"
 
@@ -26,13 +25,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(pvq::SplitTables t, co
                                                           int8_t* __restrict__ pulses, int64_t groups, int K,
                                                           uint64_t V, int smem_leaf_k, int* status) {
   extern __shared__ uint32_t leaf[];
-  if (smem_leaf_k >= 0) {
-    const uint32_t n = t.leaf_base[smem_leaf_k + 1];
-    for (uint32_t e = threadIdx.x; e < n; e += blockDim.x) leaf[e] = t.leaf[e];
-    __syncthreads();
-  }
-  t.leaf = leaf;
-  t.leaf_max_k = smem_leaf_k;
+  stage_leaf_table(t, leaf, smem_leaf_k);
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
     const uint64_t i = uint64_t(index[g]);
@@ -53,14 +46,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(pvq::SplitTables t, co
 cudaError_t launch_decode(const pvq::SplitTables& tables, const int64_t* index, int8_t* pulses, int64_t groups,
                           int D, int K, uint64_t V, int* status, cudaStream_t stream) {
   if (groups == 0) return cudaSuccess;
-  // Leaf prefix staged in shared memory: every k <= min(K, host table) whose words fit 48 KB.
-  int smem_leaf_k = -1;
-  if (D >= 4) {
-    const std::vector<uint32_t>& base = pvq::host_split_tables().leaf_base;
-    const int kmax = K < pvq::kHostLeafMaxK ? K : pvq::kHostLeafMaxK;
-    while (smem_leaf_k < kmax && base[smem_leaf_k + 2] * sizeof(uint32_t) <= kLeafSmemBytes) ++smem_leaf_k;
-  }
-  const size_t smem = smem_leaf_k >= 0 ? pvq::host_split_tables().leaf_base[smem_leaf_k + 1] * sizeof(uint32_t) : 0;
+  const int smem_leaf_k = leaf_prefix_k(D, K, kLeafSmemBytes);
+  const size_t smem = leaf_prefix_bytes(smem_leaf_k);
   int blocks = 0;
   cudaError_t err = streaming_grid(groups, kThreads, kBlocksPerSm, &blocks);
   if (err != cudaSuccess) return err;

@@ -42,6 +42,7 @@ cudaError_t device_split_tables(int device, pvq::SplitTables* out) {
     if ((err = upload(s.magic_log, &t.magic_log)) != cudaSuccess) return err;
     if ((err = upload(s.leaf_base, &t.leaf_base)) != cudaSuccess) return err;
     if ((err = upload(s.leaf, &t.leaf)) != cudaSuccess) return err;
+    if ((err = upload(s.inv_norm, &t.inv_norm)) != cudaSuccess) return err;
     cache[device] = t;
     ready[device] = true;
   }

@@ -4,7 +4,36 @@
 
 #include <cstdint>
 
+#include "../codec/pyramid.h"
+#include "../codec/split_tables.h"
+
 namespace pvq_cuda {
+
+// The largest k such that the 4-leaf words of every k' <= k (for pyramids of at most K pulses)
+// fit in `max_bytes` of shared memory; -1 when D < 4 or nothing fits. Leaves above it split 2+2.
+inline int leaf_prefix_k(int D, int K, size_t max_bytes) {
+  if (D < 4) return -1;
+  const std::vector<uint32_t>& base = pvq::host_split_tables().leaf_base;
+  const int kmax = K < pvq::kHostLeafMaxK ? K : pvq::kHostLeafMaxK;
+  int k = -1;
+  while (k < kmax && base[k + 2] * sizeof(uint32_t) <= max_bytes) ++k;
+  return k;
+}
+
+inline size_t leaf_prefix_bytes(int k) {
+  return k < 0 ? 0 : pvq::host_split_tables().leaf_base[k + 1] * sizeof(uint32_t);
+}
+
+// Copies the leaf prefix into shared memory and points the tables at it (all threads call this).
+__device__ __forceinline__ void stage_leaf_table(pvq::SplitTables& t, uint32_t* smem, int k) {
+  if (k >= 0) {
+    const uint32_t n = t.leaf_base[k + 1];
+    for (uint32_t e = threadIdx.x; e < n; e += blockDim.x) smem[e] = t.leaf[e];
+    __syncthreads();
+  }
+  t.leaf = smem;
+  t.leaf_max_k = k;
+}
 
 // Grid-stride kernels: enough blocks to fill every SM a few times over, never more than the work.
 // A persistent grid also pays the decoder's shared-memory table fill once per resident block.

@@ -4,11 +4,11 @@
 // pulse-move passes: roughly a thousand instructions per group at D=8 and ~16x that at D=32, with
 // the per-group arrays indexed dynamically (local memory). A warp-cooperative search for large D
 // belongs to the activation-coding work, where search sits on the inference path.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include <type_traits>
 
 #include "../codec/dispatch.h"
 #include "codec_launchers.h"
+#include "float_io.cuh"
 #include "grid.cuh"
 
 namespace pvq_cuda {
@@ -16,10 +16,6 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kBlocksPerSm = 8;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <int D, typename T>
 __global__ void __launch_bounds__(kThreads) search_kernel(const T* __restrict__ x, int8_t* __restrict__ pulses,
@@ -52,14 +48,10 @@ cudaError_t launch_typed(const T* x, int8_t* pulses, int64_t groups, int D, int 
 cudaError_t launch_search(const void* x, FloatKind kind, int8_t* pulses, int64_t groups, int D, int K, int* status,
                           cudaStream_t stream) {
   if (groups == 0) return cudaSuccess;
-  switch (kind) {
-    case FloatKind::kFloat16:
-      return launch_typed(static_cast<const __half*>(x), pulses, groups, D, K, status, stream);
-    case FloatKind::kBFloat16:
-      return launch_typed(static_cast<const __nv_bfloat16*>(x), pulses, groups, D, K, status, stream);
-    default:
-      return launch_typed(static_cast<const float*>(x), pulses, groups, D, K, status, stream);
-  }
+  return dispatch_float_kind(kind, [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    return launch_typed(static_cast<const T*>(x), pulses, groups, D, K, status, stream);
+  });
 }
 
 }  // namespace pvq_cuda

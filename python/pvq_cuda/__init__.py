@@ -3,8 +3,12 @@
 import torch  # noqa: F401  (first: loads the libtorch that _C links against)
 
 from . import _C  # loading the library runs the TORCH_LIBRARY registrations
+from .config import PRESETS, PVQConfig
 from .counting import MAX_INDEX_BITS, MAX_K, SUPPORTED_D, index_bits, max_pulses, pyramid_size
-from .ops import decode, encode, search
+from .gain import beta_gain_levels
+from .linear import PVQLinear
+from .ops import decode, encode, pvq_matmul, search
+from .weight import PVQWeight, quantize_weight, rotation_signs
 
 __version__ = "0.1.0"
 
@@ -17,12 +21,20 @@ def cuda_built() -> bool:
 __all__ = [
     "MAX_INDEX_BITS",
     "MAX_K",
+    "PRESETS",
+    "PVQConfig",
+    "PVQLinear",
+    "PVQWeight",
     "SUPPORTED_D",
+    "beta_gain_levels",
     "cuda_built",
     "decode",
     "encode",
     "index_bits",
     "max_pulses",
+    "pvq_matmul",
     "pyramid_size",
+    "quantize_weight",
+    "rotation_signs",
     "search",
 ]

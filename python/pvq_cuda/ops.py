@@ -104,3 +104,56 @@ def _decode_fake(index, D, K):
     _check_tensor("pvq_cuda.decode", "index", index, (torch.int64,))
     check_limits(D, K, "pvq_cuda.decode")
     return index.new_empty((*index.shape, D), dtype=torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed layers (the layout is documented in csrc/packed/packed_layer.h)
+# ---------------------------------------------------------------------------------------------
+
+def pvq_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for a packed PVQ weight, rotation included.
+
+    Args:
+        x: float32, float16 or bfloat16 tensor ``[..., in_features]`` on the weight's device.
+        weight: a :class:`pvq_cuda.PVQWeight`.
+        bias: optional ``[out_features]`` floating tensor.
+
+    Returns:
+        ``[..., out_features]`` in x's dtype. Codes are decoded on the fly; the dense weight is never
+        materialized (CPU: per 32-row tile; CUDA: in registers).
+    """
+    from .weight import PVQWeight
+
+    if not isinstance(weight, PVQWeight):
+        raise TypeError(f"pvq_cuda.pvq_matmul: weight must be a PVQWeight, got {type(weight).__name__}")
+    _check_tensor("pvq_cuda.pvq_matmul", "x", x, _FLOAT_DTYPES)
+    if bias is not None:
+        _check_tensor("pvq_cuda.pvq_matmul", "bias", bias, _FLOAT_DTYPES)
+    c = weight.config
+    return torch.ops.pvq_cuda.pvq_matmul.default(
+        x, weight.codes, weight.row_scale, weight.levels, weight.signs, bias, weight.out_features, c.D, c.K,
+        c.scale_bits,
+    )
+
+
+@torch.library.register_fake("pvq_cuda::pvq_matmul")
+def _pvq_matmul_fake(x, codes, row_scale, levels, signs, bias, out_features, D, K, scale_bits):
+    torch._check(x.dim() >= 1, lambda: "pvq_cuda.pvq_matmul: x must have shape [..., in_features]")
+    torch._check(x.shape[-1] % D == 0, lambda: f"pvq_cuda.pvq_matmul: in_features must be a multiple of D={D}")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("pvq_cuda::pvq_dequantize")
+def _pvq_dequantize_fake(codes, row_scale, levels, out_features, in_features, D, K, scale_bits):
+    return codes.new_empty((out_features, in_features), dtype=torch.float32)
+
+
+@torch.library.register_fake("pvq_cuda::_pack_codes")
+def _pack_codes_fake(index, gain, index_bits, scale_bits):
+    tiles = (index.shape[0] + 31) // 32
+    return index.new_empty((tiles * index.shape[1] * (index_bits + scale_bits),), dtype=torch.int32)
+
+
+@torch.library.register_fake("pvq_cuda::_unpack_codes")
+def _unpack_codes_fake(codes, rows, groups, index_bits, scale_bits):
+    return (codes.new_empty((rows, groups), dtype=torch.int64), codes.new_empty((rows, groups), dtype=torch.int64))

@@ -1,0 +1,183 @@
+// Fused decode + matmul for small batches (M <= 16): out = x W'^T, with W' never written anywhere.
+//
+// Design (numbers for pvq-3.25, D=8, K=16, B=26 bits a group; layout in packed/packed_layer.h):
+// - Lane l of a warp owns row 32t + l of tile t and walks group columns j. The chunk of column j
+//   is one coalesced read of B words (104 B), every lane needs the same 8 activations (one
+//   broadcast 16-32 B load per batch row), so no lane ever exchanges data with another until the
+//   end and there is no reduction inside the loop.
+// - Decode cost per group (pvq_decoding.md §4b.1): guide bucket + ~0.1 compares, one multiply-high
+//   division, two 4-leaf reads from shared memory, Σy² and one inv-norm lookup: ~35 instructions
+//   for 8 weights, plus 8 FMAs per batch row. At batch 1 that is ~5 instructions a weight against
+//   a budget of ~4 at H100 bandwidth, so expect 60-80 % of the bandwidth bound (measure: issue 6).
+// - Parallelism: a 4096-row layer has only 128 tiles, so columns are split S ways
+//   (S = ceil(4 SMs / tiles), each warp keeping >= 4 chunks). Warps of a block share a tile and a
+//   split, interleaving columns; they reduce through shared memory and write one fp32 partial per
+//   (split, batch row, row). A second tiny kernel sums the S partials, applies the row scale and
+//   bias and casts: deterministic, unlike atomics.
+// - Shared memory: the leaf prefix is refilled by every resident block, so its size is capped
+//   by the weight traffic it would add (<= 1/4 of the layer's bytes over all blocks, 4-40 KB).
+//   Leaves above the prefix split 4 -> 2+2 with the same tables (slower, still exact).
+#include <algorithm>
+#include <type_traits>
+
+#include "../codec/dispatch.h"
+#include "float_io.cuh"
+#include "grid.cuh"
+#include "packed_launchers.h"
+
+namespace pvq_cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kBlocksPerSm = 4;
+
+template <int D, typename T>
+__device__ __forceinline__ void load_activations(const T* __restrict__ src, float (&v)[D]) {
+  if constexpr (D * sizeof(T) % 16 == 0) {  // aligned: rows are multiples of D, buffers 256 B aligned
+#pragma unroll
+    for (int q = 0; q < int(D * sizeof(T) / 16); ++q) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src) + q);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < int(16 / sizeof(T)); ++i) v[q * (16 / sizeof(T)) + i] = to_float(e[i]);
+    }
+  } else {
+#pragma unroll
+    for (int d = 0; d < D; ++d) v[d] = to_float(src[d]);
+  }
+}
+
+template <int D, int MAXM, typename T>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(pvq::SplitTables t, pvq::PackedLayer p,
+                                                        const T* __restrict__ x, int M, float* __restrict__ partial,
+                                                        int splits, int smem_leaf_k) {
+  extern __shared__ uint32_t smem[];
+  float* red = reinterpret_cast<float*>(smem + (smem_leaf_k >= 0 ? t.leaf_base[smem_leaf_k + 1] : 0));
+  stage_leaf_table(t, smem, smem_leaf_k);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t cols = p.groups * D;
+  const int64_t per_split = (p.groups + splits - 1) / splits;
+  const int64_t items = (p.rows + pvq::kTileRows - 1) / pvq::kTileRows * splits;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t tile = item / splits;
+    const int split = int(item % splits);
+    const int64_t j_end = p.groups < (split + 1) * per_split ? p.groups : (split + 1) * per_split;
+    const int64_t row = tile * pvq::kTileRows + lane;
+    float acc[MAXM];
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
+    if (row < p.rows) {
+      for (int64_t j = split * per_split + warp; j < j_end; j += kWarps) {
+        const uint32_t* chunk = p.words + (tile * p.groups + j) * p.bits;
+        int8_t y[D];
+        const float scale = pvq::decode_group<D>(t, p, pvq::chunk_code(chunk, lane, p.bits), y);
+        float w[D];
+#pragma unroll
+        for (int d = 0; d < D; ++d) w[d] = scale * float(y[d]);
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m) {
+          if (m < M) {
+            float a[D];
+            load_activations<D>(x + m * cols + j * D, a);
+            float dot = 0.f;
+#pragma unroll
+            for (int d = 0; d < D; ++d) dot = fmaf(w[d], a[d], dot);
+            acc[m] += dot;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) red[(warp * MAXM + m) * 32 + lane] = acc[m];
+    __syncthreads();
+    if (warp == 0 && row < p.rows) {
+      for (int m = 0; m < M; ++m) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) v += red[(w * MAXM + m) * 32 + lane];
+        partial[(int64_t(split) * M + m) * p.rows + row] = v;
+      }
+    }
+    __syncthreads();  // red is reused by the next item
+  }
+}
+
+template <typename T, typename B>
+__global__ void finalize_kernel(const float* __restrict__ partial, int splits, int64_t M, int64_t rows,
+                                const uint16_t* __restrict__ row_scale, const B* __restrict__ bias,
+                                T* __restrict__ out) {
+  const int64_t total = M * rows;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = e % rows;
+    float v = 0.f;
+    for (int s = 0; s < splits; ++s) v += partial[s * total + e];
+    v *= pvq::half_bits_to_float(row_scale[r]);
+    if (bias != nullptr) v += to_float(bias[r]);
+    out[e] = from_float<T>(v);
+  }
+}
+
+int sm_count() {
+  int device = 0, sms = 1;
+  if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms;
+}
+
+}  // namespace
+
+int gemv_splits(const pvq::PackedLayer& layer) {
+  const int64_t tiles = (layer.rows + pvq::kTileRows - 1) / pvq::kTileRows;
+  const int64_t want = (4 * int64_t(sm_count()) + tiles - 1) / tiles;
+  const int64_t most = std::max<int64_t>(1, layer.groups / (4 * kWarps));
+  return int(std::clamp<int64_t>(want, 1, most));
+}
+
+int64_t gemv_workspace_floats(const pvq::PackedLayer& layer, int64_t M, int splits) {
+  return int64_t(splits) * M * layer.rows;
+}
+
+cudaError_t launch_gemv(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, int D, const void* x,
+                        FloatKind kind, int64_t M, const void* bias, FloatKind bias_kind, void* out, float* workspace,
+                        int splits, cudaStream_t stream) {
+  if (M <= 0) return cudaSuccess;
+  if (M > kGemvMaxBatch) return cudaErrorInvalidValue;
+  const int64_t tiles = (layer.rows + pvq::kTileRows - 1) / pvq::kTileRows;
+  const int blocks = int(std::min<int64_t>(tiles * splits, int64_t(sm_count()) * kBlocksPerSm));
+  // Leaf prefix budget: every block refills it, so keep the refill under 1/4 of the layer's bytes.
+  const double weight_bytes = double(tiles) * double(layer.groups) * layer.bits * 4.0;
+  const size_t budget = size_t(std::clamp(weight_bytes / (4.0 * blocks), 4096.0, 40960.0));
+  const int smem_leaf_k = leaf_prefix_k(D, layer.K, budget);
+  const int maxm = M <= 1 ? 1 : (M <= 4 ? 4 : kGemvMaxBatch);
+  const size_t smem = leaf_prefix_bytes(smem_leaf_k) + size_t(kWarps) * maxm * 32 * sizeof(float);
+  dispatch_float_kind(kind, [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    pvq::dispatch_group_size(D, [&](auto Dc) {
+      constexpr int N = decltype(Dc)::value;
+      const T* xt = static_cast<const T*>(x);
+      if (maxm == 1) {
+        gemv_kernel<N, 1, T><<<blocks, kThreads, smem, stream>>>(tables, layer, xt, int(M), workspace, splits, smem_leaf_k);
+      } else if (maxm == 4) {
+        gemv_kernel<N, 4, T><<<blocks, kThreads, smem, stream>>>(tables, layer, xt, int(M), workspace, splits, smem_leaf_k);
+      } else {
+        gemv_kernel<N, kGemvMaxBatch, T>
+            <<<blocks, kThreads, smem, stream>>>(tables, layer, xt, int(M), workspace, splits, smem_leaf_k);
+      }
+    });
+  });
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t total = M * layer.rows;
+  const int fin_blocks = int(std::min<int64_t>((total + 255) / 256, int64_t(sm_count()) * 8));
+  dispatch_float_kind(kind, [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    dispatch_float_kind(bias_kind, [&](auto* btype) {
+      using Bt = std::remove_pointer_t<decltype(btype)>;
+      finalize_kernel<T, Bt><<<fin_blocks, 256, 0, stream>>>(workspace, splits, M, layer.rows, layer.row_scale,
+                                                             static_cast<const Bt*>(bias), static_cast<T*>(out));
+    });
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace pvq_cuda

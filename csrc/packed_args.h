@@ -1,0 +1,33 @@
+// Argument checks shared by the CPU and CUDA kernels of packed PVQ layers.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "packed/packed_layer.h"
+
+namespace pvq_cuda {
+
+struct PackedShape {
+  int64_t rows, cols, groups, tiles;
+  int D, K, bits, index_bits, scale_bits;
+};
+
+// Validates the layer tensors against (out_features, in_features, D, K, scale_bits); raises a
+// ValueError / TypeError naming the argument otherwise.
+PackedShape check_packed_layer(const char* op, const at::Tensor& codes, const at::Tensor& row_scale,
+                               const at::Tensor& levels, int64_t out_features, int64_t in_features, int64_t D,
+                               int64_t K, int64_t scale_bits);
+
+// Checks x [..., in_features], signs [in_features] and bias [out_features] for pvq_matmul.
+void check_matmul_inputs(const at::Tensor& x, const PackedShape& s, const std::optional<at::Tensor>& signs,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& codes);
+
+// The layer view a kernel reads (pointers into the given contiguous tensors).
+pvq::PackedLayer packed_view(const PackedShape& s, const at::Tensor& codes, const at::Tensor& row_scale,
+                             const at::Tensor& levels);
+
+// x rotated into the weights' basis, when the layer is rotated (through the hadamard_transform op).
+at::Tensor rotate_input(const at::Tensor& x2d, const std::optional<at::Tensor>& signs);
+
+}  // namespace pvq_cuda

@@ -1,0 +1,49 @@
+"""Beta gain levels against Monte Carlo on rotated Gaussian rows."""
+
+import numpy as np
+import pytest
+import torch
+
+import pvq_cuda
+from pvq_cuda import beta_gain_levels
+
+
+def _lloyd_max_empirical(samples: np.ndarray, count: int, iterations: int = 100) -> np.ndarray:
+    levels = np.quantile(samples, (np.arange(count) + 0.5) / count)
+    for _ in range(iterations):
+        cells = np.searchsorted((levels[1:] + levels[:-1]) / 2, samples)
+        levels = np.bincount(cells, samples, count) / np.bincount(cells, None, count)
+    return levels
+
+
+@pytest.mark.parametrize("D,n,bits", [(8, 4096, 2), (8, 576, 3), (16, 1536, 2), (4, 256, 2), (32, 4096, 1)])
+def test_levels_match_monte_carlo(D, n, bits):
+    gen = torch.Generator().manual_seed(n + D)
+    rows = max(200, 2_000_000 // n)
+    w = torch.randn(rows, n, generator=gen, dtype=torch.float64)
+    if n & (n - 1) == 0:  # rotate like the quantizer does (Gaussian rows stay Gaussian, but check the path)
+        h = torch.tensor([[1.0]], dtype=torch.float64)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        w = w @ h / np.sqrt(n)
+    share = (w.reshape(rows, n // D, D).square().sum(-1) / w.square().sum(-1, keepdim=True)).sqrt().numpy().ravel()
+    empirical = _lloyd_max_empirical(share, 2**bits)
+    analytic = beta_gain_levels(D, n, bits)
+    assert analytic.shape == (2**bits,) and np.all(np.diff(analytic) > 0)
+    np.testing.assert_allclose(analytic, empirical, rtol=0.01)
+
+
+def test_levels_sound_at_large_n():
+    for n in (16384, 65536):
+        levels = beta_gain_levels(8, n, 2) * np.sqrt(n)  # ~ chi_8 quantizer levels
+        assert np.all(np.isfinite(levels))
+        np.testing.assert_allclose(levels, beta_gain_levels(8, 4096, 2) * 64, rtol=0.01)
+
+
+def test_levels_deterministic_and_degenerate_cases():
+    assert np.array_equal(beta_gain_levels(8, 4096, 2), beta_gain_levels(8, 4096, 2))
+    assert np.array_equal(beta_gain_levels(8, 8, 2), np.ones(4))
+    assert beta_gain_levels(8, 4096, 0).shape == (1,)
+    for bad in [(0, 8, 2), (8, 12, 2), (8, 4096, 9)]:
+        with pytest.raises(ValueError):
+            beta_gain_levels(*bad)
