@@ -4,6 +4,7 @@ import torch  # noqa: F401  (first: loads the libtorch that _C links against)
 
 from . import _C  # loading the library runs the TORCH_LIBRARY registrations
 from .counting import MAX_INDEX_BITS, MAX_K, SUPPORTED_D, index_bits, max_pulses, pyramid_size
+from .io import FORMAT_VERSION, FormatError, load, read_metadata, register_serializable, save
 from .ops import decode, encode, search
 
 __version__ = "0.1.0"
@@ -15,6 +16,8 @@ def cuda_built() -> bool:
 
 
 __all__ = [
+    "FORMAT_VERSION",
+    "FormatError",
     "MAX_INDEX_BITS",
     "MAX_K",
     "SUPPORTED_D",
@@ -22,7 +25,11 @@ __all__ = [
     "decode",
     "encode",
     "index_bits",
+    "load",
     "max_pulses",
     "pyramid_size",
+    "read_metadata",
+    "register_serializable",
+    "save",
     "search",
 ]
