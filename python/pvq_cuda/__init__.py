@@ -6,6 +6,7 @@ from . import _C  # loading the library runs the TORCH_LIBRARY registrations
 from .config import PRESETS, PVQConfig
 from .counting import MAX_INDEX_BITS, MAX_K, SUPPORTED_D, index_bits, max_pulses, pyramid_size
 from .gain import beta_gain_levels
+from .io import FORMAT_VERSION, FormatError, load, read_metadata, register_serializable, save
 from .linear import PVQLinear
 from .ops import decode, encode, pvq_matmul, search
 from .weight import PVQWeight, quantize_weight, rotation_signs
@@ -19,6 +20,8 @@ def cuda_built() -> bool:
 
 
 __all__ = [
+    "FORMAT_VERSION",
+    "FormatError",
     "MAX_INDEX_BITS",
     "MAX_K",
     "PRESETS",
@@ -31,10 +34,14 @@ __all__ = [
     "decode",
     "encode",
     "index_bits",
+    "load",
     "max_pulses",
     "pvq_matmul",
     "pyramid_size",
     "quantize_weight",
+    "read_metadata",
+    "register_serializable",
     "rotation_signs",
+    "save",
     "search",
 ]
