@@ -113,25 +113,28 @@ at::Tensor dequantize_cpu(const at::Tensor& codes, const at::Tensor& row_scale, 
   return out;
 }
 
-// One tile of 32 rows against all M activation rows: decode each code once, dot it with every row
-// of x (M <= a few hundred on CPU before the decoded-weight cache is the better choice).
+// One tile of 32 rows against all M activation rows: each column's 32 codes are decoded once into
+// a small float tile, which is then dotted with every row of x (acc is [M][32]).
 template <int N>
 void matmul_tile(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, const float* x, int64_t M,
                  int64_t cols, int64_t t, float* acc) {
-  const int64_t rows_here = std::min<int64_t>(pvq::kTileRows, layer.rows - t * pvq::kTileRows);
+  const int rows_here = int(std::min<int64_t>(pvq::kTileRows, layer.rows - t * pvq::kTileRows));
   std::fill(acc, acc + pvq::kTileRows * M, 0.f);
+  float w[pvq::kTileRows][N];
   for (int64_t j = 0; j < layer.groups; ++j) {
     const uint32_t* chunk = layer.words + (t * layer.groups + j) * layer.bits;
     for (int l = 0; l < rows_here; ++l) {
       int8_t y[N];
       const float scale = pvq::decode_group<N>(tables, layer, pvq::chunk_code(chunk, l, layer.bits), y);
-      float w[N];
-      for (int d = 0; d < N; ++d) w[d] = scale * float(y[d]);
-      const float* xj = x + j * N;
-      for (int64_t m = 0; m < M; ++m) {
+      for (int d = 0; d < N; ++d) w[l][d] = scale * float(y[d]);
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xj = x + m * cols + j * N;
+      float* am = acc + m * pvq::kTileRows;
+      for (int l = 0; l < rows_here; ++l) {
         float dot = 0.f;
-        for (int d = 0; d < N; ++d) dot += w[d] * xj[m * cols + d];
-        acc[l * M + m] += dot;
+        for (int d = 0; d < N; ++d) dot += w[l][d] * xj[d];
+        am[l] += dot;
       }
     }
   }
@@ -163,7 +166,7 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Te
           for (int l = 0; l < pvq::kTileRows && t * pvq::kTileRows + l < s.rows; ++l) {
             const int64_t row = t * pvq::kTileRows + l;
             const float scale = pvq::half_bits_to_float(layer.row_scale[row]);
-            for (int64_t m = 0; m < M; ++m) po[m * s.rows + row] = acc[l * M + m] * scale;
+            for (int64_t m = 0; m < M; ++m) po[m * s.rows + row] = acc[m * pvq::kTileRows + l] * scale;
           }
         }
       });

@@ -46,7 +46,8 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
                                            x.size(-1), D, K, scale_bits);
   check_matmul_inputs(x, s, signs, bias, codes);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor x2 = rotate_input(x.reshape({-1, s.cols}), signs).contiguous();
+  at::Tensor x2 = rotate_input(x.reshape({-1, s.cols}), signs).contiguous();
+  if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 != 0) x2 = x2.clone();  // the GEMV loads 16 B vectors
   const int64_t M = x2.size(0);
   const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
   const pvq::PackedLayer layer = packed_view(s, c, rs, lv);

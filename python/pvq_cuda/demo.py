@@ -1,6 +1,7 @@
 """The demo job: PVQ a random Gaussian matrix and compare it with INT3/INT4 round-to-nearest.
 
-Runs the real codec end to end (search -> encode -> decode) and counts every stored bit.
+Runs the library's own path (rotation, search, index coding, packing, dequantization) and counts
+every stored bit.
 """
 
 from __future__ import annotations
@@ -10,17 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .counting import index_bits
-from .gain import beta_gain_levels
-from .ops import decode, encode, search
-
-# (name, D, K, gain bits): the paper's rates (paper.md §5).
-DEMO_PRESETS = (
-    ("pvq-2.25", 8, 6, 3),
-    ("pvq-3.25", 8, 16, 2),
-    ("pvq-4.25", 8, 36, 2),
-    ("pvq16-3.25", 16, 30, 2),
-)
+from .config import PRESETS
+from .weight import quantize_weight
 
 
 @dataclass
@@ -34,21 +26,6 @@ class DemoRow:
 def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     w, w_hat = w.double(), w_hat.double()
     return float(10 * torch.log10(w.square().sum() / (w - w_hat).square().sum()))
-
-
-def pvq_quantize(w: torch.Tensor, D: int, K: int, gain_bits: int) -> tuple[torch.Tensor, float]:
-    """Data-free PVQ of the rows of w (fp32): returns the reconstruction and its bits per weight."""
-    rows, n = w.shape
-    scale = w.norm(dim=1, keepdim=True).half().float()  # one fp16 scale per row
-    groups = w.reshape(rows, n // D, D)
-    pulses = decode(encode(search(groups, K), K), D, K).float()  # through the stored index
-    direction = pulses / pulses.norm(dim=-1, keepdim=True)
-    gain = (groups * direction).sum(-1) / scale  # least-squares gain, relative to the row
-    levels = torch.tensor(beta_gain_levels(D, n, gain_bits), dtype=torch.float32)
-    code = (gain.unsqueeze(-1) - levels).abs().argmin(-1)
-    w_hat = (scale.unsqueeze(-1) * levels[code].unsqueeze(-1) * direction).reshape(rows, n)
-    bits = rows * (n // D) * (index_bits(D, K) + gain_bits) + rows * 16 + levels.numel() * 32
-    return w_hat, bits / w.numel()
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group: int = 128) -> tuple[torch.Tensor, float]:
@@ -65,11 +42,12 @@ def run_demo(rows: int = 4096, cols: int = 4096, seed: int = 0) -> list[DemoRow]
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=gen)
     out = []
-    for name, D, K, gain_bits in DEMO_PRESETS:
+    for name, config in PRESETS.items():
         t0 = time.perf_counter()
-        w_hat, bpw = pvq_quantize(w, D, K, gain_bits)
-        out.append(DemoRow(f"{name} (D={D}, K={K}, {gain_bits}-bit gain)", bpw, sqnr_db(w, w_hat),
-                           time.perf_counter() - t0))
+        q = quantize_weight(w, config)
+        w_hat = q.dequantize()
+        out.append(DemoRow(f"{name} (D={config.D}, K={config.K}, {config.scale_bits}-bit gain)", q.bpw,
+                           sqnr_db(w, w_hat), time.perf_counter() - t0))
     for bits in (3, 4):
         t0 = time.perf_counter()
         w_hat, bpw = rtn_quantize(w, bits)

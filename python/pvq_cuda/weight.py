@@ -8,6 +8,7 @@ import torch
 from .config import DEFAULT_PRESET, PVQConfig
 from .counting import pyramid_size
 from .gain import beta_gain_levels
+from .io import register_serializable
 from .ops import encode, search
 
 FORMAT_VERSION = 1
@@ -158,6 +159,9 @@ class PVQWeight:
         c = self.config
         return (f"PVQWeight({self.out_features}x{self.in_features}, D={c.D}, K={c.K}, scale_bits={c.scale_bits}, "
                 f"rotate={c.rotate}, bpw={self.bpw:.4f}, device={self.device})")
+
+
+register_serializable("PVQWeight", PVQWeight)
 
 
 def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None) -> PVQWeight:
