@@ -115,3 +115,46 @@ def test_quantize_on_cuda_matches_cpu():
     assert torch.equal(a.row_scale, b.row_scale.cpu()) and torch.equal(a.levels, b.levels.cpu())
     # Rotation runs in float on both devices; codes may differ only where the search input differs.
     assert (a.codes != b.codes.cpu()).float().mean() < 0.01
+
+
+def test_pvq_weight_save_load_round_trip(tmp_path):
+    q = quantize_weight(torch.randn(70, 64), PVQConfig.preset("pvq-2.25", seed=11))
+    path = tmp_path / "w.safetensors"
+    pvq_cuda.save(path, {"layer": q, "bias": torch.randn(70)}, metadata={"note": "test"})
+    back = pvq_cuda.load(path)
+    w = back["layer"]
+    assert isinstance(w, PVQWeight) and w.config == q.config and w.shape == q.shape
+    assert torch.equal(w.codes, q.codes) and torch.equal(w.row_scale, q.row_scale)
+    assert torch.equal(w.dequantize(), q.dequantize())
+    assert pvq_cuda.read_metadata(path) == {"note": "test"}
+
+
+@pytest.mark.parametrize("case", ["short_codes", "row_scale_dtype", "levels_shape", "bad_config", "big_index",
+                                  "shape_mismatch", "version", "missing_info"])
+def test_pvq_weight_with_wrong_parts_is_refused(tmp_path, monkeypatch, case):
+    """Well-formed files (checksums fine) that hold an inconsistent PVQWeight must not load."""
+    q = quantize_weight(torch.randn(40, 32), PVQConfig(D=8, K=6, scale_bits=3, rotate=False))
+    edits = {
+        "short_codes": lambda t, i: t.__setitem__("codes", t["codes"][:-1]),
+        "row_scale_dtype": lambda t, i: t.__setitem__("row_scale", t["row_scale"].float()),
+        "levels_shape": lambda t, i: t.__setitem__("levels", t["levels"][:2]),
+        "bad_config": lambda t, i: i["config"].__setitem__("K", 500),
+        "big_index": lambda t, i: t.__setitem__("codes", torch.full_like(t["codes"], -1)),
+        "shape_mismatch": lambda t, i: i.__setitem__("in_features", 40),
+        "version": lambda t, i: i.__setitem__("format_version", 2),
+        "missing_info": lambda t, i: i.pop("out_features"),
+    }
+    original = PVQWeight.to_state
+
+    def edited_state(self):
+        tensors, info = original(self)
+        tensors, info = dict(tensors), {**info, "config": dict(info["config"])}
+        edits[case](tensors, info)
+        return tensors, info
+
+    monkeypatch.setattr(PVQWeight, "to_state", edited_state)
+    path = tmp_path / "bad.safetensors"
+    pvq_cuda.save(path, {"w": q})
+    monkeypatch.setattr(PVQWeight, "to_state", original)
+    with pytest.raises(pvq_cuda.FormatError, match="'w'|w"):
+        pvq_cuda.load(path)
