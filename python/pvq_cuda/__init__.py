@@ -8,7 +8,8 @@ from .counting import MAX_INDEX_BITS, MAX_K, SUPPORTED_D, index_bits, max_pulses
 from .gain import beta_gain_levels
 from .io import FORMAT_VERSION, FormatError, load, read_metadata, register_serializable, save
 from .linear import PVQLinear
-from .ops import decode, encode, pvq_matmul, search
+from .ops import (HADAMARD_BASES, HADAMARD_MAX_N, decode, encode, hadamard_split, hadamard_transform, pvq_matmul,
+                  search)
 from .weight import PVQWeight, quantize_weight, rotation_signs
 
 __version__ = "0.1.0"
@@ -22,6 +23,8 @@ def cuda_built() -> bool:
 __all__ = [
     "FORMAT_VERSION",
     "FormatError",
+    "HADAMARD_BASES",
+    "HADAMARD_MAX_N",
     "MAX_INDEX_BITS",
     "MAX_K",
     "PRESETS",
@@ -33,6 +36,8 @@ __all__ = [
     "cuda_built",
     "decode",
     "encode",
+    "hadamard_split",
+    "hadamard_transform",
     "index_bits",
     "load",
     "max_pulses",

@@ -1,0 +1,55 @@
+// CUDA glue of hadamard_transform: argument checks (shared with the CPU path), layout (contiguous,
+// 16-byte aligned rows for the vector loads), the device's shared-memory limit, and the launch on
+// the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "../hadamard_args.h"
+#include "hadamard_launchers.h"
+
+namespace pvq_cuda {
+namespace {
+
+HadamardDtype dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return HadamardDtype::kFloat16;
+    case at::kBFloat16: return HadamardDtype::kBFloat16;
+    default: return HadamardDtype::kFloat32;  // the only other dtype check_hadamard_args lets through
+  }
+}
+
+at::Tensor hadamard_transform_cuda(const at::Tensor& x, const std::optional<at::Tensor>& signs) {
+  check_hadamard_args(x, signs);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(-1);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x.numel() == 0) return out;
+
+  const size_t smem = hadamard_smem_bytes(n);
+  int smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
+  TORCH_CHECK_VALUE(smem <= size_t(smem_optin), "pvq_cuda.hadamard_transform: n=", n, " needs ", smem,
+                    " bytes of shared memory per block, but ", x.device(), " allows at most ", smem_optin,
+                    "; transform on the CPU or split n");
+
+  at::Tensor x2 = x.reshape({-1, n}).contiguous();
+  // A contiguous view can still start at an odd offset (x[1:] of a contiguous tensor); the kernel's
+  // 16-byte loads need an aligned start, which a fresh allocation has.
+  if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 != 0) x2 = x2.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor s = signs_as_float(signs);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(launch_hadamard(x2.data_ptr(), out.data_ptr(), dtype_of(x2), s.defined() ? s.data_ptr<float>() : nullptr,
+                                 x2.size(0), n, stream));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pvq_cuda, CUDA, m) { m.impl("hadamard_transform", &hadamard_transform_cuda); }
+
+}  // namespace pvq_cuda
