@@ -1,6 +1,5 @@
-// Every pvq_cuda op schema, in one place. Kernels register per device: codec_cpu.cpp and
-// hadamard_cpu.cpp (CPU), cuda/codec_cuda.cpp and cuda/hadamard_cuda.cpp (CUDA); shape functions for
-// torch.compile live in python/pvq_cuda/ops.py.
+// Every pvq_cuda op schema, in one place. Kernels register per device in *_cpu.cpp (CPU) and
+// cuda/*_cuda.cpp (CUDA); shape functions for torch.compile live in python/pvq_cuda/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(pvq_cuda, m) {
@@ -16,5 +15,8 @@ TORCH_LIBRARY(pvq_cuda, m) {
   m.def("pvq_matmul(Tensor x, Tensor codes, Tensor row_scale, Tensor levels, Tensor? signs, Tensor? bias, "
         "int out_features, int D, int K, int scale_bits) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // Rotation.
   m.def("hadamard_transform(Tensor x, Tensor? signs=None) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // Calibration.
+  m.def("hessian_accumulate_(Tensor(a!) H, Tensor x) -> ()", {at::Tag::pt2_compliant_tag});
 }

@@ -6,10 +6,11 @@ from . import _C  # loading the library runs the TORCH_LIBRARY registrations
 from .config import PRESETS, PVQConfig
 from .counting import MAX_INDEX_BITS, MAX_K, SUPPORTED_D, index_bits, max_pulses, pyramid_size
 from .gain import beta_gain_levels
+from .hessian import HessianCollector
 from .io import FORMAT_VERSION, FormatError, load, read_metadata, register_serializable, save
 from .linear import PVQLinear
-from .ops import (HADAMARD_BASES, HADAMARD_MAX_N, decode, encode, hadamard_split, hadamard_transform, pvq_matmul,
-                  search)
+from .ops import (HADAMARD_BASES, HADAMARD_MAX_N, decode, encode, hadamard_split, hadamard_transform,
+                  hessian_accumulate_, pvq_matmul, search)
 from .weight import PVQWeight, quantize_weight, rotation_signs
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "FormatError",
     "HADAMARD_BASES",
     "HADAMARD_MAX_N",
+    "HessianCollector",
     "MAX_INDEX_BITS",
     "MAX_K",
     "PRESETS",
@@ -38,6 +40,7 @@ __all__ = [
     "encode",
     "hadamard_split",
     "hadamard_transform",
+    "hessian_accumulate_",
     "index_bits",
     "load",
     "max_pulses",

@@ -7,7 +7,7 @@ from torch import nn
 
 from .config import DEFAULT_PRESET, PVQConfig
 from .ops import pvq_matmul
-from .weight import FORMAT_VERSION, TILE_ROWS, PVQWeight, quantize_weight
+from .weight import FORMAT_VERSION, TILE_ROWS, PVQWeight, quantize_weight, rotation_signs
 
 
 class PVQLinear(nn.Module):
@@ -34,6 +34,10 @@ class PVQLinear(nn.Module):
         self.register_buffer("codes", torch.zeros(words, dtype=torch.int32, device=device))
         self.register_buffer("row_scale", torch.zeros(out_features, dtype=torch.float16, device=device))
         self.register_buffer("levels", torch.zeros(1 << self.config.scale_bits, dtype=torch.float32, device=device))
+        # Derived from the config's seed, so not saved; a buffer so that it moves with the module and
+        # forward never rebuilds it (which torch.compile could not trace).
+        signs = rotation_signs(in_features, self.config.seed) if self.config.rotate else None
+        self.register_buffer("signs", None if signs is None else signs.to(device), persistent=False)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
         else:
@@ -63,7 +67,7 @@ class PVQLinear(nn.Module):
     def weight(self) -> PVQWeight:
         """A PVQWeight view of the buffers (no copy)."""
         return PVQWeight(self.codes, self.row_scale, self.levels, self.out_features, self.in_features, self.config,
-                         validate=False)
+                         validate=False, signs=self.signs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._decoded is not None:
@@ -74,7 +78,8 @@ class PVQLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() must move the packed buffers, never convert them: their dtypes are the
         # format (an fp16 scale cast to bf16 would lose bits).
-        packed = {name: self._buffers[name] for name in ("codes", "row_scale", "levels")}
+        packed = {name: self._buffers[name] for name in ("codes", "row_scale", "levels", "signs")
+                  if self._buffers[name] is not None}
         super()._apply(fn, recurse)
         for name, old in packed.items():
             new = self._buffers[name]

@@ -192,6 +192,9 @@ def pvq_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> tor
     if not isinstance(weight, PVQWeight):
         raise TypeError(f"pvq_cuda.pvq_matmul: weight must be a PVQWeight, got {type(weight).__name__}")
     _check_tensor("pvq_cuda.pvq_matmul", "x", x, _FLOAT_DTYPES)
+    if x.dim() == 0 or x.shape[-1] != weight.in_features:
+        raise ValueError(f"pvq_cuda.pvq_matmul: x must have shape [..., {weight.in_features}] (the weight's "
+                         f"in_features), got {list(x.shape)}")
     if bias is not None:
         _check_tensor("pvq_cuda.pvq_matmul", "bias", bias, _FLOAT_DTYPES)
     c = weight.config
@@ -244,3 +247,23 @@ def _hadamard_backward(ctx, grad):
 torch.library.register_autograd(
     "pvq_cuda::hadamard_transform", _hadamard_backward, setup_context=_hadamard_setup_context
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------
+
+def hessian_accumulate_(H: torch.Tensor, x: torch.Tensor) -> None:
+    """``H += x^T x`` in place, for ``H`` float32 ``[n, n]`` and ``x`` ``[..., n]`` (fp32/fp16/bf16).
+
+    CUDA: tensor cores for 16-bit x, only tiles on and above the diagonal, mirrored; fp64 folding
+    keeps the relative error near 1e-7. CPU: fp64 BLAS. Unscaled: see HessianCollector for 2/N.
+    """
+    _check_tensor("pvq_cuda.hessian_accumulate_", "H", H, (torch.float32,))
+    _check_tensor("pvq_cuda.hessian_accumulate_", "x", x, _FLOAT_DTYPES)
+    torch.ops.pvq_cuda.hessian_accumulate_.default(H, x)
+
+
+@torch.library.register_fake("pvq_cuda::hessian_accumulate_")
+def _hessian_accumulate_fake(H, x):
+    return None

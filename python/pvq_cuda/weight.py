@@ -43,7 +43,7 @@ class PVQWeight:
 
     def __init__(self, codes: torch.Tensor, row_scale: torch.Tensor, levels: torch.Tensor, out_features: int,
                  in_features: int, config: PVQConfig, format_version: int = FORMAT_VERSION, *,
-                 validate: bool = True) -> None:
+                 validate: bool = True, signs: torch.Tensor | None = None) -> None:
         if not isinstance(config, PVQConfig):
             raise TypeError(f"PVQWeight: config must be a PVQConfig, got {type(config).__name__}")
         if format_version != FORMAT_VERSION:
@@ -52,7 +52,7 @@ class PVQWeight:
         self.codes, self.row_scale, self.levels = codes, row_scale, levels
         self.out_features, self.in_features = int(out_features), int(in_features)
         self.config, self.format_version = config, format_version
-        self._signs: torch.Tensor | None = None
+        self._signs = signs  # optional precomputed rotation_signs(in_features, seed), e.g. a layer's buffer
         if validate:
             self._validate()
 
