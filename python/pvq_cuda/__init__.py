@@ -11,7 +11,8 @@ from .io import FORMAT_VERSION, FormatError, load, read_metadata, register_seria
 from .linear import PVQLinear
 from .ops import (HADAMARD_BASES, HADAMARD_MAX_N, decode, encode, hadamard_split, hadamard_transform,
                   hessian_accumulate_, pvq_matmul, search)
-from .weight import PVQWeight, quantize_weight, rotation_signs
+from .quantize import quantize_weight
+from .weight import PVQWeight, rotation_signs
 
 __version__ = "0.1.0"
 

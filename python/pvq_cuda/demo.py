@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PRESETS
-from .weight import quantize_weight
+from .quantize import quantize_weight
 
 
 @dataclass

@@ -7,7 +7,8 @@ from torch import nn
 
 from .config import DEFAULT_PRESET, PVQConfig
 from .ops import pvq_matmul
-from .weight import FORMAT_VERSION, TILE_ROWS, PVQWeight, quantize_weight, rotation_signs
+from .quantize import quantize_weight
+from .weight import FORMAT_VERSION, TILE_ROWS, PVQWeight, rotation_signs
 
 
 class PVQLinear(nn.Module):

@@ -1,15 +1,13 @@
-"""PVQWeight, the packed quantized weight of one linear layer, and data-free quantization."""
+"""PVQWeight: the packed quantized weight of one linear layer, and its rotation signs."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .config import DEFAULT_PRESET, PVQConfig
+from .config import PVQConfig
 from .counting import pyramid_size
-from .gain import beta_gain_levels
 from .io import register_serializable
-from .ops import encode, search
 
 FORMAT_VERSION = 1
 TILE_ROWS = 32  # rows per tile of the packed layout (csrc/packed/packed_layer.h)
@@ -162,45 +160,3 @@ class PVQWeight:
 
 
 register_serializable("PVQWeight", PVQWeight)
-
-
-def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None) -> PVQWeight:
-    """Data-free PVQ of a weight ``[out_features, in_features]`` (paper.md §4–§6).
-
-    Rotate (randomized Hadamard, if ``config.rotate``), take one fp16 scale per row (the rotated row
-    norm), pick each group's direction by pyramid search, and code the least-squares gain of that
-    direction with the Beta levels. Runs on W's device.
-    """
-    config = config if config is not None else PVQConfig.preset(DEFAULT_PRESET)
-    if not isinstance(W, torch.Tensor) or W.dim() != 2:
-        raise ValueError(f"quantize_weight: W must be a 2-D tensor [out_features, in_features], got "
-                         f"{getattr(W, 'shape', type(W).__name__)}")
-    if not W.dtype.is_floating_point:
-        raise TypeError(f"quantize_weight: W must be floating point, got {W.dtype}")
-    N, n = W.shape
-    D, K = config.D, config.K
-    if N < 1 or n < 1 or n % D:
-        raise ValueError(f"quantize_weight: in_features ({n}) must be a positive multiple of D={D}")
-    if not torch.isfinite(W).all():
-        raise ValueError("quantize_weight: W must be finite (it holds NaN or Inf)")
-    w = W.detach().float()
-    if config.rotate:
-        from .ops import hadamard_transform
-
-        w = hadamard_transform(w, rotation_signs(n, config.seed).to(w.device))
-    norms = w.norm(dim=1)
-    if (norms > torch.finfo(torch.float16).max).any():
-        raise ValueError("quantize_weight: a row norm exceeds the float16 range of the row scales")
-    row_scale = norms.half()
-    groups = w.reshape(N, n // D, D)
-    pulses = search(groups, K)
-    index = encode(pulses, K)
-    direction = pulses.float() * torch.rsqrt(pulses.float().square().sum(-1, keepdim=True))
-    scale = row_scale.float().unsqueeze(-1)
-    gain = torch.where(scale > 0, (groups * direction).sum(-1) / scale.clamp_min(1e-30), torch.zeros(()))
-    levels = torch.tensor(beta_gain_levels(D, n, config.scale_bits), dtype=torch.float32, device=w.device)
-    gain_code = torch.bucketize(gain, (levels[1:] + levels[:-1]) / 2)  # nearest level (levels ascend)
-    codes = torch.ops.pvq_cuda._pack_codes.default(index.cpu(), gain_code.cpu(), config.index_bits,
-                                                   config.scale_bits)
-    return PVQWeight(codes.to(w.device), row_scale, levels, N, n, config, validate=False)
-

@@ -1,0 +1,155 @@
+"""quantize_weight: PVQ of one layer's weight, data-free or Hessian-aware (paper.md §4–§6)."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import DEFAULT_PRESET, PVQConfig
+from .error_feedback import error_feedback, inverse_cholesky_upper
+from .gain import beta_gain_levels
+from .hessian import rotate_hessian
+from .ops import encode, hadamard_transform, search
+from .weight import PVQWeight, rotation_signs
+
+METRIC_SEARCH_PASSES = 4  # pulse-move passes under the block metric; gains flatten out after ~3
+
+
+def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None, hessian: torch.Tensor | None = None, *,
+                    act_order: bool = False, metric_search: bool = False) -> PVQWeight:
+    """PVQ of a weight ``[out_features, in_features]`` into a packed :class:`PVQWeight`.
+
+    Data-free (``hessian=None``): rotate (if ``config.rotate``), take one fp16 scale per row (the
+    rotated row norm), pick each group's direction by pyramid search and code the least-squares
+    gain with the Beta levels.
+
+    Hessian-aware (``hessian`` = the layer's input Hessian, float ``[in, in]``, e.g. from
+    :class:`HessianCollector`): the Hessian is rotated with the weights, groups of D columns are
+    quantized in order with GPTQ-style error feedback (``act_order``: groups by decreasing
+    Hessian diagonal), and each group's gain is the Hessian-optimal s* = uᵀMw / uᵀMu under its
+    block metric M, coded with the same levels. ``metric_search`` also moves pulses while that
+    lowers the block-metric error (slower, usually better). Runs on W's device.
+    """
+    config = config if config is not None else PVQConfig.preset(DEFAULT_PRESET)
+    if not isinstance(config, PVQConfig):
+        raise TypeError(f"quantize_weight: config must be a PVQConfig, got {type(config).__name__}")
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        raise ValueError(f"quantize_weight: W must be a 2-D tensor [out_features, in_features], got "
+                         f"{getattr(W, 'shape', type(W).__name__)}")
+    if not W.dtype.is_floating_point:
+        raise TypeError(f"quantize_weight: W must be floating point, got {W.dtype}")
+    N, n = W.shape
+    D, K = config.D, config.K
+    if N < 1 or n < 1 or n % D:
+        raise ValueError(f"quantize_weight: in_features ({n}) must be a positive multiple of D={D}")
+    if not torch.isfinite(W).all():
+        raise ValueError("quantize_weight: W must be finite (it holds NaN or Inf)")
+    if hessian is not None:
+        if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (n, n):
+            raise ValueError(f"quantize_weight: hessian must be a [{n}, {n}] tensor (in_features squared), got "
+                             f"{getattr(hessian, 'shape', type(hessian).__name__)}")
+        if not torch.isfinite(hessian).all():
+            raise ValueError("quantize_weight: hessian must be finite (it holds NaN or Inf)")
+    elif act_order or metric_search:
+        raise ValueError("quantize_weight: act_order and metric_search need a hessian")
+
+    w = W.detach().float()
+    signs = rotation_signs(n, config.seed).to(w.device) if config.rotate else None
+    if signs is not None:
+        w = hadamard_transform(w, signs)
+    norms = w.norm(dim=1)
+    if (norms > torch.finfo(torch.float16).max).any():
+        raise ValueError("quantize_weight: a row norm exceeds the float16 range of the row scales")
+    row_scale = norms.half()
+    scale = row_scale.float().unsqueeze(-1)  # [N, 1]
+    levels = torch.tensor(beta_gain_levels(D, n, config.scale_bits), dtype=torch.float32, device=w.device)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+
+    if hessian is None:
+        groups = w.reshape(N, n // D, D)
+        pulses = search(groups, K)
+        direction = _unit(pulses)
+        gain = torch.where(scale > 0, (groups * direction).sum(-1) / scale.clamp_min(1e-30), torch.zeros(()))
+        index, gain_code = encode(pulses, K), torch.bucketize(gain, midpoints)
+    else:
+        index, gain_code = _hessian_aware_codes(w, hessian, signs, scale, levels, midpoints, config, act_order,
+                                                metric_search)
+    codes = torch.ops.pvq_cuda._pack_codes.default(index.cpu(), gain_code.cpu(), config.index_bits,
+                                                   config.scale_bits)
+    return PVQWeight(codes.to(w.device), row_scale, levels, N, n, config, validate=False, signs=signs)
+
+
+def _unit(pulses: torch.Tensor) -> torch.Tensor:
+    p = pulses.float()
+    return p * torch.rsqrt(p.square().sum(-1, keepdim=True))
+
+
+def _hessian_aware_codes(w, hessian, signs, scale, levels, midpoints, config, act_order, metric_search):
+    N, n = w.shape
+    D, K = config.D, config.K
+    H = hessian.to(w.device, torch.float32)
+    if signs is not None:
+        H = rotate_hessian(H, signs)
+    G = n // D
+    order = torch.arange(G, device=w.device)
+    if act_order:  # most sensitive groups first, while the most columns remain to absorb their error
+        order = torch.argsort(H.diagonal().reshape(G, D).sum(-1), descending=True, stable=True)
+        cols = (order[:, None] * D + torch.arange(D, device=w.device)).reshape(-1)
+        w, H = w[:, cols], H[cols][:, cols]
+    U = inverse_cholesky_upper(H).float()
+    index = torch.empty(N, G, dtype=torch.int64, device=w.device)
+    gain_code = torch.empty(N, G, dtype=torch.int64, device=w.device)
+    safe_scale = scale.clamp_min(1e-30)
+
+    def quantize_block(j: int, w_b: torch.Tensor, u_bb: torch.Tensor) -> torch.Tensor:
+        # The error of this block costs e M eᵀ with M = (U_bbᵀ U_bb)⁻¹ once the rest is corrected.
+        u_inv = torch.linalg.solve_triangular(u_bb, torch.eye(D, device=w.device), upper=True)
+        M = u_inv @ u_inv.T
+        pulses = search(w_b, K)
+        if metric_search:
+            pulses = _metric_search(pulses, w_b, M)
+        u = _unit(pulses)
+        uM = u @ M
+        s = (uM * w_b).sum(-1, keepdim=True) / ((uM * u).sum(-1, keepdim=True) * safe_scale)
+        code = torch.bucketize(torch.where(scale > 0, s, torch.zeros(())).squeeze(-1), midpoints)
+        g = int(order[j // D])
+        index[:, g] = encode(pulses, K)
+        gain_code[:, g] = code
+        return scale * levels[code].unsqueeze(-1) * u
+
+    error_feedback(w, U, D, quantize_block)
+    return index, gain_code
+
+
+def _metric_search(pulses: torch.Tensor, w: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """Hill-climb single pulse moves i -> j that raise (yMwᵀ)²/(yMyᵀ), the fit of direction y to w
+    under M with its best gain. Signs follow w on newly used coordinates."""
+    N, D = pulses.shape
+    y = pulses.long()
+    sgn = torch.where(w < 0, -1, 1)
+    src, dst = torch.meshgrid(torch.arange(D), torch.arange(D), indexing="ij")
+    keep = src != dst
+    src, dst = src[keep].to(w.device), dst[keep].to(w.device)  # D(D-1) moves
+    Mw = w @ M  # [N, D]
+
+    def score(cand):  # cand [N, C, D] -> [N, C]
+        c = cand.double()
+        num = (c * Mw.double().unsqueeze(1)).sum(-1) ** 2
+        den = ((c @ M.double()) * c).sum(-1)
+        return num / den.clamp_min(1e-300)
+
+    best = score(y.unsqueeze(1)).squeeze(1)
+    for _ in range(METRIC_SEARCH_PASSES):
+        cand = y.unsqueeze(1).repeat(1, src.numel(), 1)  # [N, C, D]
+        rows = torch.arange(src.numel(), device=w.device)
+        ys, yd = cand[:, rows, src], cand[:, rows, dst]
+        valid = ys != 0
+        cand[:, rows, src] = ys - torch.sign(ys)
+        cand[:, rows, dst] = torch.where(yd == 0, sgn[:, dst], yd + torch.sign(yd))
+        sc = torch.where(valid, score(cand), torch.full_like(best.unsqueeze(1).expand_as(valid), -1.0))
+        top, arg = sc.max(dim=1)
+        better = top > best * (1 + 1e-12)
+        if not better.any():
+            break
+        y = torch.where(better.unsqueeze(1), cand[torch.arange(N, device=w.device), arg], y)
+        best = torch.where(better, top, best)
+    return y.to(torch.int8)
