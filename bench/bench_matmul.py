@@ -109,7 +109,7 @@ def report(rows: list[dict], device_name: str, device: str, preset: str, header:
              + (" pvq % of peak |" if peak else ""), "|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
     for r in rows:
         line = (f"| {r['shape']} | {r['batch']} | {r['pvq_us']:.1f} | {r['dense_us']:.1f} | {r['speedup']:.2f}x "
-                f"| {r['pvq_gbps']:.0f} | {r['dense_gbps']:.0f} |")
+                f"| {r['pvq_gbps']:.3g} | {r['dense_gbps']:.3g} |")
         if peak:
             line += f" {100 * r['pvq_gbps'] / peak:.0f} % |"
         lines.append(line)
