@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .baselines import rtn_quantize
 from .config import PRESETS
 from .quantize import quantize_weight
 
@@ -26,16 +27,6 @@ class DemoRow:
 def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     w, w_hat = w.double(), w_hat.double()
     return float(10 * torch.log10(w.square().sum() / (w - w_hat).square().sum()))
-
-
-def rtn_quantize(w: torch.Tensor, bits: int, group: int = 128) -> tuple[torch.Tensor, float]:
-    """Asymmetric round-to-nearest with an fp16 scale and fp16 minimum per group."""
-    rows, n = w.shape
-    g = w.reshape(rows, n // group, group)
-    lo = g.amin(-1, keepdim=True).half().float()
-    step = ((g.amax(-1, keepdim=True) - lo) / (2**bits - 1)).half().float().clamp_min(1e-12)
-    q = ((g - lo) / step).round().clamp(0, 2**bits - 1)
-    return (q * step + lo).reshape(rows, n), bits + 32 / group
 
 
 def run_demo(rows: int = 4096, cols: int = 4096, seed: int = 0) -> list[DemoRow]:

@@ -39,15 +39,25 @@ def inverse_cholesky_upper(H: torch.Tensor, max_tries: int = 5) -> torch.Tensor:
 
 
 def error_feedback(W: torch.Tensor, U: torch.Tensor, width: int,
-                   quantize_block: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                   quantize_block: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor], *,
+                   group: int = 0,
+                   start_group: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Quantize W [rows, n] column block by column block with error feedback; returns Q.
 
     ``quantize_block(j, W_B, U_BB)`` gets the start column j, the current (feedback-updated)
     columns W[:, j:j+width] and the diagonal block of U, and returns their quantized values.
+
+    With ``start_group``, ``start_group(j, W_G)`` is called on entering each group of ``group``
+    columns (a multiple of width; the last group may be shorter), before its first block is
+    quantized, with the group's current columns W[:, j:j+group] (a new tensor, every earlier
+    block's feedback applied, including updates still pending past the super-block): GPTQ fits
+    its group scales there.
     """
     n = W.shape[1]
     if n % width or SUPER_BLOCK % width:
         raise ValueError(f"error feedback: n={n} and {SUPER_BLOCK} must be multiples of width={width}")
+    if start_group is not None and (group <= 0 or group % width):
+        raise ValueError(f"error feedback: group={group} must be a positive multiple of width={width}")
     W = W.clone()
     U = U.to(W.dtype)
     Q = torch.empty_like(W)
@@ -55,6 +65,12 @@ def error_feedback(W: torch.Tensor, U: torch.Tensor, width: int,
         b1 = min(b0 + SUPER_BLOCK, n)
         err = torch.empty(W.shape[0], b1 - b0, dtype=W.dtype, device=W.device)
         for j in range(b0, b1, width):
+            if start_group is not None and j % group == 0:
+                g1 = min(j + group, n)
+                cur = W[:, j:g1].clone()
+                if g1 > b1:  # columns past this super-block still lack its lazy update from b0..j
+                    cur[:, b1 - j:] -= err[:, :j - b0] @ U[b0:j, b1:g1]
+                start_group(j, cur)
             k = j + width
             U_bb = U[j:k, j:k]
             q = quantize_block(j, W[:, j:k], U_bb)
