@@ -40,7 +40,7 @@ class Method:
     """A parsed method name.
 
     Attributes:
-        name: the name as given (normalized to lower case).
+        name: the canonical name (lower case, the default group size left out).
         kind: ``"pvq"``, ``"rtn"`` or ``"gptq"``.
         hessian: whether the method uses calibration Hessians.
         bits, group: scalar baselines only.
@@ -84,7 +84,8 @@ def parse_method(name: str) -> Method:
     if group < 1:
         raise ValueError(f"method {name!r}: the group size must be >= 1")
     kind = m["kind"]
-    return Method(n, "gptq" if kind.startswith("gptq") else "rtn", hessian=kind.startswith("gptq"),
+    canonical = f"{kind}-int{m['bits']}" + ("" if group == BASELINE_GROUP else f"-g{group}")
+    return Method(canonical, "gptq" if kind.startswith("gptq") else "rtn", hessian=kind.startswith("gptq"),
                   bits=int(m["bits"]), group=group, rotate=kind == "gptq-rot")
 
 

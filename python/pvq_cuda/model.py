@@ -486,6 +486,14 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
     return run.log
 
 
+def _decoded_cache(block: nn.Module, on: bool) -> None:
+    """Within the pipeline, quantized layers run as dense GEMMs on their decoded weights (the
+    fused kernel is meant for small batches); the caches go once a block is finished."""
+    for mod in block.modules():
+        if isinstance(mod, PVQLinear):
+            mod.enable_decoded_cache() if on else mod.disable_decoded_cache()
+
+
 def _block_to(block: nn.Module, run: _Run, where) -> None:
     if run.offload:
         block.to(where)
@@ -506,9 +514,7 @@ def _data_free(run: _Run, layers: nn.ModuleList, ignore_re, resume: _Resume | No
             if ignore_re is not None and ignore_re.search(prefix + rel):
                 continue
             run.quantize_layer(block, prefix, rel, None, 0.0, i)
-        for mod in block.modules():
-            if isinstance(mod, PVQLinear):
-                mod.disable_decoded_cache()
+        _decoded_cache(block, False)
         if resume is not None:
             resume.save_block(i, block, prefix, run.log["layers"][entries_from:])
         _block_to(block, run, "cpu")
@@ -555,7 +561,9 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
             if saved is None:  # recompute them through the finished (quantized) blocks
                 for i in range(start):
                     _block_to(layers[i], run, dev)
+                    _decoded_cache(layers[i], True)  # the same arithmetic as the first run
                     hidden = [_first(block_forward(layers[i], c)).to(store) for c in range(len(chunks))]
+                    _decoded_cache(layers[i], False)
                     _block_to(layers[i], run, "cpu")
             else:
                 hidden = saved
@@ -604,9 +612,7 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
         # 3. this block's outputs are the next block's inputs
         hidden = [_first(block_forward(block, c)).to(store) for c in range(len(chunks))]
         mlp_in = None
-        for mod in block.modules():
-            if isinstance(mod, PVQLinear):
-                mod.disable_decoded_cache()
+        _decoded_cache(block, False)
         if resume is not None:
             resume.save_block(i, block, prefix, run.log["layers"][entries_from:])
             resume.save_activations(i, hidden)
