@@ -40,7 +40,7 @@ def tiny_tokenizer():
         vocab[chr(i)] = len(vocab)
     vocab["\n"] = len(vocab)
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("(?s)."), behavior="isolated")
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
 
 

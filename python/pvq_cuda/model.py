@@ -244,6 +244,7 @@ class _Run:
     def write_log(self) -> None:
         if self.log_path is None:
             return
+        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{self.log_path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(self.log, f, indent=1)
