@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import PVQConfig
 from .linear import PVQLinear
-from .weight import quantize_weight
+from .quantize import quantize_weight
 
 BASELINE_GROUP = 128  # the group size of every baseline in the issue's tables
 
@@ -152,7 +152,7 @@ class LayerResult:
 
 
 def quantize_linear(linear: nn.Linear, method: Method, config: PVQConfig, hessian: torch.Tensor | None = None, *,
-                    act_order: bool = False, seed: int = 0) -> LayerResult:
+                    act_order: bool = False, metric_search: bool = False, seed: int = 0) -> LayerResult:
     """Quantize one ``nn.Linear`` by ``method`` (``hessian``: the damped fp32 [in, in] Hessian)."""
     W = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
@@ -165,10 +165,11 @@ def quantize_linear(linear: nn.Linear, method: Method, config: PVQConfig, hessia
             use_h = False
         if use_h:
             kwargs = {"hessian": hessian}
-            if act_order:
-                if not _accepts(quantize_weight, "act_order"):
-                    raise ValueError("act_order=True needs a quantize_weight that takes act_order")
-                kwargs["act_order"] = True
+            for flag, on in (("act_order", act_order), ("metric_search", metric_search)):
+                if on:
+                    if not _accepts(quantize_weight, flag):
+                        raise ValueError(f"{flag}=True needs a quantize_weight that takes {flag}")
+                    kwargs[flag] = True
             weight = quantize_weight(W, config, **kwargs)
         else:
             weight = quantize_weight(W, config)
@@ -178,11 +179,14 @@ def quantize_linear(linear: nn.Linear, method: Method, config: PVQConfig, hessia
     b = _baselines()
     if b is None or not hasattr(b, "rtn_quantize"):
         raise RuntimeError(f"method {method.name!r} needs pvq_cuda.baselines, which this build does not have")
+    # A last group shorter than the others where the group size does not divide in_features
+    # (SmolLM2's 576 at g128), paid for in the baselines' bpw.
+    extra = {"ragged": True} if W.shape[1] % method.group else {}
     if method.kind == "rtn":
-        w_hat, bpw = b.rtn_quantize(W, method.bits, group=method.group)
+        w_hat, bpw = b.rtn_quantize(W, method.bits, group=method.group, **extra)
     else:
         w_hat, bpw = b.gptq_quantize(W, hessian, method.bits, group=method.group, rotate=method.rotate, seed=seed,
-                                     act_order=act_order)
+                                     act_order=act_order, **extra)
     w_hat = w_hat.float()
     with torch.no_grad():
         linear.weight.copy_(w_hat.to(linear.weight.dtype))

@@ -213,13 +213,13 @@ def _catch_inputs(module: nn.Module, run: Callable[[], object]) -> tuple[tuple, 
 class _Run:
     """State of one quantize_model call."""
 
-    def __init__(self, model, method: Method, config: PVQConfig, overrides, ignore, device, offload, act_order, damp,
-                 seed, progress, log_path, total_layers):
+    def __init__(self, model, method: Method, config: PVQConfig, overrides, ignore, device, offload, act_order,
+                 metric_search, damp, seed, progress, log_path, total_layers):
         self.model, self.method, self.config = model, method, config
         self.overrides = overrides
         self.ignore = ignore
         self.device, self.offload = device, offload
-        self.act_order, self.damp, self.seed = act_order, damp, seed
+        self.act_order, self.metric_search, self.damp, self.seed = act_order, metric_search, damp, seed
         self.log_path = log_path
         self.log: dict = {}
         self.bar = None
@@ -257,7 +257,8 @@ class _Run:
         # The baselines overwrite the nn.Linear's weight in place: keep the original for the loss.
         W = linear.weight.detach().clone() if self.method.simulated else linear.weight.detach()
         t0 = time.perf_counter()
-        res = quantize_linear(linear, self.method, self.config_for(full), H, act_order=self.act_order, seed=self.seed)
+        res = quantize_linear(linear, self.method, self.config_for(full), H, act_order=self.act_order,
+                              metric_search=self.metric_search, seed=self.seed)
         seconds = time.perf_counter() - t0
         if res.module is not linear:
             _set_submodule(block, rel, res.module)
@@ -381,7 +382,7 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
                    resume_dir: str | os.PathLike | None = None, progress: bool = True, method: str = "pvq",
                    overrides: Mapping[str, PVQConfig | str] | None = None, damp: float = DEFAULT_DAMP,
                    batch_size: int = 8, seed: int = 0, log_path: str | os.PathLike | None = None,
-                   calibration_info: Mapping | None = None) -> dict:
+                   calibration_info: Mapping | None = None, metric_search: bool = False) -> dict:
     """Quantize the decoder linears of a Llama-family causal LM in place, block by block.
 
     Args:
@@ -395,6 +396,8 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
             the whole model moves there.
         offload: keep the model and the activations on CPU and move one block at a time to ``device``.
         act_order: quantize columns in order of decreasing Hessian diagonal (GPTQ's desc_act).
+        metric_search: PVQ only: refine each group's pulses under its Hessian block metric
+            (``quantize_weight(..., metric_search=True)``; slower, usually better).
         resume_dir: save each finished block there and skip finished blocks on a rerun with the
             same settings (a rerun with other settings raises ValueError).
         progress: show a tqdm bar (layer name, loss, ETA).
@@ -447,11 +450,11 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
     model.eval()
     if not offload:
         model.to(dev)
-    run = _Run(model, m, config, overrides_c, ignore_re, dev, offload, act_order, damp, seed, progress,
+    run = _Run(model, m, config, overrides_c, ignore_re, dev, offload, act_order, metric_search, damp, seed, progress,
                log_path, len(todo))
     run.log = {"method": m.name, "label": m.label, "config": config.to_dict() if m.kind == "pvq" else None,
                "overrides": {p.pattern: c.to_dict() for p, c in overrides_c}, "ignore": ignore,
-               "act_order": act_order, "damp": damp if m.hessian else None, "device": str(dev), "offload": offload,
+               "act_order": act_order, "metric_search": metric_search, "damp": damp if m.hessian else None, "device": str(dev), "offload": offload,
                "loss_definition": LOSS_DEFINITION, "calibration": dict(calibration_info or {}),
                "layers": [], "seconds": None, "bpw": None}
     if chunks is not None:
@@ -459,8 +462,8 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
                                       tokens=sum(c.numel() for c in chunks))
     resume = None
     if resume_dir is not None:
-        resume = _Resume(resume_dir, _fingerprint(model, m, config, overrides_c, ignore, act_order, damp, seed,
-                                                  _calibration_digest(chunks)))
+        resume = _Resume(resume_dir, _fingerprint(model, m, config, overrides_c, ignore, (act_order, metric_search),
+                                                  damp, seed, _calibration_digest(chunks)))
     t_start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -481,7 +484,8 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
     if m.kind == "pvq":
         from .checkpoint import build_quantization_config
 
-        model.config.quantization_config = build_quantization_config(model, calibration=run.log["calibration"],
+        calib = dict(run.log["calibration"], metric_search=metric_search) if m.hessian else None
+        model.config.quantization_config = build_quantization_config(model, calibration=calib,
                                                                      damp=run.log["damp"], act_order=act_order,
                                                                      method=m.name)
     return run.log
