@@ -237,6 +237,19 @@ def _shard_files(path: Path) -> list[Path]:
     return [single]
 
 
+def _no_init():
+    """transformers' context that skips weight initialization (5.x: transformers.initialization,
+    4.x: transformers.modeling_utils), or a no-op where neither exists."""
+    import contextlib
+
+    for module in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return getattr(__import__(module, fromlist=["no_init_weights"]), "no_init_weights")()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
 def load_quantized(directory: str | os.PathLike, device=None) -> nn.Module:
     """Rebuild a model written by :func:`save_quantized`: the architecture from config.json, PVQLinear
     modules where the codes are, every tensor checked against its checksum. Returns the model in
@@ -252,7 +265,8 @@ def load_quantized(directory: str | os.PathLike, device=None) -> nn.Module:
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the model is built dense, then our layers go in
     try:
-        model = AutoModelForCausalLM.from_config(config)
+        with _no_init():  # every weight is overwritten from the files: skip the random init
+            model = AutoModelForCausalLM.from_config(config)
     except ValueError as e:
         raise ValueError(f"load_quantized: {str(path)!r} does not describe a causal LM: {e}") from e
     decoder_layers(model, "load_quantized")
