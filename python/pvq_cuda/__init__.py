@@ -8,7 +8,9 @@ from .counting import MAX_INDEX_BITS, MAX_K, SUPPORTED_D, index_bits, max_pulses
 from .gain import beta_gain_levels
 from .hessian import HessianCollector
 from .io import FORMAT_VERSION, FormatError, load, read_metadata, register_serializable, save
+from .checkpoint import load_quantized, save_quantized
 from .linear import PVQLinear
+from .model import quantize_model
 from .ops import (HADAMARD_BASES, HADAMARD_MAX_N, decode, encode, hadamard_split, hadamard_transform,
                   hessian_accumulate_, pvq_matmul, search)
 from .quantize import quantize_weight
@@ -44,13 +46,16 @@ __all__ = [
     "hessian_accumulate_",
     "index_bits",
     "load",
+    "load_quantized",
     "max_pulses",
     "pvq_matmul",
     "pyramid_size",
+    "quantize_model",
     "quantize_weight",
     "read_metadata",
     "register_serializable",
     "rotation_signs",
     "save",
+    "save_quantized",
     "search",
 ]

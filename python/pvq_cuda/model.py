@@ -1,0 +1,625 @@
+"""quantize_model: block-by-block (GPTQ-style) quantization of Llama-family causal LMs.
+
+The pipeline (paper.md §6, the order GPTQ uses):
+
+1. Run the calibration tokens through the embeddings and catch the inputs of decoder block 0
+   (hidden states plus the keyword arguments the model passes its blocks: position embeddings,
+   attention mask, ...), with a forward pre-hook that stops the forward there.
+2. For each block, for each sequential group of its linears (q/k/v → o → gate/up → down): run the
+   block on its inputs with a :class:`HessianCollector` on the group, stopping the forward as soon
+   as every layer of the group has seen its input; quantize each layer of the group with its
+   Hessian and replace it. Later groups therefore see the already quantized earlier ones. The MLP
+   groups run only ``block.mlp`` on the MLP's caught inputs, not the whole block again.
+3. Run the finished block on its inputs: its outputs are the next block's inputs. Only one block's
+   activations (plus that block's MLP inputs) are held at a time.
+
+Baselines (RTN, GPTQ, rotated GPTQ) run through the same pipeline; see :mod:`pvq_cuda.methods`.
+Data-free methods (``pvq-datafree``, ``rtn-*``) need no activations and skip steps 1–3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_PRESET, PVQConfig
+from .hessian import DEFAULT_DAMP, HessianCollector
+from .io import load as _load_file
+from .io import save as _save_file
+from .linear import PVQLinear
+from .methods import Method, h_loss, parse_method, quantize_linear, weight_loss
+from .weight import PVQWeight
+
+#: Linears of a Llama-family block in the order GPTQ quantizes them; layers in one group share
+#: one input. Linears not named here go last, one group each, in module order.
+SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+LOSS_DEFINITION = ("H-weighted relative error tr((W-Wq) H (W-Wq)^T) / tr(W H W^T), H the damped calibration "
+                   "Hessian of the layer; data-free methods log the weight error |W-Wq|^2/|W|^2 instead")
+
+RESUME_VERSION = 1
+
+
+class _Stop(Exception):
+    """Raised by our hooks to end a forward pass early (the rest of it is not needed)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# model structure
+
+def decoder_layers(model: nn.Module, fn: str = "quantize_model") -> nn.ModuleList:
+    """The decoder blocks ``model.model.layers`` of a causal LM, or a TypeError saying what is wrong."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be a torch nn.Module (a transformers causal LM), got {type(model).__name__}")
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if head is None or not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise TypeError(f"{fn}: model must be a Llama-family causal LM (model.model.layers decoder blocks and an "
+                        f"lm_head), got {type(model).__name__}; a base model without an LM head or an encoder "
+                        f"model cannot be quantized by this pipeline")
+    return layers
+
+
+def _linears(module: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _groups(block: nn.Module) -> list[list[str]]:
+    present = _linears(block)
+    groups, seen = [], set()
+    for g in SEQUENTIAL_GROUPS:
+        names = [n for n in g if n in present]
+        if names:
+            groups.append(names)
+            seen.update(names)
+    groups += [[n] for n in present if n not in seen]
+    return groups
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _to(obj, device):
+    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ------------------------------------------------------------------------------------------------
+# calibration input
+
+def _calibration_chunks(calibration, batch_size: int, vocab_size: int | None) -> list[torch.Tensor]:
+    """Token ids as a list of int64 [b, seqlen] chunks (same-length samples are batched)."""
+    if calibration is None:
+        raise ValueError("quantize_model: calibration is required for this method (token ids [nsamples, seqlen])")
+    if isinstance(calibration, torch.Tensor):
+        samples = [calibration] if calibration.dim() == 1 else list(calibration)
+        if calibration.dim() not in (1, 2):
+            raise ValueError(f"quantize_model: calibration must be token ids [nsamples, seqlen], got shape "
+                             f"{list(calibration.shape)}")
+    elif isinstance(calibration, Sequence) and not isinstance(calibration, str):
+        samples = [s.reshape(-1) if isinstance(s, torch.Tensor) and s.dim() == 2 and s.shape[0] == 1 else s
+                   for s in calibration]
+    else:
+        raise TypeError(f"quantize_model: calibration must be a tensor or a list of tensors of token ids, got "
+                        f"{type(calibration).__name__}")
+    if not samples:
+        raise ValueError("quantize_model: calibration holds no samples")
+    for i, s in enumerate(samples):
+        if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.numel() == 0:
+            raise ValueError(f"quantize_model: calibration sample {i} must be a non-empty 1-D tensor of token ids")
+        if s.dtype.is_floating_point or s.dtype == torch.bool:
+            raise TypeError(f"quantize_model: calibration sample {i} must hold integer token ids, got {s.dtype}")
+        if int(s.min()) < 0 or (vocab_size is not None and int(s.max()) >= vocab_size):
+            raise ValueError(f"quantize_model: calibration sample {i} holds token ids outside [0, {vocab_size})")
+    chunks: list[torch.Tensor] = []
+    i = 0
+    while i < len(samples):  # consecutive samples of one length go into one batch
+        j = i + 1
+        while j < len(samples) and j - i < batch_size and samples[j].numel() == samples[i].numel():
+            j += 1
+        chunks.append(torch.stack([s.long() for s in samples[i:j]]))
+        i = j
+    return chunks
+
+
+def _calibration_digest(chunks: list[torch.Tensor] | None) -> str | None:
+    if chunks is None:
+        return None
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(str(list(c.shape)).encode())
+        h.update(c.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# hooks
+
+class _StopWhenSeen:
+    """Stops a forward pass once every module in ``modules`` has been called (a pre-hook registered
+    after the HessianCollector's, so the collector has already seen the input)."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self._ids = {id(m) for m in modules}
+        self._pending: set[int] = set()
+        self._handles = [m.register_forward_pre_hook(self._hook) for m in modules]
+
+    def _hook(self, module, args):
+        self._pending.discard(id(module))
+        if not self._pending:
+            raise _Stop
+
+    def reset(self) -> None:
+        self._pending = set(self._ids)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _catch_inputs(module: nn.Module, run: Callable[[], object]) -> tuple[tuple, dict]:
+    """Call ``run`` and return the (args, kwargs) ``module`` was called with; the forward stops there."""
+    caught: list = []
+
+    def hook(mod, args, kwargs):
+        caught.append((args, dict(kwargs)))
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not caught:
+        raise RuntimeError(f"quantize_model: the forward pass never reached {type(module).__name__}")
+    return caught[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# the pipeline
+
+class _Run:
+    """State of one quantize_model call."""
+
+    def __init__(self, model, method: Method, config: PVQConfig, overrides, ignore, device, offload, act_order,
+                 metric_search, damp, seed, progress, log_path, total_layers):
+        self.model, self.method, self.config = model, method, config
+        self.overrides = overrides
+        self.ignore = ignore
+        self.device, self.offload = device, offload
+        self.act_order, self.metric_search, self.damp, self.seed = act_order, metric_search, damp, seed
+        self.log_path = log_path
+        self.log: dict = {}
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_layers, unit="layer", desc=f"{method.name}", dynamic_ncols=True)
+
+    def config_for(self, name: str) -> PVQConfig:
+        for pattern, cfg in self.overrides:
+            if pattern.search(name):
+                return cfg
+        return self.config
+
+    def record(self, entry: dict) -> None:
+        self.log["layers"].append(entry)
+        if self.bar is not None:
+            self.bar.set_description(entry["name"])
+            self.bar.set_postfix(loss=f"{entry['loss']:.4g}")
+            self.bar.update(1)
+
+    def write_log(self) -> None:
+        if self.log_path is None:
+            return
+        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{self.log_path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.log, f, indent=1)
+        os.replace(tmp, self.log_path)
+
+    def quantize_layer(self, block: nn.Module, prefix: str, rel: str, H: torch.Tensor | None, seconds_h: float,
+                       block_index: int) -> None:
+        full = f"{prefix}{rel}"
+        linear = block.get_submodule(rel)
+        # The baselines overwrite the nn.Linear's weight in place: keep the original for the loss.
+        W = linear.weight.detach().clone() if self.method.simulated else linear.weight.detach()
+        t0 = time.perf_counter()
+        res = quantize_linear(linear, self.method, self.config_for(full), H, act_order=self.act_order,
+                              metric_search=self.metric_search, seed=self.seed)
+        seconds = time.perf_counter() - t0
+        if res.module is not linear:
+            _set_submodule(block, rel, res.module)
+        loss = h_loss(W, res.w_hat, H) if H is not None else weight_loss(W, res.w_hat)
+        if isinstance(res.module, PVQLinear):
+            res.module.enable_decoded_cache()  # the rest of the pipeline runs dense GEMMs on the decoded weight
+        self.record({"name": full, "block": block_index, "out_features": linear.out_features,
+                     "in_features": linear.in_features, "loss": loss,
+                     "loss_kind": "hessian" if H is not None else "weight", "hessian_used": res.hessian_used,
+                     "bpw": res.bpw, "seconds": seconds, "hessian_seconds": seconds_h})
+
+
+def _fingerprint(model, method: Method, config, overrides, ignore, act_order, damp, seed, calib_digest) -> str:
+    cfg = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+    cfg.pop("quantization_config", None)
+    cfg.pop("transformers_version", None)
+    spec = {"version": RESUME_VERSION, "method": method.name, "config": config.to_dict(),
+            "overrides": [[p.pattern, c.to_dict()] for p, c in overrides], "ignore": ignore,
+            "act_order": act_order, "damp": damp, "seed": seed, "calibration": calib_digest,
+            "model": json.dumps(cfg, sort_keys=True, default=str)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class _Resume:
+    """Per-block checkpoints in ``resume_dir``: ``block_XXXX.safetensors`` (the quantized layers of a
+    finished block, written atomically by pvq_cuda.save) and ``activations.safetensors`` (the inputs of
+    the next block, so a rerun continues without recomputing the finished blocks)."""
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: str) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+        manifest = self.dir / "manifest.json"
+        if manifest.exists():
+            old = json.loads(manifest.read_text()).get("fingerprint")
+            if old != fingerprint:
+                raise ValueError(f"quantize_model: resume_dir {str(self.dir)!r} holds a run with other settings "
+                                 f"(model, method, config, calibration, ...); use another directory or delete it")
+        else:
+            tmp = manifest.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"fingerprint": fingerprint, "version": RESUME_VERSION}))
+            os.replace(tmp, manifest)
+
+    def block_path(self, i: int) -> Path:
+        return self.dir / f"block_{i:04d}.safetensors"
+
+    def done(self, num_blocks: int) -> int:
+        """How many leading blocks are finished."""
+        k = 0
+        while k < num_blocks and self.block_path(k).exists():
+            k += 1
+        return k
+
+    def save_block(self, i: int, block: nn.Module, prefix: str, entries: list[dict]) -> None:
+        tensors: dict = {}
+        for rel, m in block.named_modules():
+            if isinstance(m, PVQLinear):
+                tensors[rel] = m.weight
+                if m.bias is not None:
+                    tensors[f"{rel}.bias"] = m.bias
+        for e in entries:  # simulated baselines: the dense dequantized weights
+            rel = e["name"][len(prefix):]
+            m = block.get_submodule(rel)
+            if isinstance(m, nn.Linear):
+                tensors[f"{rel}.weight"] = m.weight.detach()
+        _save_file(self.block_path(i), tensors, metadata={"fingerprint": self.fingerprint,
+                                                          "log": json.dumps(entries)})
+
+    def load_block(self, i: int, block: nn.Module, device) -> list[dict]:
+        from .io import read_metadata
+
+        path = self.block_path(i)
+        meta = read_metadata(path)
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"quantize_model: {str(path)!r} belongs to another run; delete resume_dir to restart")
+        stored = _load_file(path, device=device)
+        for name, value in stored.items():
+            if isinstance(value, PVQWeight):
+                _set_submodule(block, name, PVQLinear.from_weight(value, stored.get(f"{name}.bias")))
+        for name, value in stored.items():
+            if name.endswith(".weight") and isinstance(value, torch.Tensor):
+                with torch.no_grad():
+                    block.get_submodule(name[: -len(".weight")]).weight.copy_(value)
+        return json.loads(meta["log"])
+
+    def save_activations(self, i: int, hidden: list[torch.Tensor]) -> None:
+        _save_file(self.dir / "activations.safetensors", {f"h.{c}": h for c, h in enumerate(hidden)},
+                   metadata={"fingerprint": self.fingerprint, "after_block": str(i)})
+
+    def load_activations(self, i: int, n_chunks: int, device) -> list[torch.Tensor] | None:
+        from .io import read_metadata
+
+        path = self.dir / "activations.safetensors"
+        if not path.exists():
+            return None
+        meta = read_metadata(path)
+        if meta.get("fingerprint") != self.fingerprint or meta.get("after_block") != str(i):
+            return None
+        stored = _load_file(path, device=device)
+        if len(stored) != n_chunks:
+            return None
+        return [stored[f"h.{c}"] for c in range(n_chunks)]
+
+
+def _compile_overrides(overrides) -> list[tuple[re.Pattern, PVQConfig]]:
+    out = []
+    for pattern, cfg in (overrides or {}).items():
+        if isinstance(cfg, str):
+            cfg = PVQConfig.preset(cfg)
+        if not isinstance(cfg, PVQConfig):
+            raise TypeError(f"quantize_model: overrides[{pattern!r}] must be a PVQConfig or a preset name")
+        try:
+            out.append((re.compile(pattern), cfg))
+        except re.error as e:
+            raise ValueError(f"quantize_model: overrides key {pattern!r} is not a valid regex: {e}") from e
+    return out
+
+
+def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str | None = None, *,
+                   ignore: str | None = None, device=None, offload: bool = False, act_order: bool = False,
+                   resume_dir: str | os.PathLike | None = None, progress: bool = True, method: str = "pvq",
+                   overrides: Mapping[str, PVQConfig | str] | None = None, damp: float = DEFAULT_DAMP,
+                   batch_size: int = 8, seed: int = 0, log_path: str | os.PathLike | None = None,
+                   calibration_info: Mapping | None = None, metric_search: bool = False) -> dict:
+    """Quantize the decoder linears of a Llama-family causal LM in place, block by block.
+
+    Args:
+        model: a transformers causal LM with ``model.model.layers`` (Llama, Mistral, Qwen2, SmolLM...).
+        calibration: token ids, int64 ``[nsamples, seqlen]`` or a list of 1-D tensors; required by
+            the methods that use Hessians (``pvq``, ``gptq-*``), ignored by the data-free ones.
+        config: a :class:`PVQConfig` or a preset name (default ``pvq-3.25``), for ``method="pvq"``.
+        ignore: regex; linears whose full name matches (``re.search``) stay in full precision.
+            Only the decoder blocks are quantized: embeddings and lm_head always stay.
+        device: where the work runs (default CUDA when available, else CPU). Without ``offload``
+            the whole model moves there.
+        offload: keep the model and the activations on CPU and move one block at a time to ``device``.
+        act_order: quantize columns in order of decreasing Hessian diagonal (GPTQ's desc_act).
+        metric_search: PVQ only: refine each group's pulses under its Hessian block metric
+            (``quantize_weight(..., metric_search=True)``; slower, usually better).
+        resume_dir: save each finished block there and skip finished blocks on a rerun with the
+            same settings (a rerun with other settings raises ValueError).
+        progress: show a tqdm bar (layer name, loss, ETA).
+        method: ``"pvq"`` (default), ``"pvq-datafree"``, or a baseline such as ``"rtn-int4"``,
+            ``"gptq-int3"``, ``"gptq-rot-int3"`` (see :mod:`pvq_cuda.methods`); baselines leave
+            dense ``nn.Linear`` layers holding the dequantized weights (simulated quantization).
+        overrides: ``{regex: PVQConfig or preset name}``, per-module configs (first match wins).
+        damp: Hessian damping λ (λ·mean(diag H) is added to the diagonal).
+        batch_size: calibration samples per forward pass.
+        seed: seed of the baselines' rotation (PVQ's rotation seed is ``config.seed``).
+        log_path: where the JSON log is (re)written after every block.
+        calibration_info: JSON-able description of the calibration data, stored in the
+            ``quantization_config`` (e.g. ``{"source": ..., "nsamples": ..., "seqlen": ...}``).
+
+    Returns:
+        The log: ``{"method", "label", "config", "loss_definition", "device", "layers": [{"name",
+        "block", "loss", "loss_kind", "bpw", "seconds", "hessian_seconds", ...}], "seconds", "bpw"}``,
+        where ``bpw`` is the parameter-weighted mean over the quantized linears.
+    """
+    layers = decoder_layers(model)
+    m = parse_method(method)
+    if config is None:
+        config = PVQConfig.preset(DEFAULT_PRESET)
+    elif isinstance(config, str):
+        config = PVQConfig.preset(config)
+    elif not isinstance(config, PVQConfig):
+        raise TypeError(f"quantize_model: config must be a PVQConfig or a preset name, got {type(config).__name__}")
+    if ignore is not None:
+        try:
+            ignore_re = re.compile(ignore)
+        except re.error as e:
+            raise ValueError(f"quantize_model: ignore {ignore!r} is not a valid regex: {e}") from e
+    else:
+        ignore_re = None
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"quantize_model: batch_size must be a positive int, got {batch_size!r}")
+    if not damp >= 0:
+        raise ValueError(f"quantize_model: damp must be >= 0, got {damp!r}")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    overrides_c = _compile_overrides(overrides)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    chunks = _calibration_chunks(calibration, batch_size, vocab) if m.hessian else None
+
+    prefix_of = {id(b): f"model.layers.{i}." for i, b in enumerate(layers)}
+    todo = [f"{prefix_of[id(b)]}{rel}" for b in layers for rel in _linears(b)]
+    todo = [n for n in todo if ignore_re is None or not ignore_re.search(n)]
+    if not todo:
+        raise ValueError("quantize_model: no linear layer is left to quantize (ignore matches all of them)")
+
+    model.eval()
+    if not offload:
+        model.to(dev)
+    run = _Run(model, m, config, overrides_c, ignore_re, dev, offload, act_order, metric_search, damp, seed, progress,
+               log_path, len(todo))
+    run.log = {"method": m.name, "label": m.label, "config": config.to_dict() if m.kind == "pvq" else None,
+               "overrides": {p.pattern: c.to_dict() for p, c in overrides_c}, "ignore": ignore,
+               "act_order": act_order, "metric_search": metric_search, "damp": damp if m.hessian else None, "device": str(dev), "offload": offload,
+               "loss_definition": LOSS_DEFINITION, "calibration": dict(calibration_info or {}),
+               "layers": [], "seconds": None, "bpw": None}
+    if chunks is not None:
+        run.log["calibration"].update(nsamples=sum(c.shape[0] for c in chunks),
+                                      tokens=sum(c.numel() for c in chunks))
+    resume = None
+    if resume_dir is not None:
+        resume = _Resume(resume_dir, _fingerprint(model, m, config, overrides_c, ignore, (act_order, metric_search),
+                                                  damp, seed, _calibration_digest(chunks)))
+    t_start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            if m.hessian:
+                _pipeline(run, layers, chunks, ignore_re, resume)
+            else:
+                _data_free(run, layers, ignore_re, resume)
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+        for mod in model.modules():
+            if isinstance(mod, PVQLinear):
+                mod.disable_decoded_cache()
+    run.log["seconds"] = time.perf_counter() - t_start
+    params = sum(e["out_features"] * e["in_features"] for e in run.log["layers"])
+    run.log["bpw"] = sum(e["bpw"] * e["out_features"] * e["in_features"] for e in run.log["layers"]) / params
+    run.write_log()
+    if m.kind == "pvq":
+        from .checkpoint import build_quantization_config
+
+        calib = dict(run.log["calibration"], metric_search=metric_search) if m.hessian else None
+        model.config.quantization_config = build_quantization_config(model, calibration=calib,
+                                                                     damp=run.log["damp"], act_order=act_order,
+                                                                     method=m.name)
+    return run.log
+
+
+def _decoded_cache(block: nn.Module, on: bool) -> None:
+    """Within the pipeline, quantized layers run as dense GEMMs on their decoded weights (the
+    fused kernel is meant for small batches); the caches go once a block is finished."""
+    for mod in block.modules():
+        if isinstance(mod, PVQLinear):
+            mod.enable_decoded_cache() if on else mod.disable_decoded_cache()
+
+
+def _block_to(block: nn.Module, run: _Run, where) -> None:
+    if run.offload:
+        block.to(where)
+
+
+def _data_free(run: _Run, layers: nn.ModuleList, ignore_re, resume: _Resume | None) -> None:
+    for i, block in enumerate(layers):
+        prefix = f"model.layers.{i}."
+        if resume is not None and resume.block_path(i).exists():
+            _block_to(block, run, run.device)
+            for e in resume.load_block(i, block, run.device):
+                run.record(e)
+            _block_to(block, run, "cpu")
+            continue
+        _block_to(block, run, run.device)
+        entries_from = len(run.log["layers"])
+        for rel, lin in _linears(block).items():
+            if ignore_re is not None and ignore_re.search(prefix + rel):
+                continue
+            run.quantize_layer(block, prefix, rel, None, 0.0, i)
+        _decoded_cache(block, False)
+        if resume is not None:
+            resume.save_block(i, block, prefix, run.log["layers"][entries_from:])
+        _block_to(block, run, "cpu")
+        run.write_log()
+
+
+def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], ignore_re,
+              resume: _Resume | None) -> None:
+    model, dev = run.model, run.device
+    store = torch.device("cpu") if run.offload else dev  # where activations wait between forwards
+
+    # 1. inputs of block 0. With offload, the small non-block modules (embeddings, rotary
+    # embedding, final norm) visit the device for this step only.
+    inner = model.model
+    others = [c for n, c in inner.named_children() if n != "layers"]
+    if run.offload:
+        for c in others:
+            c.to(dev)
+    hidden, extra = [], []
+    for ids in chunks:
+        args, kwargs = _catch_inputs(layers[0], lambda: model(input_ids=ids.to(dev), use_cache=False))
+        hs = args[0] if args else kwargs.pop("hidden_states")
+        hidden.append(hs.to(store))
+        extra.append((_to(tuple(args[1:]), store), _to(kwargs, store)))
+    if run.offload:
+        for c in others:
+            c.to("cpu")
+
+    def block_forward(block, c):
+        a, kw = extra[c]
+        return block(hidden[c].to(dev), *_to(a, dev), **_to(kw, dev))
+
+    # Resume: install finished blocks, and take the activations after the last of them.
+    start = 0
+    if resume is not None:
+        start = resume.done(len(layers))
+        for i in range(start):
+            _block_to(layers[i], run, dev)
+            for e in resume.load_block(i, layers[i], dev):
+                run.record(e)
+            _block_to(layers[i], run, "cpu")
+        if start:
+            saved = resume.load_activations(start - 1, len(chunks), store)
+            if saved is None:  # recompute them through the finished (quantized) blocks
+                for i in range(start):
+                    _block_to(layers[i], run, dev)
+                    _decoded_cache(layers[i], True)  # the same arithmetic as the first run
+                    hidden = [_first(block_forward(layers[i], c)).to(store) for c in range(len(chunks))]
+                    _decoded_cache(layers[i], False)
+                    _block_to(layers[i], run, "cpu")
+            else:
+                hidden = saved
+
+    for i in range(start, len(layers)):
+        block = layers[i]
+        prefix = f"model.layers.{i}."
+        _block_to(block, run, dev)
+        entries_from = len(run.log["layers"])
+        mlp_in: list | None = None
+        for group in _groups(block):
+            names = [n for n in group if ignore_re is None or not ignore_re.search(prefix + n)]
+            if not names:
+                continue
+            mods = {n: block.get_submodule(n) for n in names}
+            in_mlp = all(n.startswith("mlp.") for n in names) and hasattr(block, "mlp")
+            if in_mlp and mlp_in is None:  # the MLP's inputs, with the attention already quantized
+                mlp_in = [_catch_inputs(block.mlp, lambda c=c: block_forward(block, c)) for c in range(len(chunks))]
+            t0 = time.perf_counter()
+            hc = HessianCollector(mods, run.damp)
+            stopper = _StopWhenSeen(list(mods.values()))
+            try:
+                for c in range(len(chunks)):
+                    hc.new_batch()
+                    stopper.reset()
+                    try:
+                        if in_mlp:
+                            a, kw = mlp_in[c]
+                            block.mlp(*a, **kw)
+                        else:
+                            block_forward(block, c)
+                    except _Stop:
+                        pass
+            finally:
+                stopper.remove()
+                hc.remove()
+            seconds_h = (time.perf_counter() - t0) / len(names)
+            for n in names:
+                try:
+                    H = hc.hessian(n)
+                except KeyError:
+                    raise RuntimeError(f"quantize_model: {prefix + n} was never called in the block's forward pass, "
+                                       f"so it has no Hessian") from None
+                run.quantize_layer(block, prefix, n, H, seconds_h, i)
+            del hc
+        # 3. this block's outputs are the next block's inputs
+        hidden = [_first(block_forward(block, c)).to(store) for c in range(len(chunks))]
+        mlp_in = None
+        _decoded_cache(block, False)
+        if resume is not None:
+            resume.save_block(i, block, prefix, run.log["layers"][entries_from:])
+            resume.save_activations(i, hidden)
+        _block_to(block, run, "cpu")
+        run.write_log()

@@ -1,0 +1,72 @@
+"""CLI smoke tests on a tiny random Llama and a tiny text file (CPU, offline)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from pvq_cuda.cli import main  # noqa: E402
+from tiny_llama import TEXT, write_tiny_model_dir  # noqa: E402
+
+SMALL = ["--nsamples", "4", "--seqlen", "32", "--eval-windows", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_model_dir(root / "model")
+    (root / "text.txt").write_text(TEXT)
+    return root
+
+
+def test_quantize_then_eval(tiny, capsys):
+    out = tiny / "out"
+    rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
+               "--baselines", "none", "--no-progress", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    lines = captured.out.strip().splitlines()
+    assert lines[-1].startswith("perplexity: ")
+    ppl_quantize = float(lines[-1].split()[1])
+    assert "| fp32 (unquantized) |" in captured.out and "PVQ pvq-3.25" in captured.out
+    log = json.loads((out / "quantization_log.json").read_text())
+    run = log["runs"]["pvq:pvq-3.25"]
+    assert len(run["layers"]) == 14 and all("loss" in e and "seconds" in e for e in run["layers"])
+    assert log["data"]["nsamples"] == 4 and log["data"]["calibration_tokens"][1] <= log["data"]["evaluation_tokens"][0]
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+
+    rc = main(["eval", "--model", str(out), "--calib", str(tiny / "text.txt"), *SMALL[2:]])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    last = captured.out.strip().splitlines()[-1]
+    assert last.startswith("perplexity: ")
+    assert float(last.split()[1]) == pytest.approx(ppl_quantize, rel=1e-3)
+
+    rc = main(["eval", "--model", str(out), "--calib", str(tiny / "text.txt"), *SMALL[2:], "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0 and result["kind"] == "pvq" and result["quantization_config"]["quant_method"] == "pvq"
+    assert result["perplexity"] == pytest.approx(ppl_quantize, rel=1e-3) and result["windows"] == 3
+
+
+def test_eval_on_separate_text(tiny, capsys):
+    (tiny / "other.jsonl").write_text("\n".join(json.dumps({"text": TEXT[i:i + 400]}) for i in range(0, 2000, 400)))
+    rc = main(["eval", "--model", str(tiny / "model"), "--eval", str(tiny / "other.jsonl"), "--seqlen", "64",
+               "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.strip().splitlines()[-1].startswith("perplexity: ")
+
+
+def test_bad_input_gets_clear_errors(tiny, tmp_path, capsys):
+    rc = main(["eval", "--model", str(tmp_path / "nope"), "--device", "cpu"])
+    assert rc == 2 and "--model: no such file or directory" in capsys.readouterr().err
+    rc = main(["eval", "--model", str(tiny / "model"), "--eval", str(tmp_path / "missing.txt"), "--device", "cpu"])
+    assert rc == 2 and "--eval: no such file" in capsys.readouterr().err
+    from transformers import T5Config
+
+    T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=64).save_pretrained(str(tmp_path / "t5"))
+    rc = main(["eval", "--model", str(tmp_path / "t5"), "--eval", str(tiny / "text.txt"), "--device", "cpu"])
+    assert rc == 2 and "not a causal language model" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    rc = main(["eval", "--model", str(tiny / "model"), "--eval", str(tmp_path / "bad.jsonl"), "--device", "cpu"])
+    assert rc == 2 and "line 1 is not JSON" in capsys.readouterr().err
