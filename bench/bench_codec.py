@@ -14,12 +14,12 @@ import argparse
 import datetime
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
 import pvq_cuda
+from bench_common import emit, git_commit
 
 CONFIGS = [(8, 6), (8, 16), (8, 36), (16, 30), (32, 21), (4, 11)]
 
@@ -91,11 +91,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the report (markdown) to this file")
     args = parser.parse_args()
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    report = [f"# bench_codec ({datetime.date.today()}, commit {commit or 'unknown'}, torch {torch.__version__})", ""]
+    commit = git_commit()
+    report = [f"# bench_codec ({datetime.date.today()}, commit {commit}, torch {torch.__version__})", ""]
     if args.device in ("cpu", "all"):
         torch.set_num_threads(1)
         report += [f"## CPU, 1 thread: {platform.processor() or platform.machine()}; "
@@ -107,11 +104,7 @@ def main() -> None:
         report += bench("cuda", args.cuda_groups, args.repeats) + [""]
     elif args.device == "cuda":
         raise SystemExit("bench_codec: no CUDA device or pvq_cuda built without CUDA")
-    text = "\n".join(report)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ import argparse
 import datetime
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
 import pvq_cuda
+from bench_common import emit, git_commit
 
 SIZES = [256, 512, 576, 1024, 1536, 2048, 4096, 8192, 14336, 16384]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -87,11 +87,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the report (markdown) to this file")
     args = parser.parse_args()
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    report = [f"# bench_hadamard ({datetime.date.today()}, commit {commit or 'unknown'}, torch {torch.__version__})", ""]
+    commit = git_commit()
+    report = [f"# bench_hadamard ({datetime.date.today()}, commit {commit}, torch {torch.__version__})", ""]
     if args.device in ("cpu", "all"):
         torch.set_num_threads(1)
         report += [f"## CPU, 1 thread: {platform.processor() or platform.machine()}; ~{args.cpu_mb:g} MB per tensor, "
@@ -103,11 +100,7 @@ def main() -> None:
         report += bench("cuda", args.cuda_mb, args.repeats) + [""]
     elif args.device == "cuda":
         raise SystemExit("bench_hadamard: no CUDA device or pvq_cuda built without CUDA")
-    text = "\n".join(report)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

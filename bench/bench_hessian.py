@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import subprocess
 import time
 
 import torch
 
 import pvq_cuda
+from bench_common import emit, git_commit
 
 
 def _median(fn, device: str, repeats: int) -> float:
@@ -51,9 +51,9 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     lines = [f"# hessian_accumulate_ vs torch addmm_ (fp32, TF32 off) on {name}, {datetime.date.today()}, "
-             f"commit {commit or 'unknown'}, {tokens} {args.dtype} tokens, median of {args.repeats}", "",
+             f"commit {commit}, {tokens} {args.dtype} tokens, median of {args.repeats}", "",
              "| n | pvq ms | torch ms | speedup | pvq rel. error | torch rel. error |", "|---|---|---|---|---|---|"]
     for n in sizes:
         x = torch.randn(tokens, n, device=device).to(dtype)
@@ -67,11 +67,7 @@ def main() -> None:
         lines.append(f"| {n} | {t_pvq * 1e3:.2f} | {t_torch * 1e3:.2f} | {t_torch / t_pvq:.2f}x | {err(Hp):.1e} "
                      f"| {err(Ht):.1e} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

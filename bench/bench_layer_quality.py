@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import time
 
 import torch
@@ -21,6 +20,7 @@ import pvq_cuda
 from pvq_cuda import baselines
 from pvq_cuda.error_feedback import hessian_loss
 from pvq_cuda.hessian import damp_hessian
+from bench_common import emit, git_commit
 
 
 def synthetic_layer(n: int = 512, rows: int = 256, tokens: int = 8192, seed: int = 0):
@@ -57,16 +57,12 @@ def main() -> None:
                 q = pvq_cuda.quantize_weight(W, cfg) if kwargs is None else pvq_cuda.quantize_weight(W, cfg, H, **kwargs)
                 return q.dequantize(), q.bpw
             add(f"{preset} {label}", run)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = [f"# Synthetic layer quality ({datetime.date.today()}, commit {commit or 'unknown'}, CPU)", "",
+    commit = git_commit()
+    lines = [f"# Synthetic layer quality ({datetime.date.today()}, commit {commit}, CPU)", "",
              "Relative Hessian-weighted error tr((W-Ŵ)H(W-Ŵ)ᵀ)/tr(WHWᵀ); see bench/bench_layer_quality.py.", "",
              "| method | bpw | loss | seconds |", "|---|---|---|---|"]
     lines += [f"| {n} | {b:.3f} | {loss:.5f} | {t:.2f} |" for n, b, loss, t in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import time
 
 import torch
 
 import pvq_cuda
+from bench_common import git_commit
 
 SHAPES = ["4096x4096", "4096x14336", "14336x4096", "8192x8192", "8192x28672"]  # in_features x out_features
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -155,9 +155,9 @@ def main() -> None:
     shapes = args.shapes or (["4096x4096", "4096x14336"] if cpu else SHAPES)
     batches = args.batches or ([1, 4, 16] if cpu else BATCHES)
     name = torch.cuda.get_device_name() if not cpu else "CPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     date = datetime.date.today().isoformat()
-    header = (f"# pvq_matmul ({args.preset}) vs dense on {name}, {date}, commit {commit or 'unknown'}, "
+    header = (f"# pvq_matmul ({args.preset}) vs dense on {name}, {date}, commit {commit}, "
               f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {args.repeats}")
     rows = run(args.device, shapes, batches, args.preset, args.repeats)
     text = report(rows, name, args.device, args.preset, header)

@@ -13,8 +13,9 @@
 namespace pvq_cuda {
 namespace {
 
-// ~1 µs of work per grain on one core: enough to amortize a task, small enough to balance.
-constexpr int64_t kGrain = 2048;
+// Groups per task: ~0.1-0.3 ms of decode on one core, so small calls stay on the calling thread
+// (an OpenMP fork costs a scheduler slice when the cores are shared, see packed_cpu.cpp).
+constexpr int64_t kGrain = int64_t(1) << 15;
 
 std::vector<int64_t> with_last(at::IntArrayRef leading, int64_t last) {
   std::vector<int64_t> s(leading.begin(), leading.end());

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "codec/dispatch.h"
@@ -13,6 +14,14 @@
 
 namespace pvq_cuda {
 namespace {
+
+// Tiles per task: at least ~64K group decodes (~0.5 ms) each, so that small layers stay on the
+// calling thread; an OpenMP fork costs microseconds on a quiet machine but a scheduler slice
+// (~10-20 ms, measured) when the cores are shared.
+int64_t tile_grain(int64_t groups, int64_t batch = 1) {
+  const int64_t per_tile = pvq::kTileRows * groups * std::max<int64_t>(batch, 1);
+  return std::max<int64_t>(1, (int64_t(1) << 16) / per_tile);
+}
 
 void check_code_bits(const char* op, int64_t index_bits, int64_t scale_bits) {
   TORCH_CHECK_VALUE(index_bits >= 1 && index_bits <= pvq::kMaxIndexBits, op, ": index_bits must be in [1, ",
@@ -42,7 +51,7 @@ at::Tensor pack_codes_cpu(const at::Tensor& index, const at::Tensor& gain, int64
   uint32_t* w = reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>());
   const int64_t* pi = idx.data_ptr<int64_t>();
   const int64_t* pg = g.data_ptr<int64_t>();
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles, tile_grain(groups), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t j = 0; j < groups; ++j)
         for (int l = 0; l < pvq::kTileRows && t * pvq::kTileRows + l < rows; ++l) {
@@ -71,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> unpack_codes_cpu(const at::Tensor& codes, int
   int64_t* pi = index.data_ptr<int64_t>();
   int64_t* pg = gain.data_ptr<int64_t>();
   const uint64_t mask = (uint64_t(1) << index_bits) - 1;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles, tile_grain(groups), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t j = 0; j < groups; ++j)
         for (int l = 0; l < pvq::kTileRows && t * pvq::kTileRows + l < rows; ++l) {
@@ -95,7 +104,7 @@ at::Tensor dequantize_cpu(const at::Tensor& codes, const at::Tensor& row_scale, 
   float* po = out.data_ptr<float>();
   pvq::dispatch_group_size(s.D, [&](auto Dc) {
     constexpr int N = decltype(Dc)::value;
-    at::parallel_for(0, s.tiles, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.tiles, tile_grain(s.groups), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
         for (int64_t j = 0; j < s.groups; ++j) {
           const uint32_t* chunk = layer.words + (t * s.groups + j) * s.bits;
@@ -159,7 +168,7 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Te
   if (M > 0) {
     pvq::dispatch_group_size(s.D, [&](auto Dc) {
       constexpr int N = decltype(Dc)::value;
-      at::parallel_for(0, s.tiles, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, s.tiles, tile_grain(s.groups, M), [&](int64_t begin, int64_t end) {
         std::vector<float> acc(pvq::kTileRows * M);
         for (int64_t t = begin; t < end; ++t) {
           matmul_tile<N>(tables, layer, px, M, s.cols, t, acc.data());
