@@ -45,6 +45,7 @@ from .config import PVQConfig
 from .io import load as _load_file
 from .io import save as _save_file
 from .linear import PVQLinear
+from .report import write_json
 from .weight import FORMAT_VERSION, PVQWeight
 
 QUANT_METHOD = "pvq"
@@ -129,12 +130,6 @@ def _nbytes(value) -> int:
     return value.numel() * value.element_size()
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=None, calibration_info: Mapping | None = None,
                    *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write a PVQ-quantized causal LM (from :func:`quantize_model`) to ``directory``.
@@ -187,7 +182,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
             weight_map.update({p: fname for p in parts})
     if len(shards) > 1:
         total = sum(_nbytes(v) for v in entries.values())
-        _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     gen = getattr(model, "generation_config", None)
@@ -197,7 +192,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     config["quantization_config"] = qcfg
     if not config.get("architectures"):
         config["architectures"] = [type(model).__name__]
-    _write_json(out / "config.json", config)  # last: its presence marks a finished save
+    write_json(out / "config.json", config)  # last: its presence marks a finished save
     model.config.quantization_config = qcfg
     return out
 

@@ -244,7 +244,7 @@ def cmd_compare(args) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (Path(f"{stem}.md")).write_text(md)
     write_json(f"{stem}.json", {"data": job.data_info, "results": [asdict(r) for r in rows], "seconds": total})
-    plot(rows, f"{stem}.png", f"{job.lm.name}: held-out perplexity vs bits per weight")
+    plot(rows, f"{stem}.png", f"{job.lm.name.split(' (')[0]}: held-out perplexity vs bits per weight")
     print(md)
     print(f"written: {stem}.md, {stem}.json, {stem}.png, {stem}_log.json")
     return 0

@@ -36,6 +36,7 @@ from .io import load as _load_file
 from .io import save as _save_file
 from .linear import PVQLinear
 from .methods import Method, h_loss, parse_method, quantize_linear, weight_loss
+from .report import write_json
 from .weight import PVQWeight
 
 #: Linears of a Llama-family block in the order GPTQ quantizes them; layers in one group share
@@ -242,13 +243,8 @@ class _Run:
             self.bar.update(1)
 
     def write_log(self) -> None:
-        if self.log_path is None:
-            return
-        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{self.log_path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.log, f, indent=1)
-        os.replace(tmp, self.log_path)
+        if self.log_path is not None:
+            write_json(self.log_path, self.log)
 
     def quantize_layer(self, block: nn.Module, prefix: str, rel: str, H: torch.Tensor | None, seconds_h: float,
                        block_index: int) -> None:
@@ -298,9 +294,7 @@ class _Resume:
                 raise ValueError(f"quantize_model: resume_dir {str(self.dir)!r} holds a run with other settings "
                                  f"(model, method, config, calibration, ...); use another directory or delete it")
         else:
-            tmp = manifest.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"fingerprint": fingerprint, "version": RESUME_VERSION}))
-            os.replace(tmp, manifest)
+            write_json(manifest, {"fingerprint": fingerprint, "version": RESUME_VERSION})
 
     def block_path(self, i: int) -> Path:
         return self.dir / f"block_{i:04d}.safetensors"

@@ -30,6 +30,8 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as JSON atomically (a temporary file renamed over ``path``; parents created),
+    so that a reader never sees half a file, even when a long job is stopped mid-write."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
