@@ -70,3 +70,19 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     rc = main(["eval", "--model", str(tiny / "model"), "--eval", str(tmp_path / "bad.jsonl"), "--device", "cpu"])
     assert rc == 2 and "line 1 is not JSON" in capsys.readouterr().err
+
+
+def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
+    rc = main(["compare", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
+               "--config", "pvq-3.25", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    stem = tmp_path / "compare_model"
+    result = json.loads(stem.with_suffix(".json").read_text())
+    methods = [r["method"] for r in result["results"]]
+    assert methods[0] == "fp32" and "gptq-rot-int2" in methods
+    assert methods[-2:] == ["pvq-datafree:pvq-3.25", "pvq:pvq-3.25"]
+    assert all(r["perplexity"] > 0 and r["bpw"] > 0 for r in result["results"])
+    assert stem.with_suffix(".png").stat().st_size > 1000 and "| GPTQ rotated INT3 g128 |" in out
+    log = json.loads((tmp_path / "compare_model_log.json").read_text())
+    assert len(log["runs"]["gptq-int4"]["layers"]) == 14

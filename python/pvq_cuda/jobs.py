@@ -84,8 +84,10 @@ def prepare(args, need_calibration: bool = True) -> Job:
     return Job(lm, windows.calibration, windows.evaluation, info, _device(args), args)
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", name.lower().split(",")[0]).strip("-") or "model"
+def _slug(model_arg: str | None) -> str:
+    """A file-name stem for --model: its last path component (the default model's own name)."""
+    name = Path(model_arg.rstrip("/")).stem if model_arg else "smollm2-135m-instruct-q4_1"
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") or "model"
 
 
 def _labels(method: str, preset: str | None, log: dict | None) -> tuple[str, str, str]:
@@ -166,7 +168,7 @@ def cmd_quantize(args) -> int:
     method = args.method
     if parse_method(method).kind != "pvq":
         raise SystemExit(f"--method {method!r}: quantize saves a PVQ model; run baselines with `pvq-cuda compare`")
-    default_out = Path("pvq-out") / f"{_slug(args.model or 'smollm2-135m-instruct-q4_1')}-{preset}"
+    default_out = Path("pvq-out") / f"{_slug(args.model)}-{preset}"
     args.out_dir = Path(args.out) if args.out else default_out
     job = prepare(args)
     fp32 = _fp32_row(job)
@@ -220,7 +222,7 @@ def cmd_compare(args) -> int:
     t0 = time.perf_counter()
     args.out_dir = Path(args.out) if args.out else Path("bench") / "results"
     job = prepare(args)
-    slug = _slug(args.model or "smollm2-135m-instruct-q4_1")
+    slug = _slug(args.model)
     stem = args.out_dir / f"compare_{slug}"
     fp32 = _fp32_row(job)
     rows, logs = [fp32], {}
