@@ -75,12 +75,13 @@ def test_sharded_save_and_ignore(tmp_path):
     _quantize(model, ignore=r"mlp\.down_proj", overrides={r"layers\.1\.self_attn\.o_proj": "pvq-4.25"})
     assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
     assert model.model.layers[1].self_attn.o_proj.config == pvq_cuda.PVQConfig.preset("pvq-4.25")
-    out = pvq_cuda.save_quantized(model, tmp_path / "q", max_shard_size=20_000)
+    out = pvq_cuda.save_quantized(model, tmp_path / "q", calibration_info={"source": "x"}, max_shard_size=20_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert "model.layers.0.mlp.down_proj" in q["modules_to_not_convert"]
     assert list(q["module_overrides"]) == ["model.layers.1.self_attn.o_proj"]
+    assert q["calibration"]["source"] == "x" and q["calibration"]["tokens"] == 6 * 24  # merged with the run's
     loaded = pvq_cuda.load_quantized(out)
     assert isinstance(loaded.model.layers[1].mlp.down_proj, nn.Linear)
     ids = _calib(2, 16, seed=5)

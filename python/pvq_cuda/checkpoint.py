@@ -138,8 +138,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
         model: a transformers causal LM with PVQLinear layers in place.
         directory: created if needed; files of an earlier save there are replaced.
         tokenizer: saved with ``save_pretrained`` beside the weights when given.
-        calibration_info: JSON-able calibration settings for ``quantization_config.calibration``
-            (default: what quantize_model recorded).
+        calibration_info: JSON-able calibration settings for ``quantization_config.calibration``,
+            added to (and overriding) what quantize_model recorded there.
         max_shard_size: bytes per safetensors shard (a PVQ layer's parts never straddle two).
 
     Returns the directory as a Path.
@@ -151,10 +151,9 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
         raise ValueError(f"save_quantized: max_shard_size must be a positive int, got {max_shard_size!r}")
     old = getattr(model.config, "quantization_config", None)
     old = old if isinstance(old, Mapping) and old.get("quant_method") == QUANT_METHOD else {}
-    calib = calibration_info if calibration_info is not None else (old.get("calibration") or None)
+    # What quantize_model recorded (damp, act_order, token counts), completed by the caller's info.
+    calib = {**(old.get("calibration") or {}), **(calibration_info or {})} or None
     qcfg = build_quantization_config(model, calibration=calib, method=old.get("method", "pvq"))
-    if calibration_info is None and old.get("calibration") is not None:
-        qcfg["calibration"] = old["calibration"]
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
