@@ -37,8 +37,13 @@ PackedShape check_packed_layer(const char* op, const at::Tensor& codes, const at
   return s;
 }
 
-void check_matmul_inputs(const at::Tensor& x, const PackedShape& s, const std::optional<at::Tensor>& signs,
-                         const std::optional<at::Tensor>& bias, const at::Tensor& codes) {
+PackedShape check_matmul_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& row_scale,
+                              const at::Tensor& levels, const std::optional<at::Tensor>& signs,
+                              const std::optional<at::Tensor>& bias, int64_t out_features, int64_t D, int64_t K,
+                              int64_t scale_bits) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "pvq_cuda.pvq_matmul: x must have shape [..., in_features], got a 0-d tensor");
+  const PackedShape s = check_packed_layer("pvq_cuda.pvq_matmul", codes, row_scale, levels, out_features,
+                                           x.size(-1), D, K, scale_bits);
   const auto st = x.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
                    "pvq_cuda.pvq_matmul: x must be float32, float16 or bfloat16, got ", st);
@@ -60,6 +65,7 @@ void check_matmul_inputs(const at::Tensor& x, const PackedShape& s, const std::o
     TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()), "pvq_cuda.pvq_matmul: bias must be floating point, got ",
                      bias->scalar_type());
   }
+  return s;
 }
 
 pvq::PackedLayer packed_view(const PackedShape& s, const at::Tensor& codes, const at::Tensor& row_scale,

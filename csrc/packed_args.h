@@ -19,9 +19,11 @@ PackedShape check_packed_layer(const char* op, const at::Tensor& codes, const at
                                const at::Tensor& levels, int64_t out_features, int64_t in_features, int64_t D,
                                int64_t K, int64_t scale_bits);
 
-// Checks x [..., in_features], signs [in_features] and bias [out_features] for pvq_matmul.
-void check_matmul_inputs(const at::Tensor& x, const PackedShape& s, const std::optional<at::Tensor>& signs,
-                         const std::optional<at::Tensor>& bias, const at::Tensor& codes);
+// Every check of pvq_matmul (layer, x [..., in_features], signs, bias), for both devices.
+PackedShape check_matmul_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& row_scale,
+                              const at::Tensor& levels, const std::optional<at::Tensor>& signs,
+                              const std::optional<at::Tensor>& bias, int64_t out_features, int64_t D, int64_t K,
+                              int64_t scale_bits);
 
 // The layer view a kernel reads (pointers into the given contiguous tensors).
 pvq::PackedLayer packed_view(const PackedShape& s, const at::Tensor& codes, const at::Tensor& row_scale,

@@ -153,10 +153,7 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Te
                       const at::Tensor& levels, const std::optional<at::Tensor>& signs,
                       const std::optional<at::Tensor>& bias, int64_t out_features, int64_t D, int64_t K,
                       int64_t scale_bits) {
-  TORCH_CHECK_VALUE(x.dim() >= 1, "pvq_cuda.pvq_matmul: x must have shape [..., in_features], got a 0-d tensor");
-  const PackedShape s = check_packed_layer("pvq_cuda.pvq_matmul", codes, row_scale, levels, out_features,
-                                           x.size(-1), D, K, scale_bits);
-  check_matmul_inputs(x, s, signs, bias, codes);
+  const PackedShape s = check_matmul_args(x, codes, row_scale, levels, signs, bias, out_features, D, K, scale_bits);
   const at::Tensor x2 = rotate_input(x.reshape({-1, s.cols}), signs).to(at::kFloat).contiguous();
   const int64_t M = x2.size(0);
   const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
