@@ -6,7 +6,8 @@ from pvq_cuda import PVQConfig
 
 def test_presets_have_the_paper_rates():
     rates = {name: cfg.code_bpw for name, cfg in pvq_cuda.PRESETS.items()}
-    assert rates == {"pvq-2.25": 2.25, "pvq-3.25": 3.25, "pvq-4.25": 4.25, "pvq16-3.25": 3.25}
+    assert rates == {"pvq-2.25": 2.25, "pvq-3.25": 3.25, "pvq-4.25": 4.25, "pvq16-3.25": 3.25, "pvq8-2.25": 2.25,
+                     "pvq8-3.25": 3.25}
     assert PVQConfig() == PVQConfig.preset("pvq-3.25")
     assert PVQConfig.preset("pvq-3.25", seed=7).seed == 7
 

@@ -14,7 +14,7 @@ def _rel_fro(a, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,tokens", [(1, 5), (70, 16384), (576, 2000), (130, 333)])
+@pytest.mark.parametrize("n,tokens", [(1, 5), (70, 16384), (576, 2000), (130, 333), (257, 16384)])
 def test_accumulate_against_fp64(dtype, n, tokens, device):
     gen = torch.Generator().manual_seed(n + tokens)
     x = (torch.randn(tokens, n, generator=gen) + 0.5).to(device, dtype)  # non-zero mean: large diagonals

