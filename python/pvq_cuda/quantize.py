@@ -139,34 +139,37 @@ def _row_refit(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor | None) -> torc
 
 def _metric_search(pulses: torch.Tensor, w: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """Hill-climb single pulse moves i -> j that raise (yMwᵀ)²/(yMyᵀ), the fit of direction y to w
-    under M with its best gain. Signs follow w on newly used coordinates."""
+    under M with its best gain. Signs follow w on newly used coordinates.
+
+    A move changes y by δ = −sign(y_i)·e_i + σ_j·e_j, so every move's score follows from yMw, yMy,
+    Mw, My and M's entries: O(D²) per row and pass instead of O(D³) for rescoring each candidate
+    vector (16x less work at D=16, where this dominated the Hessian-aware run)."""
     N, D = pulses.shape
-    y = pulses.long()
-    sgn = torch.where(w < 0, -1, 1)
-    src, dst = torch.meshgrid(torch.arange(D), torch.arange(D), indexing="ij")
-    keep = src != dst
-    src, dst = src[keep].to(w.device), dst[keep].to(w.device)  # D(D-1) moves
-    Mw = w @ M  # [N, D]
-
-    def score(cand):  # cand [N, C, D] -> [N, C]
-        c = cand.double()
-        num = (c * Mw.double().unsqueeze(1)).sum(-1) ** 2
-        den = ((c @ M.double()) * c).sum(-1)
-        return num / den.clamp_min(1e-300)
-
-    best = score(y.unsqueeze(1)).squeeze(1)
+    y = pulses.double()
+    Md = M.double()
+    Mw = w.double() @ Md  # [N, D]; M is symmetric
+    sgn_w = torch.where(w < 0, -1.0, 1.0).double()
+    diag = Md.diagonal()
+    off = ~torch.eye(D, dtype=torch.bool, device=w.device)  # moves i -> j need i != j
+    rows = torch.arange(N, device=w.device)
     for _ in range(METRIC_SEARCH_PASSES):
-        cand = y.unsqueeze(1).repeat(1, src.numel(), 1)  # [N, C, D]
-        rows = torch.arange(src.numel(), device=w.device)
-        ys, yd = cand[:, rows, src], cand[:, rows, dst]
-        valid = ys != 0
-        cand[:, rows, src] = ys - torch.sign(ys)
-        cand[:, rows, dst] = torch.where(yd == 0, sgn[:, dst], yd + torch.sign(yd))
-        sc = torch.where(valid, score(cand), torch.full_like(best.unsqueeze(1).expand_as(valid), -1.0))
-        top, arg = sc.max(dim=1)
+        My = y @ Md
+        num0, den0 = (y * Mw).sum(-1), (y * My).sum(-1)
+        d_src = -torch.sign(y)                                   # [N, D]: the pulse leaving i
+        d_dst = torch.where(y == 0, sgn_w, torch.sign(y))        # [N, D]: the pulse arriving at j
+        num = num0[:, None, None] + (d_src * Mw)[:, :, None] + (d_dst * Mw)[:, None, :]
+        den = (den0[:, None, None] + 2 * (d_src * My)[:, :, None] + 2 * (d_dst * My)[:, None, :]
+               + diag[None, :, None] + diag[None, None, :] + 2 * d_src[:, :, None] * d_dst[:, None, :] * Md)
+        score = num.square() / den.clamp_min(1e-300)
+        score = torch.where(off & (y != 0)[:, :, None], score, torch.full_like(score, -1.0))
+        best = num0.square() / den0.clamp_min(1e-300)
+        top, arg = score.reshape(N, D * D).max(dim=1)
         better = top > best * (1 + 1e-12)
         if not better.any():
             break
-        y = torch.where(better.unsqueeze(1), cand[torch.arange(N, device=w.device), arg], y)
-        best = torch.where(better, top, best)
+        i, j = arg // D, arg % D
+        moved = y.clone()
+        moved[rows, i] += d_src[rows, i]
+        moved[rows, j] += d_dst[rows, j]
+        y = torch.where(better.unsqueeze(1), moved, y)
     return y.to(torch.int8)
