@@ -32,8 +32,11 @@ def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 def run_demo(rows: int = 4096, cols: int = 4096, seed: int = 0) -> list[DemoRow]:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=gen)
-    out = []
+    out, seen = [], set()
     for name, config in PRESETS.items():
+        if config in seen:  # an alias (pvq16-3.25 is pvq-3.25)
+            continue
+        seen.add(config)
         t0 = time.perf_counter()
         q = quantize_weight(w, config)
         w_hat = q.dequantize()

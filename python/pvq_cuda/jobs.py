@@ -22,7 +22,7 @@ from .corpus import make_windows, read_text, tokenize
 from .evaluate import perplexity
 from .loading import LoadedModel, load_model
 from .methods import baselines_available, hessian_pvq_available, parse_method
-from .report import Row, markdown_table, plot, write_json
+from .report import Row, markdown_table, plot, write_json, write_text
 
 QUANTIZE_BASELINES = ("rtn-int4", "rtn-int3", "gptq-int4", "gptq-int3")
 COMPARE_BASELINES = ("rtn-int4", "rtn-int3", "rtn-int2", "gptq-int4", "gptq-int3", "gptq-int2",
@@ -243,8 +243,7 @@ def cmd_compare(args) -> int:
     total = time.perf_counter() - t0
     md = "\n".join([f"# pvq-cuda compare: {job.lm.name}", "", *[f"- {h}" for h in header],
                     f"- job time: {total:.0f} s", "", table, ""])
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (Path(f"{stem}.md")).write_text(md)
+    write_text(f"{stem}.md", md)
     write_json(f"{stem}.json", {"data": job.data_info, "results": [asdict(r) for r in rows], "seconds": total})
     plot(rows, f"{stem}.png", f"{job.lm.name.split(' (')[0]}: held-out perplexity vs bits per weight")
     print(md)

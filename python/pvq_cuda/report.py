@@ -29,14 +29,28 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON atomically (a temporary file renamed over ``path``; parents created),
-    so that a reader never sees half a file, even when a long job is stopped mid-write."""
+def _atomic(path: str | os.PathLike, write) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path`` (parents created), then rename it over
+    ``path``: a reader never sees half a file, even when a long job is stopped mid-write."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=lambda o: asdict(o) if isinstance(o, Row) else str(o)) + "\n")
-    os.replace(tmp, p)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}{p.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as JSON, atomically."""
+    text = json.dumps(obj, indent=1, default=lambda o: asdict(o) if isinstance(o, Row) else str(o)) + "\n"
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file, atomically."""
+    _atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def plot(rows: list[Row], path: str | os.PathLike, title: str) -> None:
@@ -66,6 +80,7 @@ def plot(rows: list[Row], path: str | os.PathLike, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
