@@ -189,3 +189,57 @@ def test_baselines_run_through_the_pipeline():
         layer = model.model.layers[0].mlp.up_proj
         assert isinstance(layer, nn.Linear) and not torch.equal(layer.weight, before)
         assert len(log["layers"]) == 14 and log["bpw"] > 2
+
+
+def test_fp_target_weight_is_the_least_squares_target():
+    """W_t minimizes ‖W X̃ − W_t X‖² (+ the damping term) and is W itself when X̃ = X."""
+    from pvq_cuda.hessian import damp_hessian
+    from pvq_cuda.model import fp_target_weight
+
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(500, 24, generator=gen).double()
+    Xf = X + 0.1 * torch.randn(500, 24, generator=gen).double()  # the fp model's inputs
+    W = torch.randn(10, 24, generator=gen).double()
+    H = damp_hessian(2 / 500 * X.T @ X, 0.0)
+    assert torch.allclose(fp_target_weight(W, torch.zeros(24, 24), H), W)
+    Wt = fp_target_weight(W, 2 / 500 * (Xf - X).T @ X, H)
+    lstsq = torch.linalg.lstsq(X, Xf @ W.T).solution.T
+    torch.testing.assert_close(Wt, lstsq, rtol=1e-8, atol=1e-8)
+
+
+@needs_hessian_pvq
+def test_fp_targets_pipeline_and_resume(tmp_path, monkeypatch):
+    """fp_targets quantizes toward the fp model: the end-to-end output error on the calibration
+    ids is no larger than without it (tiny model, same codes budget), and resume continues it."""
+    ids = _calib()
+    ref = _logits(tiny_model(), ids)
+    errs = {}
+    for on in (False, True):
+        model = tiny_model()
+        log = _quantize(model, fp_targets=on)
+        assert log["fp_targets"] is on
+        errs[on] = float((_logits(model, ids) - ref).square().mean())
+    assert errs[True] < 1.1 * errs[False]
+    # Resume: a run stopped in block 1 continues from the saved fp and quantized activations.
+    full = tiny_model()
+    _quantize(full, fp_targets=True)
+    quantize_layer = pvq_cuda.model._Run.quantize_layer
+
+    def stop_in_block_1(self, *args, **kw):
+        if args[5] == 1:  # (block, prefix, rel, H, seconds_h, block_index)
+            raise KeyboardInterrupt
+        return quantize_layer(self, *args, **kw)
+
+    monkeypatch.setattr(pvq_cuda.model._Run, "quantize_layer", stop_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(tiny_model(), fp_targets=True, resume_dir=tmp_path / "r")
+    monkeypatch.setattr(pvq_cuda.model._Run, "quantize_layer", quantize_layer)
+    assert (tmp_path / "r" / "block_0000.safetensors").exists()
+    assert not (tmp_path / "r" / "block_0001.safetensors").exists()
+    again = tiny_model()
+    _quantize(again, fp_targets=True, resume_dir=tmp_path / "r")
+    torch.testing.assert_close(_logits(again, ids), _logits(full, ids))
+    (tmp_path / "r" / "activations.safetensors").unlink()
+    (tmp_path / "r" / "block_0001.safetensors").unlink()
+    with pytest.raises(ValueError, match="fp_targets needs"):
+        _quantize(tiny_model(), fp_targets=True, resume_dir=tmp_path / "r")

@@ -118,6 +118,7 @@ def run_method(job: Job, method: str, preset: str | None, fp32_ppl: float, log_p
     log = quantize_model(model, job.calibration, preset or DEFAULT_PRESET, ignore=args.ignore, device=job.device,
                          offload=args.offload, act_order=args.act_order, resume_dir=resume,
                          metric_search=args.metric_search and parse_method(method).kind == "pvq",
+                         fp_targets=args.fp_targets,
                          progress=not args.no_progress, method=method, batch_size=args.batch_size, seed=args.seed,
                          log_path=log_path, calibration_info=job.data_info if parse_method(method).hessian else None)
     ev = perplexity(model, job.evaluation, device=job.device)

@@ -152,9 +152,16 @@ class LayerResult:
 
 
 def quantize_linear(linear: nn.Linear, method: Method, config: PVQConfig, hessian: torch.Tensor | None = None, *,
-                    act_order: bool = False, metric_search: bool = False, seed: int = 0) -> LayerResult:
-    """Quantize one ``nn.Linear`` by ``method`` (``hessian``: the damped fp32 [in, in] Hessian)."""
-    W = linear.weight.detach()
+                    act_order: bool = False, metric_search: bool = False, seed: int = 0,
+                    weight: torch.Tensor | None = None) -> LayerResult:
+    """Quantize one ``nn.Linear`` by ``method`` (``hessian``: the damped fp32 [in, in] Hessian).
+
+    ``weight``: the weight to quantize in place of ``linear.weight`` (same shape), e.g. the fp
+    target of :func:`pvq_cuda.model.fp_target_weight`."""
+    W = linear.weight.detach() if weight is None else weight.detach()
+    if W.shape != linear.weight.shape:
+        raise ValueError(f"quantize_linear: weight must have the linear's shape {tuple(linear.weight.shape)}, "
+                         f"got {tuple(W.shape)}")
     bias = None if linear.bias is None else linear.bias.detach()
     if method.hessian and hessian is None:
         raise ValueError(f"method {method.name!r} needs a calibration Hessian")

@@ -13,6 +13,11 @@ The pipeline (paper.md §6, the order GPTQ uses):
 3. Run the finished block on its inputs: its outputs are the next block's inputs. Only one block's
    activations (plus that block's MLP inputs) are held at a time.
 
+With ``fp_targets`` the unquantized model runs beside it (one more forward of each block, on its
+own stream of activations), and each layer is quantized toward the output the fp model gives,
+not the output its unquantized weight gives on the already-perturbed inputs (see
+:func:`fp_target_weight`).
+
 Baselines (RTN, GPTQ, rotated GPTQ) run through the same pipeline; see :mod:`pvq_cuda.methods`.
 Data-free methods (``pvq-datafree``, ``rtn-*``) need no activations and skip steps 1–3.
 """
@@ -208,6 +213,45 @@ def _catch_inputs(module: nn.Module, run: Callable[[], object]) -> tuple[tuple, 
     return caught[0]
 
 
+class _ShiftCollector:
+    """Accumulates S = Σ (x̃ − x) xᵀ on one linear's inputs x (the quantized model's), with x̃ the
+    fp model's input to the same layer for the same chunk (``chunk`` is set before each call)."""
+
+    def __init__(self, module: nn.Linear, fp_inputs: list[torch.Tensor]) -> None:
+        n = module.in_features
+        self.fp_inputs, self.chunk = fp_inputs, 0
+        self.sum: torch.Tensor | None = None
+        self._n = n
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        x = args[0].detach().reshape(-1, self._n).float()
+        dx = self.fp_inputs[self.chunk].to(x.device).reshape(-1, self._n).float() - x
+        if self.sum is None:
+            self.sum = torch.zeros(self._n, self._n, dtype=torch.float64, device=x.device)
+        self.sum += (dx.T @ x).double()
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _fp_block_pass(block: nn.Module, fp_hidden: list[torch.Tensor], extra, dev, store):
+    """Run the still unquantized ``block`` on the fp stream: every linear's input per chunk, and
+    the block's outputs (the fp stream's next activations)."""
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in _linears(block)}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs[n].append(args[0].detach().to(store)))
+               for n, m in _linears(block).items()]
+    try:
+        out = []
+        for c, h in enumerate(fp_hidden):
+            a, kw = extra[c]
+            out.append(_first(block(h.to(dev), *_to(a, dev), **_to(kw, dev))).to(store))
+    finally:
+        for hd in handles:
+            hd.remove()
+    return inputs, out
+
+
 # ------------------------------------------------------------------------------------------------
 # the pipeline
 
@@ -215,8 +259,9 @@ class _Run:
     """State of one quantize_model call."""
 
     def __init__(self, model, method: Method, config: PVQConfig, overrides, ignore, device, offload, act_order,
-                 metric_search, damp, seed, progress, log_path, total_layers):
+                 metric_search, damp, seed, progress, log_path, total_layers, fp_targets=False):
         self.model, self.method, self.config = model, method, config
+        self.fp_targets = fp_targets
         self.overrides = overrides
         self.ignore = ignore
         self.device, self.offload = device, offload
@@ -247,14 +292,17 @@ class _Run:
             write_json(self.log_path, self.log)
 
     def quantize_layer(self, block: nn.Module, prefix: str, rel: str, H: torch.Tensor | None, seconds_h: float,
-                       block_index: int) -> None:
+                       block_index: int, shift: torch.Tensor | None = None) -> None:
         full = f"{prefix}{rel}"
         linear = block.get_submodule(rel)
         # The baselines overwrite the nn.Linear's weight in place: keep the original for the loss.
         W = linear.weight.detach().clone() if self.method.simulated else linear.weight.detach()
         t0 = time.perf_counter()
+        if shift is not None:
+            W = fp_target_weight(W, shift, H)
         res = quantize_linear(linear, self.method, self.config_for(full), H, act_order=self.act_order,
-                              metric_search=self.metric_search, seed=self.seed)
+                              metric_search=self.metric_search, seed=self.seed,
+                              weight=W if shift is not None else None)
         seconds = time.perf_counter() - t0
         if res.module is not linear:
             _set_submodule(block, rel, res.module)
@@ -265,6 +313,20 @@ class _Run:
                      "in_features": linear.in_features, "loss": loss,
                      "loss_kind": "hessian" if H is not None else "weight", "hessian_used": res.hessian_used,
                      "bpw": res.bpw, "seconds": seconds, "hessian_seconds": seconds_h})
+
+
+def fp_target_weight(W: torch.Tensor, shift: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """The weight whose outputs on the quantized model's inputs X best match the fp model's W·X̃.
+
+    min_Q ‖W X̃ − Q X‖² is min_Q ‖(W_t − Q) X‖² plus a constant, with the least-squares target
+    W_t = W + W·S·H⁻¹, S = (2/N) Σ (x̃ − x) xᵀ and H the damped (2/N) Σ x xᵀ. Written as a
+    correction of W it leaves W unchanged when X̃ = X (damping does not shrink it). This is the
+    asymmetric calibration of GPTQv2/GPTAQ: error feedback then also undoes the drift that the
+    earlier quantized layers left in this layer's inputs.
+    """
+    Wd = W.double()
+    corr = torch.linalg.solve(H.double().to(W.device), (Wd @ shift.double().to(W.device)).T).T  # W S H⁻¹ (H symmetric)
+    return (Wd + corr).to(W.dtype)
 
 
 def _fingerprint(model, method: Method, config, overrides, ignore, act_order, damp, seed, calib_digest) -> str:
@@ -338,11 +400,14 @@ class _Resume:
                     block.get_submodule(name[: -len(".weight")]).weight.copy_(value)
         return json.loads(meta["log"])
 
-    def save_activations(self, i: int, hidden: list[torch.Tensor]) -> None:
-        _save_file(self.dir / "activations.safetensors", {f"h.{c}": h for c, h in enumerate(hidden)},
+    def save_activations(self, i: int, hidden: list[torch.Tensor], fp_hidden: list[torch.Tensor] | None) -> None:
+        tensors = {f"h.{c}": h for c, h in enumerate(hidden)}
+        tensors.update({f"f.{c}": h for c, h in enumerate(fp_hidden or [])})
+        _save_file(self.dir / "activations.safetensors", tensors,
                    metadata={"fingerprint": self.fingerprint, "after_block": str(i)})
 
-    def load_activations(self, i: int, n_chunks: int, device) -> list[torch.Tensor] | None:
+    def load_activations(self, i: int, n_chunks: int, device) -> dict[str, torch.Tensor] | None:
+        """The saved tensors (``h.<chunk>``, and ``f.<chunk>`` with fp targets) after block ``i``."""
         from .io import read_metadata
 
         path = self.dir / "activations.safetensors"
@@ -352,9 +417,9 @@ class _Resume:
         if meta.get("fingerprint") != self.fingerprint or meta.get("after_block") != str(i):
             return None
         stored = _load_file(path, device=device)
-        if len(stored) != n_chunks:
+        if any(f"h.{c}" not in stored for c in range(n_chunks)):
             return None
-        return [stored[f"h.{c}"] for c in range(n_chunks)]
+        return stored
 
 
 def _compile_overrides(overrides) -> list[tuple[re.Pattern, PVQConfig]]:
@@ -376,7 +441,8 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
                    resume_dir: str | os.PathLike | None = None, progress: bool = True, method: str = "pvq",
                    overrides: Mapping[str, PVQConfig | str] | None = None, damp: float = DEFAULT_DAMP,
                    batch_size: int = 8, seed: int = 0, log_path: str | os.PathLike | None = None,
-                   calibration_info: Mapping | None = None, metric_search: bool = False) -> dict:
+                   calibration_info: Mapping | None = None, metric_search: bool = False,
+                   fp_targets: bool = False) -> dict:
     """Quantize the decoder linears of a Llama-family causal LM in place, block by block.
 
     Args:
@@ -392,6 +458,9 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
         act_order: quantize columns in order of decreasing Hessian diagonal (GPTQ's desc_act).
         metric_search: PVQ only: refine each group's pulses under its Hessian block metric
             (``quantize_weight(..., metric_search=True)``; slower, usually better).
+        fp_targets: quantize each layer toward the unquantized model's outputs (asymmetric
+            calibration, :func:`fp_target_weight`); costs one more forward per block and the fp
+            model's activations beside the quantized ones. Any method with a Hessian.
         resume_dir: save each finished block there and skip finished blocks on a rerun with the
             same settings (a rerun with other settings raises ValueError).
         progress: show a tqdm bar (layer name, loss, ETA).
@@ -445,10 +514,11 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
     if not offload:
         model.to(dev)
     run = _Run(model, m, config, overrides_c, ignore_re, dev, offload, act_order, metric_search, damp, seed, progress,
-               log_path, len(todo))
+               log_path, len(todo), fp_targets=fp_targets and m.hessian)
     run.log = {"method": m.name, "label": m.label, "config": config.to_dict() if m.kind == "pvq" else None,
                "overrides": {p.pattern: c.to_dict() for p, c in overrides_c}, "ignore": ignore,
-               "act_order": act_order, "metric_search": metric_search, "damp": damp if m.hessian else None, "device": str(dev), "offload": offload,
+               "act_order": act_order, "metric_search": metric_search, "fp_targets": run.fp_targets,
+               "damp": damp if m.hessian else None, "device": str(dev), "offload": offload,
                "loss_definition": LOSS_DEFINITION, "calibration": dict(calibration_info or {}),
                "layers": [], "seconds": None, "bpw": None}
     if chunks is not None:
@@ -456,7 +526,8 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
                                       tokens=sum(c.numel() for c in chunks))
     resume = None
     if resume_dir is not None:
-        resume = _Resume(resume_dir, _fingerprint(model, m, config, overrides_c, ignore, (act_order, metric_search),
+        flags = (act_order, metric_search, True) if run.fp_targets else (act_order, metric_search)
+        resume = _Resume(resume_dir, _fingerprint(model, m, config, overrides_c, ignore, flags,
                                                   damp, seed, _calibration_digest(chunks)))
     t_start = time.perf_counter()
     try:
@@ -478,7 +549,8 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
     if m.kind == "pvq":
         from .checkpoint import build_quantization_config
 
-        calib = dict(run.log["calibration"], metric_search=metric_search) if m.hessian else None
+        calib = (dict(run.log["calibration"], metric_search=metric_search, fp_targets=run.fp_targets)
+                 if m.hessian else None)
         model.config.quantization_config = build_quantization_config(model, calibration=calib,
                                                                      damp=run.log["damp"], act_order=act_order,
                                                                      method=m.name)
@@ -546,6 +618,9 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
         a, kw = extra[c]
         return block(hidden[c].to(dev), *_to(a, dev), **_to(kw, dev))
 
+    # With fp targets, the unquantized model's activations travel beside the quantized ones.
+    fp_hidden = list(hidden) if run.fp_targets else None
+
     # Resume: install finished blocks, and take the activations after the last of them.
     start = 0
     if resume is not None:
@@ -557,21 +632,29 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
             _block_to(layers[i], run, "cpu")
         if start:
             saved = resume.load_activations(start - 1, len(chunks), store)
-            if saved is None:  # recompute them through the finished (quantized) blocks
+            if saved is not None and (fp_hidden is None or f"f.{len(chunks) - 1}" in saved):
+                hidden = [saved[f"h.{c}"] for c in range(len(chunks))]
+                if fp_hidden is not None:
+                    fp_hidden = [saved[f"f.{c}"] for c in range(len(chunks))]
+            elif fp_hidden is not None:  # the fp stream cannot be recomputed from quantized blocks
+                raise ValueError(f"quantize_model: resume_dir {str(resume.dir)!r} lacks the saved activations "
+                                 f"that fp_targets needs to continue; delete it to restart")
+            else:  # recompute them through the finished (quantized) blocks
                 for i in range(start):
                     _block_to(layers[i], run, dev)
                     _decoded_cache(layers[i], True)  # the same arithmetic as the first run
                     hidden = [_first(block_forward(layers[i], c)).to(store) for c in range(len(chunks))]
                     _decoded_cache(layers[i], False)
                     _block_to(layers[i], run, "cpu")
-            else:
-                hidden = saved
 
     for i in range(start, len(layers)):
         block = layers[i]
         prefix = f"model.layers.{i}."
         _block_to(block, run, dev)
         entries_from = len(run.log["layers"])
+        fp_inputs = None
+        if fp_hidden is not None:  # the fp block, before any of it is quantized
+            fp_inputs, fp_hidden = _fp_block_pass(block, fp_hidden, extra, dev, store)
         mlp_in: list | None = None
         for group in _groups(block):
             names = [n for n in group if ignore_re is None or not ignore_re.search(prefix + n)]
@@ -583,11 +666,14 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
                 mlp_in = [_catch_inputs(block.mlp, lambda c=c: block_forward(block, c)) for c in range(len(chunks))]
             t0 = time.perf_counter()
             hc = HessianCollector(mods, run.damp)
+            shift = _ShiftCollector(mods[names[0]], fp_inputs[names[0]]) if fp_inputs is not None else None
             stopper = _StopWhenSeen(list(mods.values()))
             try:
                 for c in range(len(chunks)):
                     hc.new_batch()
                     stopper.reset()
+                    if shift is not None:
+                        shift.chunk = c
                     try:
                         if in_mlp:
                             a, kw = mlp_in[c]
@@ -599,6 +685,8 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
             finally:
                 stopper.remove()
                 hc.remove()
+                if shift is not None:
+                    shift.remove()
             seconds_h = (time.perf_counter() - t0) / len(names)
             for n in names:
                 try:
@@ -606,14 +694,15 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
                 except KeyError:
                     raise RuntimeError(f"quantize_model: {prefix + n} was never called in the block's forward pass, "
                                        f"so it has no Hessian") from None
-                run.quantize_layer(block, prefix, n, H, seconds_h, i)
-            del hc
+                S = None if shift is None else shift.sum * (2.0 / max(hc.tokens(n), 1))
+                run.quantize_layer(block, prefix, n, H, seconds_h, i, shift=S)
+            del hc, shift
         # 3. this block's outputs are the next block's inputs
         hidden = [_first(block_forward(block, c)).to(store) for c in range(len(chunks))]
         mlp_in = None
         _decoded_cache(block, False)
         if resume is not None:
             resume.save_block(i, block, prefix, run.log["layers"][entries_from:])
-            resume.save_activations(i, hidden)
+            resume.save_activations(i, hidden, fp_hidden)
         _block_to(block, run, "cpu")
         run.write_log()
