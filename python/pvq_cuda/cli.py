@@ -57,9 +57,9 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
     p.add_argument("--metric-search", action="store_true",
                    help="PVQ: refine pulses under each group's Hessian block metric (slower, usually better)")
-    p.add_argument("--fp-targets", action="store_true",
+    p.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize each layer toward the unquantized model's outputs (asymmetric calibration; "
-                        "one more forward per block)")
+                        "one more forward per block; every Hessian method, baselines included; default on)")
     p.add_argument("--batch-size", type=_positive, default=8, help="calibration windows per forward pass (default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", help="output directory")
