@@ -20,7 +20,7 @@ PackedShape check_packed_layer(const char* op, const at::Tensor& codes, const at
   TORCH_CHECK_VALUE(in_features >= 1 && in_features % D == 0, op, ": in_features must be a positive multiple of D=",
                     D, ", got ", in_features);
   PackedShape s{out_features, in_features, in_features / D, (out_features + pvq::kTileRows - 1) / pvq::kTileRows,
-                int(D), int(K), bits, index_bits, int(scale_bits)};
+                int(D), int(K), bits, index_bits, int(scale_bits), V};
   TORCH_CHECK_TYPE(codes.scalar_type() == at::kInt, op, ": codes must be int32 words, got ", codes.scalar_type());
   TORCH_CHECK_VALUE(codes.numel() == s.tiles * s.groups * bits, op, ": codes must hold ", s.tiles * s.groups * bits,
                     " words (", s.tiles, " tiles x ", s.groups, " groups x ", bits, " bits), got ", codes.numel());
@@ -77,7 +77,8 @@ pvq::PackedLayer packed_view(const PackedShape& s, const at::Tensor& codes, cons
                           s.groups,
                           s.bits,
                           s.index_bits,
-                          s.K};
+                          s.K,
+                          s.count};
 }
 
 at::Tensor rotate_input(const at::Tensor& x2d, const std::optional<at::Tensor>& signs) {

@@ -11,6 +11,7 @@ namespace pvq_cuda {
 struct PackedShape {
   int64_t rows, cols, groups, tiles;
   int D, K, bits, index_bits, scale_bits;
+  uint64_t count;  // V(D, K)
 };
 
 // Validates the layer tensors against (out_features, in_features, D, K, scale_bits); raises a

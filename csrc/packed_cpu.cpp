@@ -1,10 +1,12 @@
-// CPU kernels of packed PVQ layers: code packing, dequantization and the fused decode-and-dot
-// matmul. They read the layout of packed/packed_layer.h, tile by tile (32 rows) in parallel.
+// CPU kernels of packed PVQ layers: code packing, dequantization and the matmul (fused
+// decode-and-dot for small batches, decoded row blocks + BLAS above). They read the layout of
+// packed/packed_layer.h, tile by tile (32 rows) in parallel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "codec/dispatch.h"
@@ -93,40 +95,56 @@ std::tuple<at::Tensor, at::Tensor> unpack_codes_cpu(const at::Tensor& codes, int
   return {index, gain};
 }
 
-at::Tensor dequantize_cpu(const at::Tensor& codes, const at::Tensor& row_scale, const at::Tensor& levels,
-                          int64_t out_features, int64_t in_features, int64_t D, int64_t K, int64_t scale_bits) {
-  const PackedShape s = check_packed_layer("pvq_cuda.pvq_dequantize", codes, row_scale, levels, out_features,
-                                           in_features, D, K, scale_bits);
-  const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
-  const pvq::PackedLayer layer = packed_view(s, c, rs, lv);
+// Raised after a kernel saw an index >= V(D,K) (decode_group gave those groups zeros).
+void check_no_corrupt_code(const char* op, const PackedShape& s, bool corrupt) {
+  TORCH_CHECK_VALUE(!corrupt, op, ": codes hold a group index >= V(D=", s.D, ", K=", s.K, ") = ", s.count,
+                    ": they are corrupt or were packed for another D, K or scale_bits");
+}
+
+// Decodes tiles [t0, t1) into dst, the row-major [rows of those tiles, cols] float block that
+// starts at row t0 * 32, in parallel over tiles. Returns whether a code was corrupt.
+bool dequantize_tiles(const PackedShape& s, const pvq::PackedLayer& layer, int64_t t0, int64_t t1, float* dst) {
   const pvq::SplitTables tables = pvq::host_split_tables().view();
-  at::Tensor out = at::empty({s.rows, s.cols}, codes.options().dtype(at::kFloat));
-  float* po = out.data_ptr<float>();
+  std::atomic<bool> corrupt{false};
   pvq::dispatch_group_size(s.D, [&](auto Dc) {
     constexpr int N = decltype(Dc)::value;
-    at::parallel_for(0, s.tiles, tile_grain(s.groups), [&](int64_t begin, int64_t end) {
+    at::parallel_for(t0, t1, tile_grain(s.groups), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
         for (int64_t j = 0; j < s.groups; ++j) {
           const uint32_t* chunk = layer.words + (t * s.groups + j) * s.bits;
           for (int l = 0; l < pvq::kTileRows && t * pvq::kTileRows + l < s.rows; ++l) {
             const int64_t row = t * pvq::kTileRows + l;
             int8_t y[N];
-            const float scale = pvq::decode_group<N>(tables, layer, pvq::chunk_code(chunk, l, s.bits), y) *
+            const uint64_t code = pvq::chunk_code(chunk, l, s.bits);
+            if (!pvq::code_valid(layer, code)) corrupt.store(true, std::memory_order_relaxed);
+            const float scale = pvq::decode_group<N>(tables, layer, code, y) *
                                 pvq::half_bits_to_float(layer.row_scale[row]);
-            float* dst = po + row * s.cols + j * N;
-            for (int d = 0; d < N; ++d) dst[d] = scale * float(y[d]);
+            float* out = dst + (row - t0 * pvq::kTileRows) * s.cols + j * N;
+            for (int d = 0; d < N; ++d) out[d] = scale * float(y[d]);
           }
         }
     });
   });
+  return corrupt.load();
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& codes, const at::Tensor& row_scale, const at::Tensor& levels,
+                          int64_t out_features, int64_t in_features, int64_t D, int64_t K, int64_t scale_bits) {
+  const PackedShape s = check_packed_layer("pvq_cuda.pvq_dequantize", codes, row_scale, levels, out_features,
+                                           in_features, D, K, scale_bits);
+  const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
+  const pvq::PackedLayer layer = packed_view(s, c, rs, lv);
+  at::Tensor out = at::empty({s.rows, s.cols}, codes.options().dtype(at::kFloat));
+  check_no_corrupt_code("pvq_cuda.pvq_dequantize", s, dequantize_tiles(s, layer, 0, s.tiles, out.data_ptr<float>()));
   return out;
 }
 
 // One tile of 32 rows against all M activation rows: each column's 32 codes are decoded once into
 // a small float tile, which is then dotted with every row of x (acc is [M][32]).
 template <int N>
-void matmul_tile(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, const float* x, int64_t M,
+bool matmul_tile(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, const float* x, int64_t M,
                  int64_t cols, int64_t t, float* acc) {
+  bool corrupt = false;
   const int rows_here = int(std::min<int64_t>(pvq::kTileRows, layer.rows - t * pvq::kTileRows));
   std::fill(acc, acc + pvq::kTileRows * M, 0.f);
   float w[pvq::kTileRows][N];
@@ -134,7 +152,9 @@ void matmul_tile(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, 
     const uint32_t* chunk = layer.words + (t * layer.groups + j) * layer.bits;
     for (int l = 0; l < rows_here; ++l) {
       int8_t y[N];
-      const float scale = pvq::decode_group<N>(tables, layer, pvq::chunk_code(chunk, l, layer.bits), y);
+      const uint64_t code = pvq::chunk_code(chunk, l, layer.bits);
+      corrupt |= !pvq::code_valid(layer, code);
+      const float scale = pvq::decode_group<N>(tables, layer, code, y);
       for (int d = 0; d < N; ++d) w[l][d] = scale * float(y[d]);
     }
     for (int64_t m = 0; m < M; ++m) {
@@ -147,6 +167,57 @@ void matmul_tile(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, 
       }
     }
   }
+  return corrupt;
+}
+
+// Batches above kFusedMaxRows go through decoded row blocks and BLAS: the fused tile loop does
+// ~5 GFLOP/s per core, sgemm ~40, while decoding costs ~1 ns a weight, so from about 8 activation
+// rows on decoding once and multiplying densely wins (perplexity evaluation, prefill). A block
+// holds at most kDenseBlockFloats decoded weights (32 MB), so memory stays bounded at any size.
+constexpr int64_t kFusedMaxRows = 8;
+constexpr int64_t kDenseBlockFloats = int64_t(1) << 23;
+
+bool matmul_dense(const PackedShape& s, const pvq::PackedLayer& layer, const at::Tensor& x2, at::Tensor& out) {
+  const int64_t tiles_per_block =
+      std::max<int64_t>(1, kDenseBlockFloats / (int64_t(pvq::kTileRows) * s.cols));
+  if (tiles_per_block >= s.tiles) {
+    at::Tensor w = at::empty({s.rows, s.cols}, x2.options());
+    const bool corrupt = dequantize_tiles(s, layer, 0, s.tiles, w.data_ptr<float>());
+    at::mm_out(out, x2, w.t());
+    return corrupt;
+  }
+  bool corrupt = false;
+  at::Tensor w = at::empty({tiles_per_block * pvq::kTileRows, s.cols}, x2.options());
+  for (int64_t t0 = 0; t0 < s.tiles; t0 += tiles_per_block) {
+    const int64_t t1 = std::min(t0 + tiles_per_block, s.tiles);
+    const int64_t r0 = t0 * pvq::kTileRows, r1 = std::min(t1 * pvq::kTileRows, s.rows);
+    corrupt |= dequantize_tiles(s, layer, t0, t1, w.data_ptr<float>());
+    out.slice(1, r0, r1).copy_(at::mm(x2, w.slice(0, 0, r1 - r0).t()));
+  }
+  return corrupt;
+}
+
+bool matmul_fused(const PackedShape& s, const pvq::PackedLayer& layer, const at::Tensor& x2, at::Tensor& out) {
+  const int64_t M = x2.size(0);
+  std::atomic<bool> corrupt{false};
+  const pvq::SplitTables tables = pvq::host_split_tables().view();
+  float* po = out.data_ptr<float>();
+  const float* px = x2.data_ptr<float>();
+  pvq::dispatch_group_size(s.D, [&](auto Dc) {
+    constexpr int N = decltype(Dc)::value;
+    at::parallel_for(0, s.tiles, tile_grain(s.groups, M), [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(pvq::kTileRows * M);
+      for (int64_t t = begin; t < end; ++t) {
+        if (matmul_tile<N>(tables, layer, px, M, s.cols, t, acc.data())) corrupt.store(true, std::memory_order_relaxed);
+        for (int l = 0; l < pvq::kTileRows && t * pvq::kTileRows + l < s.rows; ++l) {
+          const int64_t row = t * pvq::kTileRows + l;
+          const float scale = pvq::half_bits_to_float(layer.row_scale[row]);
+          for (int64_t m = 0; m < M; ++m) po[m * s.rows + row] = acc[m * pvq::kTileRows + l] * scale;
+        }
+      }
+    });
+  });
+  return corrupt.load();
 }
 
 at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& row_scale,
@@ -158,26 +229,9 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const int64_t M = x2.size(0);
   const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
   const pvq::PackedLayer layer = packed_view(s, c, rs, lv);
-  const pvq::SplitTables tables = pvq::host_split_tables().view();
   at::Tensor out = at::empty({M, s.rows}, x2.options());
-  float* po = out.data_ptr<float>();
-  const float* px = x2.data_ptr<float>();
-  if (M > 0) {
-    pvq::dispatch_group_size(s.D, [&](auto Dc) {
-      constexpr int N = decltype(Dc)::value;
-      at::parallel_for(0, s.tiles, tile_grain(s.groups, M), [&](int64_t begin, int64_t end) {
-        std::vector<float> acc(pvq::kTileRows * M);
-        for (int64_t t = begin; t < end; ++t) {
-          matmul_tile<N>(tables, layer, px, M, s.cols, t, acc.data());
-          for (int l = 0; l < pvq::kTileRows && t * pvq::kTileRows + l < s.rows; ++l) {
-            const int64_t row = t * pvq::kTileRows + l;
-            const float scale = pvq::half_bits_to_float(layer.row_scale[row]);
-            for (int64_t m = 0; m < M; ++m) po[m * s.rows + row] = acc[m * pvq::kTileRows + l] * scale;
-          }
-        }
-      });
-    });
-  }
+  const bool corrupt = M > kFusedMaxRows ? matmul_dense(s, layer, x2, out) : M > 0 && matmul_fused(s, layer, x2, out);
+  check_no_corrupt_code("pvq_cuda.pvq_matmul", s, corrupt);
   if (bias) out.add_(bias->to(at::kFloat));
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = s.rows;

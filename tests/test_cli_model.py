@@ -33,6 +33,7 @@ def test_quantize_then_eval(tiny, capsys):
     log = json.loads((out / "quantization_log.json").read_text())
     run = log["runs"]["pvq:pvq-3.25"]
     assert len(run["layers"]) == 14 and all("loss" in e and "seconds" in e for e in run["layers"])
+    assert run["fp_targets"] is True  # the CLI default
     assert log["data"]["nsamples"] == 4 and log["data"]["calibration_tokens"][1] <= log["data"]["evaluation_tokens"][0]
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
 
@@ -86,3 +87,4 @@ def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
     assert stem.with_suffix(".png").stat().st_size > 1000 and "| GPTQ rotated INT3 g128 |" in out
     log = json.loads((tmp_path / "compare_model_log.json").read_text())
     assert len(log["runs"]["gptq-int4"]["layers"]) == 14
+    assert log["runs"]["gptq-int4"]["fp_targets"] is True and log["runs"]["rtn-int4"]["fp_targets"] is False

@@ -61,12 +61,32 @@ def test_matmul_bad_input(device):
             pvq_cuda.pvq_matmul(torch.randn(3, 64, device="cpu" if device == "cuda" else "cuda"), q)
 
 
-def test_opcheck_matmul(device):
+@pytest.mark.parametrize("M", [3, 20])
+def test_opcheck_matmul(device, M):
     q = quantize_weight(torch.randn(40, 64).to(device))
-    args = (torch.randn(3, 64, device=device), q.codes, q.row_scale, q.levels, q.signs, torch.randn(40, device=device),
-            40, 8, 16, 2)
+    c = q.config
+    args = (torch.randn(M, 64, device=device), q.codes, q.row_scale, q.levels, q.signs, torch.randn(40, device=device),
+            40, c.D, c.K, c.scale_bits)
     torch.library.opcheck(torch.ops.pvq_cuda.pvq_matmul.default, args)
-    torch.library.opcheck(torch.ops.pvq_cuda.pvq_dequantize.default, (q.codes, q.row_scale, q.levels, 40, 64, 8, 16, 2))
+    torch.library.opcheck(torch.ops.pvq_cuda.pvq_dequantize.default,
+                          (q.codes, q.row_scale, q.levels, 40, 64, c.D, c.K, c.scale_bits))
+
+
+@pytest.mark.parametrize("M", [1, 20])
+def test_corrupt_codes_raise(M):
+    """An index >= V(D,K) in raw codes (or codes read with the wrong D/K) raises, never reads out
+    of bounds. D=16/K=30 and D=8/K=16 codes of a 40 x 64 layer have the same word count."""
+    W = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    q = quantize_weight(W, PVQConfig(D=16, K=30, scale_bits=2))
+    index = torch.zeros(40, 8, dtype=torch.long)
+    index[7, 3] = pvq_cuda.pyramid_size(8, 16)  # one past the last index
+    codes = torch.ops.pvq_cuda._pack_codes.default(index, torch.zeros_like(index), 24, 2)
+    with pytest.raises(ValueError, match=r"index >= V\(D=8, K=16\)"):
+        torch.ops.pvq_cuda.pvq_matmul(torch.randn(M, 64), codes, q.row_scale, q.levels, None, None, 40, 8, 16, 2)
+    with pytest.raises(ValueError, match="corrupt"):
+        torch.ops.pvq_cuda.pvq_dequantize(codes, q.row_scale, q.levels, 40, 64, 8, 16, 2)
+    with pytest.raises(ValueError, match="corrupt"):  # the D=16 codes read as D=8, K=16
+        torch.ops.pvq_cuda.pvq_dequantize(q.codes, q.row_scale, q.levels, 40, 64, 8, 16, 2)
 
 
 def test_pvq_linear_from_linear_and_state_dict(device):

@@ -36,6 +36,7 @@ struct PackedLayer {
   int bits;                // B
   int index_bits;
   int K;
+  uint64_t count;          // V(D, K): an index at or above it is corrupt
 };
 
 // IEEE binary16 -> float, exact (subnormals, Inf and NaN included). Reading the fp16 row scales
@@ -80,12 +81,25 @@ inline void put_chunk_code(uint32_t* chunk, int lane, int B, uint64_t code) {
   if (last_word > w + 1) chunk[w + 2] |= uint32_t(code >> (64 - sh));
 }
 
+// Whether a code's index lies in [0, V(D,K)). Codes from quantize_weight and from checked files
+// always do; raw codes handed to the ops may not, and decoding such an index would read past the
+// tables.
+PVQ_HD bool code_valid(const PackedLayer& p, uint64_t code) {
+  return (code & ((uint64_t(1) << p.index_bits) - 1)) < p.count;
+}
+
 // Decodes one group's pulses into y and returns its scale level[gain] / |y| (row scale excluded).
+// A corrupt index (see code_valid) decodes to zero pulses and scale 0, never out of bounds; the
+// CPU kernels then raise.
 template <int D>
 PVQ_HD float decode_group(const SplitTables& t, const PackedLayer& p, uint64_t code, int8_t* y) {
   // index_bits <= 63 (codec limit), so both shifts are defined.
   const uint64_t index = code & ((uint64_t(1) << p.index_bits) - 1);
   const int gain = int(code >> p.index_bits);
+  if (index >= p.count) {
+    for (int j = 0; j < D; ++j) y[j] = 0;
+    return 0.f;
+  }
   decode_node<D>(t, index, p.K, y);
   int sq = 0;
   for (int j = 0; j < D; ++j) sq += int(y[j]) * int(y[j]);
