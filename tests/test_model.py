@@ -243,3 +243,22 @@ def test_fp_targets_pipeline_and_resume(tmp_path, monkeypatch):
     (tmp_path / "r" / "block_0001.safetensors").unlink()
     with pytest.raises(ValueError, match="fp_targets needs"):
         _quantize(tiny_model(), fp_targets=True, resume_dir=tmp_path / "r")
+
+
+@needs_hessian_pvq
+def test_block_output_shortcut_is_exact(monkeypatch):
+    """The pipeline's Llama shortcut for a finished block's outputs (residual + down_proj of the
+    caught MLP activations) quantizes to exactly the model that full block forwards give."""
+    from pvq_cuda.model import _Tail
+
+    calls = []
+    output = _Tail.output
+    monkeypatch.setattr(_Tail, "output", lambda self, c: calls.append(c) or output(self, c))
+    fast = tiny_model()
+    _quantize(fast, fp_targets=True)
+    assert calls  # the shortcut ran
+    monkeypatch.setattr(_Tail, "applies", staticmethod(lambda block: False))
+    slow = tiny_model()
+    _quantize(slow, fp_targets=True)
+    ids = _calib(seed=9)
+    assert torch.equal(_logits(fast, ids), _logits(slow, ids))

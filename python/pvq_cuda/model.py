@@ -238,6 +238,47 @@ class _ShiftCollector:
         self._handle.remove()
 
 
+class _Tail:
+    """A Llama-style block's output without rerunning it: out = h + mlp.down_proj(x_down), with h
+    the input of post_attention_layernorm (caught while catching the MLP inputs) and x_down the
+    input of down_proj (caught while collecting its Hessian). The pipeline checks once, on the
+    first block it finishes, that this equals the block's own forward bit for bit, and runs the
+    block in full otherwise; it saves about 0.8 of a block forward per block."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.residual: list[torch.Tensor] = []
+        self.down_in: list[torch.Tensor] = []
+        self._handle = None
+
+    @staticmethod
+    def applies(block: nn.Module) -> bool:
+        mlp = getattr(block, "mlp", None)
+        return (isinstance(getattr(block, "post_attention_layernorm", None), nn.Module)
+                and isinstance(getattr(mlp, "down_proj", None), nn.Linear))
+
+    def mlp_input(self, run: Callable[[], object]) -> tuple[tuple, dict]:
+        args, _ = _catch_inputs(self.block.post_attention_layernorm, run)
+        self.residual.append(args[0])
+        return (self.block.post_attention_layernorm(args[0]),), {}
+
+    def watch_down(self) -> None:
+        self.down_in = []
+        self._handle = self.block.mlp.down_proj.register_forward_pre_hook(
+            lambda mod, args: self.down_in.append(args[0].detach()))
+
+    def unwatch(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def ready(self, n_chunks: int) -> bool:
+        return len(self.residual) == n_chunks and len(self.down_in) == n_chunks
+
+    def output(self, c: int) -> torch.Tensor:
+        return self.residual[c] + self.block.mlp.down_proj(self.down_in[c])
+
+
 def _fp_block_pass(block: nn.Module, fp_hidden: list[torch.Tensor], extra, dev, store):
     """Run the still unquantized ``block`` on the fp stream: every linear's input per chunk, and
     the block's outputs (the fp stream's next activations)."""
@@ -650,6 +691,7 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
                     _decoded_cache(layers[i], False)
                     _block_to(layers[i], run, "cpu")
 
+    tail_ok, tail_checked = _Tail.applies(layers[0]), False
     for i in range(start, len(layers)):
         block = layers[i]
         prefix = f"model.layers.{i}."
@@ -659,17 +701,26 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
         if fp_hidden is not None:  # the fp block, before any of it is quantized
             fp_inputs, fp_hidden = _fp_block_pass(block, fp_hidden, extra, dev, store)
         mlp_in: list | None = None
+        tail = _Tail(block) if tail_ok else None
+        last_group: list[str] = []
         for group in _groups(block):
             names = [n for n in group if ignore_re is None or not ignore_re.search(prefix + n)]
             if not names:
                 continue
+            last_group = names
             mods = {n: block.get_submodule(n) for n in names}
             in_mlp = all(n.startswith("mlp.") for n in names) and hasattr(block, "mlp")
             if in_mlp and mlp_in is None:  # the MLP's inputs, with the attention already quantized
-                mlp_in = [_catch_inputs(block.mlp, lambda c=c: block_forward(block, c)) for c in range(len(chunks))]
+                if tail is not None:
+                    mlp_in = [tail.mlp_input(lambda c=c: block_forward(block, c)) for c in range(len(chunks))]
+                else:
+                    mlp_in = [_catch_inputs(block.mlp, lambda c=c: block_forward(block, c))
+                              for c in range(len(chunks))]
             t0 = time.perf_counter()
             hc = HessianCollector(mods, run.damp)
             shift = _ShiftCollector(mods[names[0]], fp_inputs[names[0]]) if fp_inputs is not None else None
+            if tail is not None and names == ["mlp.down_proj"]:
+                tail.watch_down()  # registered before the stopper, which ends the pass at down_proj
             stopper = _StopWhenSeen(list(mods.values()))
             try:
                 for c in range(len(chunks)):
@@ -690,6 +741,8 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
                 hc.remove()
                 if shift is not None:
                     shift.remove()
+                if tail is not None:
+                    tail.unwatch()
             seconds_h = (time.perf_counter() - t0) / len(names)
             for n in names:
                 try:
@@ -701,8 +754,18 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
                 run.quantize_layer(block, prefix, n, H, seconds_h, i, shift=S)
             del hc, shift
         # 3. this block's outputs are the next block's inputs
-        hidden = [_first(block_forward(block, c)).to(store) for c in range(len(chunks))]
-        mlp_in = None
+        if tail is not None and last_group == ["mlp.down_proj"] and tail.ready(len(chunks)):
+            out0 = _first(block_forward(block, 0)) if not tail_checked else None
+            new_hidden = [tail.output(c).to(store) for c in range(len(chunks))]
+            if out0 is not None:  # once per run: the shortcut must be the block's own arithmetic
+                tail_checked = True
+                if not torch.equal(new_hidden[0], out0.to(store)):
+                    tail_ok = False
+                    new_hidden = [_first(block_forward(block, c)).to(store) for c in range(len(chunks))]
+            hidden = new_hidden
+        else:
+            hidden = [_first(block_forward(block, c)).to(store) for c in range(len(chunks))]
+        mlp_in = tail = None
         _decoded_cache(block, False)
         if resume is not None:
             resume.save_block(i, block, prefix, run.log["layers"][entries_from:])
