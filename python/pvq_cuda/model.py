@@ -662,6 +662,9 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
         a, kw = extra[c]
         return block(hidden[c].to(dev), *_to(a, dev), **_to(kw, dev))
 
+    def block_outputs(block):  # the block run in full on every chunk: the next block's inputs
+        return [_first(block_forward(block, c)).to(store) for c in range(len(chunks))]
+
     # With fp targets, the unquantized model's activations travel beside the quantized ones.
     fp_hidden = list(hidden) if run.fp_targets else None
 
@@ -687,7 +690,7 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
                 for i in range(start):
                     _block_to(layers[i], run, dev)
                     _decoded_cache(layers[i], True)  # the same arithmetic as the first run
-                    hidden = [_first(block_forward(layers[i], c)).to(store) for c in range(len(chunks))]
+                    hidden = block_outputs(layers[i])
                     _decoded_cache(layers[i], False)
                     _block_to(layers[i], run, "cpu")
 
@@ -761,10 +764,10 @@ def _pipeline(run: _Run, layers: nn.ModuleList, chunks: list[torch.Tensor], igno
                 tail_checked = True
                 if not torch.equal(new_hidden[0], out0.to(store)):
                     tail_ok = False
-                    new_hidden = [_first(block_forward(block, c)).to(store) for c in range(len(chunks))]
+                    new_hidden = block_outputs(block)
             hidden = new_hidden
         else:
-            hidden = [_first(block_forward(block, c)).to(store) for c in range(len(chunks))]
+            hidden = block_outputs(block)
         mlp_in = tail = None
         _decoded_cache(block, False)
         if resume is not None:
