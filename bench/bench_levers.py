@@ -3,14 +3,15 @@
 Each run copies the fp32 model, quantizes it with ``quantize_model`` under one setting and
 measures held-out perplexity on the same windows as ``pvq-cuda compare`` (defaults: 32 x 512
 calibration tokens, 16 x 512 held-out tokens, seed 0). A setting is ``D,K,gain_bits`` followed by
-any of ``ao`` (act-order), ``ms`` (metric search), ``fp`` (fp targets), ``seed=<rotation seed>``,
-``damp=<lambda>``:
+any of ``ao`` (act-order), ``ms`` (metric search), ``fp`` (fp targets), ``refine=<passes>``,
+``seed=<rotation seed>``, ``damp=<lambda>``; ``--eval-windows 0`` scores every held-out window:
 
     python bench/bench_levers.py 16,30,2 16,30,2,fp 16,30,2,fp,seed=1 8,16,2,ao,ms --out levers.md
 
 Every row also reports the mean per-layer loss (the H-weighted relative error of the layer on
 its calibration inputs): it moves far more smoothly than one perplexity draw, which differs by
-about ±1.5 % between rotation seeds at the same setting.
+about ±1.5 % between rotation seeds at the same setting. The ratio's ± is one standard error over
+the held-out windows (:func:`pvq_cuda.evaluate.ratio_standard_error`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from bench_common import emit, git_commit
 from pvq_cuda.config import PVQConfig
 from pvq_cuda.corpus import make_windows, read_text, tokenize
-from pvq_cuda.evaluate import perplexity
+from pvq_cuda.evaluate import perplexity, ratio_standard_error
 from pvq_cuda.loading import load_model
 from pvq_cuda.model import quantize_model
 
@@ -45,6 +46,8 @@ def parse_setting(text: str) -> tuple[PVQConfig, dict]:
             seed = int(flag[5:])
         elif flag.startswith("damp="):
             kwargs["damp"] = float(flag[5:])
+        elif flag.startswith("refine="):
+            kwargs["refine_passes"] = int(flag[7:])
         else:
             raise SystemExit(f"setting {text!r}: unknown flag {flag!r}")
     return PVQConfig(D=D, K=K, scale_bits=bits, seed=seed), kwargs
@@ -52,18 +55,19 @@ def parse_setting(text: str) -> tuple[PVQConfig, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("settings", nargs="+", help="D,K,gain_bits[,ao][,ms][,fp][,seed=S][,damp=L]")
+    parser.add_argument("settings", nargs="+", help="D,K,gain_bits[,ao][,ms][,fp][,refine=N][,seed=S][,damp=L]")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows (0: all of them)")
     parser.add_argument("--out")
     args = parser.parse_args()
     runs = [(s, *parse_setting(s)) for s in args.settings]
 
     lm = load_model(None, quiet=True)
     ids = tokenize(lm.tokenizer, read_text(None)[0])
-    win = make_windows(ids, nsamples=args.nsamples, seqlen=args.seqlen, eval_windows=args.eval_windows)
-    fp32 = perplexity(lm.model, win.evaluation)["perplexity"]
+    win = make_windows(ids, nsamples=args.nsamples, seqlen=args.seqlen, eval_windows=args.eval_windows or None)
+    fp32_eval = perplexity(lm.model, win.evaluation)
+    fp32 = fp32_eval["perplexity"]
     lines = [f"# PVQ levers on {lm.name}, CPU ({torch.get_num_threads()} threads), {datetime.date.today()}, "
              f"commit {git_commit()}", "",
              f"{args.nsamples} x {args.seqlen} calibration tokens, {win.evaluation.shape[0]} x {args.seqlen} held-out; "
@@ -75,9 +79,11 @@ def main() -> None:
         t0 = time.perf_counter()
         log = quantize_model(model, win.calibration, config, progress=False, **kwargs)
         seconds = time.perf_counter() - t0
-        ppl = perplexity(model, win.evaluation)["perplexity"]
+        ev = perplexity(model, win.evaluation)
+        ppl, se = ev["perplexity"], ratio_standard_error(ev["window_nll"], fp32_eval["window_nll"])
         loss = sum(e["loss"] for e in log["layers"]) / len(log["layers"])
-        lines.append(f"| {text} | {log['bpw']:.4f} | {ppl:.3f} | {ppl / fp32:.4f} | {loss:.5f} | {seconds:.0f} |")
+        ratio = f"{ppl / fp32:.4f}" + ("" if se is None else f" ± {se:.4f}")
+        lines.append(f"| {text} | {log['bpw']:.4f} | {ppl:.3f} | {ratio} | {loss:.5f} | {seconds:.0f} |")
         print(lines[-1], flush=True)
         del model
     emit(lines, args.out)

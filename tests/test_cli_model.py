@@ -75,7 +75,7 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path, capsys):
 
 def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
     rc = main(["compare", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
-               "--config", "pvq-3.25", "--no-progress", "--out", str(tmp_path)])
+               "--config", "pvq-3.25", "--refine-passes", "1", "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
     stem = tmp_path / "compare_model"
@@ -88,3 +88,7 @@ def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
     log = json.loads((tmp_path / "compare_model_log.json").read_text())
     assert len(log["runs"]["gptq-int4"]["layers"]) == 14
     assert log["runs"]["gptq-int4"]["fp_targets"] is True and log["runs"]["rtn-int4"]["fp_targets"] is False
+    assert log["runs"]["pvq:pvq-3.25"]["refine_passes"] == 1 and log["runs"]["gptq-int4"]["refine_passes"] == 0
+    # every quantized row carries the standard error of its ratio over the 3 held-out windows
+    assert all(r["ratio_se"] > 0 for r in result["results"][1:]) and result["results"][0]["ratio_se"] is None
+    assert " ± " in out

@@ -262,3 +262,19 @@ def test_block_output_shortcut_is_exact(monkeypatch):
     _quantize(slow, fp_targets=True)
     ids = _calib(seed=9)
     assert torch.equal(_logits(fast, ids), _logits(slow, ids))
+
+
+@needs_hessian_pvq
+def test_refine_passes_through_the_pipeline(tmp_path):
+    """refine_passes reaches every layer (lower summed layer loss), is logged and stored in the
+    quantization_config, and is part of the resume fingerprint."""
+    plain = _quantize(tiny_model())
+    model = tiny_model()
+    refined = _quantize(model, refine_passes=2, resume_dir=tmp_path / "r")
+    assert refined["refine_passes"] == 2 and plain["refine_passes"] == 0
+    assert model.config.quantization_config["calibration"]["refine_passes"] == 2
+    assert sum(e["loss"] for e in refined["layers"]) < sum(e["loss"] for e in plain["layers"])
+    with pytest.raises(ValueError, match="resume_dir .* other settings"):
+        _quantize(tiny_model(), refine_passes=1, resume_dir=tmp_path / "r")
+    with pytest.raises(ValueError, match="refine_passes must be an int >= 0"):
+        _quantize(tiny_model(), refine_passes=-1)

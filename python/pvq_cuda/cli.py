@@ -34,6 +34,13 @@ def _positive(s: str) -> int:
     return v
 
 
+def _non_negative(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s}")
+    return v
+
+
 def _data_options(p: argparse.ArgumentParser, calibration: bool = True) -> None:
     p.add_argument("--model", help="a local Hugging Face model directory, a .gguf file, or a directory written by "
                                    "pvq-cuda quantize (default: SmolLM2-135M-Instruct, Q4_1-dequantized, offline)")
@@ -57,6 +64,9 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
     p.add_argument("--metric-search", action="store_true",
                    help="PVQ: refine pulses under each group's Hessian block metric (slower, usually better)")
+    p.add_argument("--refine-passes", type=_non_negative, default=0, metavar="N",
+                   help="PVQ: N coordinate-descent passes over each layer's groups after error feedback "
+                        "(lowers the layer loss ~6%% with N=2; default 0)")
     p.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize each layer toward the unquantized model's outputs (asymmetric calibration; "
                         "one more forward per block; every Hessian method, baselines included; default on)")

@@ -23,7 +23,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 2, 
         decoded_cache: decode PVQ weights once and run dense GEMMs (memory for speed; default:
             on CPU, where the fused kernel is meant for small batches). Restored afterwards.
 
-    Returns ``{"perplexity", "nll", "tokens", "windows", "seconds"}``.
+    Returns ``{"perplexity", "nll", "tokens", "windows", "window_nll", "seconds"}``; ``window_nll``
+    holds each window's mean NLL, for :func:`ratio_standard_error`.
     """
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise ValueError(f"perplexity: windows must be token ids [m >= 1, seqlen >= 2], got "
@@ -44,21 +45,39 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 2, 
                 m.enable_decoded_cache()
     model.eval()
     t0 = time.perf_counter()
-    nll, count = 0.0, 0
+    window_nll: list[float] = []
     try:
         with torch.no_grad():
             for i in range(0, windows.shape[0], batch_size):
                 ids = windows[i:i + batch_size].to(device)
                 logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                   reduction="sum")
-                nll += float(loss.double())
-                count += ids[:, 1:].numel()
+                loss = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+                window_nll += loss.double().mean(1).tolist()
     finally:
         if decoded_cache:
             for m, had in zip(pvq, had_cache):
                 if not had:
                     m.disable_decoded_cache()
-    mean = nll / count
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": count, "windows": int(windows.shape[0]),
-            "seconds": time.perf_counter() - t0}
+    mean = math.fsum(window_nll) / len(window_nll)  # every window scores seqlen - 1 tokens
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": len(window_nll) * (windows.shape[1] - 1),
+            "windows": len(window_nll), "window_nll": window_nll, "seconds": time.perf_counter() - t0}
+
+
+def ratio_standard_error(window_nll: list[float], reference_window_nll: list[float]) -> float | None:
+    """One standard error of the perplexity ratio exp(mean(nll) − mean(ref)) over the same windows.
+
+    The per-window differences of mean NLL are paired (one model against the other on the same
+    text), so their spread measures how much the ratio would move on other held-out windows of
+    the same kind; by the delta method the ratio's standard error is ratio · sd(d) / √m. None with
+    fewer than two windows. On SmolLM2 at 16 × 512 tokens it is about 0.7 % of a ratio of 1.12:
+    differences below that are not resolved by one evaluation.
+    """
+    if len(window_nll) != len(reference_window_nll):
+        raise ValueError(f"ratio_standard_error: {len(window_nll)} windows against {len(reference_window_nll)}")
+    m = len(window_nll)
+    if m < 2:
+        return None
+    d = [a - b for a, b in zip(window_nll, reference_window_nll)]
+    mean = math.fsum(d) / m
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (m - 1))
+    return math.exp(mean) * sd / math.sqrt(m)

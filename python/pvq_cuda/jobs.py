@@ -19,7 +19,7 @@ import torch
 
 from .config import DEFAULT_PRESET, PRESETS
 from .corpus import make_windows, read_text, tokenize
-from .evaluate import perplexity
+from .evaluate import perplexity, ratio_standard_error
 from .loading import LoadedModel, load_model
 from .methods import baselines_available, hessian_pvq_available, parse_method
 from .report import Row, markdown_table, plot, write_json, write_text
@@ -104,9 +104,10 @@ def _labels(method: str, preset: str | None, log: dict | None) -> tuple[str, str
     return f"PVQ {preset}", "PVQ (Hessian-aware unavailable)", "quantize_weight took no Hessian: data-free"
 
 
-def run_method(job: Job, method: str, preset: str | None, fp32_ppl: float, log_path: Path | None,
+def run_method(job: Job, method: str, preset: str | None, fp32: dict, log_path: Path | None,
                keep_base: bool = True):
-    """Quantize a copy of the fp32 model by ``method``; returns (row, log, quantized model)."""
+    """Quantize a copy of the fp32 model by ``method`` and evaluate it against ``fp32`` (the fp32
+    model's :func:`perplexity` result); returns (row, log, quantized model)."""
     from .model import quantize_model
 
     args = job.args
@@ -118,22 +119,24 @@ def run_method(job: Job, method: str, preset: str | None, fp32_ppl: float, log_p
     log = quantize_model(model, job.calibration, preset or DEFAULT_PRESET, ignore=args.ignore, device=job.device,
                          offload=args.offload, act_order=args.act_order, resume_dir=resume,
                          metric_search=args.metric_search and parse_method(method).kind == "pvq",
+                         refine_passes=args.refine_passes,
                          fp_targets=args.fp_targets,
                          progress=not args.no_progress, method=method, batch_size=args.batch_size, seed=args.seed,
                          log_path=log_path, calibration_info=job.data_info if parse_method(method).hessian else None)
     ev = perplexity(model, job.evaluation, device=job.device)
     label, family, note = _labels(method, preset, log)
+    se = ratio_standard_error(ev["window_nll"], fp32["window_nll"])
     row = Row(method if preset is None else f"{method}:{preset}", label, family, log["bpw"], ev["perplexity"],
-              ev["perplexity"] / fp32_ppl, log["seconds"], note)
-    _say(f"pvq-cuda: {label}: bpw {row.bpw:.3f}, perplexity {row.perplexity:.3f} ({row.ratio:.3f}x fp32), "
-         f"{row.seconds:.1f} s")
+              ev["perplexity"] / fp32["perplexity"], log["seconds"], note, se)
+    _say(f"pvq-cuda: {label}: bpw {row.bpw:.3f}, perplexity {row.perplexity:.3f} ({row.ratio:.3f}x fp32"
+         f"{'' if se is None else f' +- {se:.3f}'}), {row.seconds:.1f} s")
     return row, log, model
 
 
-def _fp32_row(job: Job) -> Row:
+def _fp32_row(job: Job) -> tuple[Row, dict]:
     ev = perplexity(job.lm.model, job.evaluation, device=job.device)
     bits = 8 * next(job.lm.model.parameters()).element_size()
-    return Row("fp32", f"fp{bits} (unquantized)", "fp32", float(bits), ev["perplexity"], 1.0, None)
+    return Row("fp32", f"fp{bits} (unquantized)", "fp32", float(bits), ev["perplexity"], 1.0, None), ev
 
 
 def _baselines_to_run(names) -> list[str]:
@@ -157,6 +160,9 @@ def _header(job: Job) -> list[str]:
         lines.append("note: this build's quantize_weight takes no Hessian, so PVQ runs data-free")
     lines.append("bpw: bits per weight of the quantized decoder linears, everything stored counted; "
                  "baselines are simulated (dense layers holding the dequantized weights)")
+    lines.append("× fp32: perplexity ratio ± one standard error from the spread of the per-window log-perplexity "
+                 "differences against fp32 on the same windows; the windows are consecutive text, so other held-out "
+                 "text can move a ratio by more than that")
     return lines
 
 
@@ -172,15 +178,15 @@ def cmd_quantize(args) -> int:
     default_out = Path("pvq-out") / f"{_slug(args.model)}-{preset}"
     args.out_dir = Path(args.out) if args.out else default_out
     job = prepare(args)
-    fp32 = _fp32_row(job)
+    fp32, fp32_eval = _fp32_row(job)
     rows, logs = [fp32], {}
     baselines = _baselines_to_run([] if args.baselines == "none" else args.baselines.split(","))
     for b in baselines:
-        row, log, model = run_method(job, b, None, fp32.perplexity, None)
+        row, log, model = run_method(job, b, None, fp32_eval, None)
         rows.append(row)
         logs[b] = log
         del model
-    row, log, model = run_method(job, method, preset, fp32.perplexity, args.out_dir / "quantization_log.json",
+    row, log, model = run_method(job, method, preset, fp32_eval, args.out_dir / "quantization_log.json",
                                  keep_base=False)
     rows.append(row)
     logs[f"{method}:{preset}"] = log
@@ -225,7 +231,7 @@ def cmd_compare(args) -> int:
     job = prepare(args)
     slug = _slug(args.model)
     stem = args.out_dir / f"compare_{slug}"
-    fp32 = _fp32_row(job)
+    fp32, fp32_eval = _fp32_row(job)
     rows, logs = [fp32], {}
     runs = [(b, None) for b in _baselines_to_run(COMPARE_BASELINES)]
     presets = args.config.split(",") if args.config else list(COMPARE_PRESETS)
@@ -234,7 +240,7 @@ def cmd_compare(args) -> int:
             raise SystemExit(f"--config {p!r}: unknown preset; choose from {', '.join(PRESETS)}")
     runs += [(m, p) for p in presets for m in ("pvq-datafree", "pvq")]
     for method, preset in runs:
-        row, log, model = run_method(job, method, preset, fp32.perplexity, None)
+        row, log, model = run_method(job, method, preset, fp32_eval, None)
         del model
         rows.append(row)
         logs[row.method] = log

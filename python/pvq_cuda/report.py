@@ -18,6 +18,7 @@ class Row:
     ratio: float         # perplexity / fp32 perplexity
     seconds: float | None  # quantization time (Hessians included); None for fp32
     note: str = ""
+    ratio_se: float | None = None  # one standard error of ratio (evaluate.ratio_standard_error)
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -25,7 +26,8 @@ def markdown_table(rows: list[Row]) -> str:
     for r in rows:
         secs = "" if r.seconds is None else f"{r.seconds:.1f}"
         label = r.label + (f" ({r.note})" if r.note else "")
-        lines.append(f"| {label} | {r.bpw:.3f} | {r.perplexity:.3f} | {r.ratio:.3f} | {secs} |")
+        ratio = f"{r.ratio:.3f}" + ("" if r.ratio_se is None else f" ± {r.ratio_se:.3f}")
+        lines.append(f"| {label} | {r.bpw:.3f} | {r.perplexity:.3f} | {ratio} | {secs} |")
     return "\n".join(lines)
 
 
