@@ -48,7 +48,9 @@ def _data_options(p: argparse.ArgumentParser, calibration: bool = True) -> None:
                                    "(default: the Jargon File; its last 10%% is held out for evaluation)")
     p.add_argument("--eval", help="evaluation text file (default: the held-out last 10%% of the calibration text)")
     if calibration:
-        p.add_argument("--nsamples", type=_positive, default=32, help="calibration windows (default 32)")
+        p.add_argument("--nsamples", type=_positive, default=32,
+                       help="calibration windows (default 32; 64 lowers PVQ-3.25's perplexity on the default model "
+                            "by ~1.7%% for ~1.7x the calibrated run time)")
     p.add_argument("--seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--eval-windows", type=_positive, default=16,
                    help="held-out evaluation windows, consecutive and non-overlapping (default 16)")
