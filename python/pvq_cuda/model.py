@@ -41,6 +41,7 @@ from .io import load as _load_file
 from .io import save as _save_file
 from .linear import PVQLinear
 from .methods import Method, h_loss, parse_method, quantize_linear, weight_loss
+from .quantize import check_refine_passes
 from .report import write_json
 from .weight import PVQWeight
 
@@ -374,13 +375,20 @@ def fp_target_weight(W: torch.Tensor, shift: torch.Tensor, H: torch.Tensor) -> t
     return (Wd + corr).to(W.dtype)
 
 
-def _fingerprint(model, method: Method, config, overrides, ignore, act_order, damp, seed, calib_digest) -> str:
+def _fingerprint(model, method: Method, config, overrides, ignore, act_order, metric_search, fp_targets,
+                 refine_passes, damp, seed, calib_digest) -> str:
+    # The search options share the key "act_order", each added only where it changed the encoding
+    # (fp targets from their first release, refine passes when > 0), so that resume directories
+    # written before an option existed keep their fingerprints.
+    flags = (act_order, metric_search, True) if fp_targets else (act_order, metric_search)
+    if refine_passes:
+        flags += (("refine_passes", refine_passes),)
     cfg = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
     cfg.pop("quantization_config", None)
     cfg.pop("transformers_version", None)
     spec = {"version": RESUME_VERSION, "method": method.name, "config": config.to_dict(),
             "overrides": [[p.pattern, c.to_dict()] for p, c in overrides], "ignore": ignore,
-            "act_order": act_order, "damp": damp, "seed": seed, "calibration": calib_digest,
+            "act_order": flags, "damp": damp, "seed": seed, "calibration": calib_digest,
             "model": json.dumps(cfg, sort_keys=True, default=str)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -546,6 +554,7 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
         raise ValueError(f"quantize_model: batch_size must be a positive int, got {batch_size!r}")
     if not damp >= 0:
         raise ValueError(f"quantize_model: damp must be >= 0, got {damp!r}")
+    check_refine_passes(refine_passes, "quantize_model")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     overrides_c = _compile_overrides(overrides)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -560,8 +569,6 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
     model.eval()
     if not offload:
         model.to(dev)
-    if isinstance(refine_passes, bool) or not isinstance(refine_passes, int) or refine_passes < 0:
-        raise ValueError(f"quantize_model: refine_passes must be an int >= 0, got {refine_passes!r}")
     refine_passes = refine_passes if m.kind == "pvq" and m.hessian else 0
     run = _Run(model, m, config, overrides_c, ignore_re, dev, offload, act_order, metric_search, damp, seed, progress,
                log_path, len(todo), fp_targets=fp_targets and m.hessian, refine_passes=refine_passes)
@@ -577,11 +584,9 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
                                       tokens=sum(c.numel() for c in chunks))
     resume = None
     if resume_dir is not None:
-        flags = (act_order, metric_search, True) if run.fp_targets else (act_order, metric_search)
-        if refine_passes:
-            flags += (("refine_passes", refine_passes),)
-        resume = _Resume(resume_dir, _fingerprint(model, m, config, overrides_c, ignore, flags,
-                                                  damp, seed, _calibration_digest(chunks)))
+        resume = _Resume(resume_dir, _fingerprint(model, m, config, overrides_c, ignore, act_order, metric_search,
+                                                  run.fp_targets, refine_passes, damp, seed,
+                                                  _calibration_digest(chunks)))
     t_start = time.perf_counter()
     try:
         with torch.no_grad():

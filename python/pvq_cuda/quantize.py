@@ -57,8 +57,7 @@ def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None, hessian: t
             raise ValueError("quantize_weight: hessian must be finite (it holds NaN or Inf)")
     elif act_order or metric_search or refine_passes:
         raise ValueError("quantize_weight: act_order, metric_search and refine_passes need a hessian")
-    if isinstance(refine_passes, bool) or not isinstance(refine_passes, int) or refine_passes < 0:
-        raise ValueError(f"quantize_weight: refine_passes must be an int >= 0, got {refine_passes!r}")
+    check_refine_passes(refine_passes, "quantize_weight")
 
     w = W.detach().float()
     signs = rotation_signs(n, config.seed).to(w.device) if config.rotate else None
@@ -86,6 +85,12 @@ def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None, hessian: t
     codes = torch.ops.pvq_cuda._pack_codes.default(index.cpu(), gain_code.cpu(), config.index_bits,
                                                    config.scale_bits)
     return PVQWeight(codes.to(w.device), row_scale, levels, N, n, config, validate=False, signs=signs)
+
+
+def check_refine_passes(value, caller: str) -> None:
+    """Raise ValueError naming ``caller`` unless ``value`` is a valid ``refine_passes`` (an int >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{caller}: refine_passes must be an int >= 0, got {value!r}")
 
 
 def _unit(pulses: torch.Tensor) -> torch.Tensor:
