@@ -71,6 +71,10 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     rc = main(["eval", "--model", str(tiny / "model"), "--eval", str(tmp_path / "bad.jsonl"), "--device", "cpu"])
     assert rc == 2 and "line 1 is not JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", "--model", str(tiny / "model"), "--refine-passes", "-1"])
+    assert exit_info.value.code == 2
+    assert "--refine-passes: must be a non-negative integer, got -1" in capsys.readouterr().err
 
 
 def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
