@@ -1,14 +1,15 @@
-// CPU path of hessian_accumulate_: fp32 BLAS on 256-token chunks, summed across chunks in fp64,
+// CPU path of hessian_accumulate_: fp32 BLAS on 1024-token chunks, summed across chunks in fp64,
 // added to H with one rounding.
 //
-// Why this split: a whole 4k-token batch summed in fp32 drifts to ~1e-6 relative error (the op's
-// budget at 16k tokens), while a 256-token chunk stays near 1e-7 and the fp64 sum of chunks adds
-// nothing measurable; fp32 GEMMs run about twice as fast as fp64 ones. Only the column panels on
-// and above the diagonal are multiplied (x_Pᵀ · x[:, P.start:]) and the upper triangle is mirrored
-// at the end: at SmolLM2's n = 576 and 1536 that is 55 % of the full product's flops. Measured on
-// the 2-core dev CPU, one thread, 4096 tokens: 0.25 s against 0.66 s for one full fp64 GEMM at
-// n = 1536, 0.043 s against 0.085 s at n = 576; the calibrated model job spends most of its CPU
-// time here.
+// Why this split: a whole 16k-token batch summed in fp32 drifts towards the op's 1e-6 relative
+// error budget, while 1024-token chunks summed in fp64 stay at 4e-8 (n = 1536, 16k tokens; 256-token
+// chunks give 3.6e-8, no better in practice). Only the column panels on and above the diagonal are
+// multiplied (x_Pᵀ · x[:, P.start:]) and the upper triangle is mirrored at the end: at SmolLM2's
+// n = 576 and 1536 that is 55-60 % of the full product's flops. Chunks of 1024 tokens and panels of
+// 256 rows keep each GEMM large enough for BLAS to run near peak; measured on the 2-core dev CPU,
+// 4096 tokens, median of 7: n = 1536 0.128 s (256-token chunks and 128-row panels: 0.177 s; one full
+// fp32 GEMM: 0.16 s), n = 576 0.018 s (0.025 s). The calibrated model pipeline spends about a fifth
+// of its CPU time here.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -19,8 +20,8 @@
 namespace pvq_cuda {
 namespace {
 
-constexpr int64_t kChunk = 256;  // tokens per fp32 GEMM
-constexpr int64_t kPanel = 128;  // output rows per GEMM: wide enough for BLAS to stay near peak
+constexpr int64_t kChunk = 1024;  // tokens per fp32 GEMM
+constexpr int64_t kPanel = 256;  // output rows per GEMM
 
 void hessian_accumulate_cpu(const at::Tensor& H, const at::Tensor& x) {
   const int64_t n = check_hessian_args(H, x);
