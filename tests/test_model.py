@@ -246,22 +246,47 @@ def test_fp_targets_pipeline_and_resume(tmp_path, monkeypatch):
 
 
 @needs_hessian_pvq
-def test_block_output_shortcut_is_exact(monkeypatch):
-    """The pipeline's Llama shortcut for a finished block's outputs (residual + down_proj of the
-    caught MLP activations) quantizes to exactly the model that full block forwards give."""
-    from pvq_cuda.model import _Tail
+@pytest.mark.parametrize("fp_targets", [False, True])
+def test_staged_llama_blocks_are_exact(monkeypatch, fp_targets):
+    """The pipeline's staged run of Llama blocks (each group's inputs made without rerunning
+    earlier layers) quantizes to exactly the model that the generic path (the block run up to
+    each group) gives."""
+    from pvq_cuda.model import _LlamaFlow
 
-    calls = []
-    output = _Tail.output
-    monkeypatch.setattr(_Tail, "output", lambda self, c: calls.append(c) or output(self, c))
+    probes = []
+    probe = _LlamaFlow.probe
+    monkeypatch.setattr(_LlamaFlow, "probe", classmethod(lambda cls, *a: probes.append(probe(*a)) or probes[-1]))
     fast = tiny_model()
-    _quantize(fast, fp_targets=True)
-    assert calls  # the shortcut ran
-    monkeypatch.setattr(_Tail, "applies", staticmethod(lambda block: False))
+    fast_log = _quantize(fast, fp_targets=fp_targets)
+    assert probes == [True]  # probed once per run, and the tiny Llama passes
+    monkeypatch.setattr(_LlamaFlow, "probe", classmethod(lambda cls, *a: False))
     slow = tiny_model()
-    _quantize(slow, fp_targets=True)
+    slow_log = _quantize(slow, fp_targets=fp_targets)
     ids = _calib(seed=9)
     assert torch.equal(_logits(fast, ids), _logits(slow, ids))
+    assert [e["loss"] for e in fast_log["layers"]] == [e["loss"] for e in slow_log["layers"]]
+
+
+def test_staged_probe_rejects_other_block_layouts():
+    """The probe passes the tiny Llama's block and fails blocks that differ from the Llama layout:
+    a forward on another input, a parallel attention/MLP residual, an MLP without its gate."""
+    from pvq_cuda.model import _LlamaFlow
+
+    block = tiny_model().model.layers[0].eval()
+    h = torch.randn(2, 16, block.input_layernorm.weight.numel())
+    head_dim = block.self_attn.head_dim
+    cos_sin = (torch.ones(2, 16, head_dim), torch.zeros(2, 16, head_dim))
+
+    def parallel(hidden_states, **kw):  # GPT-J / Cohere style: attention and MLP read the same input
+        a, _ = block.self_attn(hidden_states=block.input_layernorm(hidden_states), attention_mask=None, **kw)
+        return hidden_states + a + block.mlp(block.post_attention_layernorm(hidden_states))
+
+    with torch.no_grad():
+        assert _LlamaFlow.probe(block, h, lambda: block(h, position_embeddings=cos_sin))
+        assert not _LlamaFlow.probe(block, h, lambda: block(h * 1.5, position_embeddings=cos_sin))
+        assert not _LlamaFlow.probe(block, h, lambda: parallel(h, position_embeddings=cos_sin))
+        block.mlp.forward = lambda x: block.mlp.down_proj(block.mlp.up_proj(x))
+        assert not _LlamaFlow.probe(block, h, lambda: block(h, position_embeddings=cos_sin))
 
 
 @needs_hessian_pvq

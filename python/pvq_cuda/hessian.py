@@ -18,6 +18,8 @@ class HessianCollector:
     Layers called one after another on the very same input tensor (q/k/v projections on the
     normalized hidden states, gate/up on the MLP input) share one Hessian, accumulated once.
 
+    With ``hooks=False`` no hook is registered and the caller feeds inputs with :meth:`add`.
+
     Use as a context manager (hooks are removed on exit)::
 
         with HessianCollector({"q": attn.q_proj, "k": attn.k_proj}) as hc:
@@ -25,7 +27,7 @@ class HessianCollector:
         H = hc.hessian("q")   # (2/N) Σ x xᵀ + damp·mean(diag)·I, float32 [n, n]
     """
 
-    def __init__(self, modules: Mapping[str, nn.Linear], damp: float = DEFAULT_DAMP) -> None:
+    def __init__(self, modules: Mapping[str, nn.Linear], damp: float = DEFAULT_DAMP, hooks: bool = True) -> None:
         if not modules:
             raise ValueError("HessianCollector: modules must name at least one nn.Linear")
         for name, m in modules.items():
@@ -38,29 +40,31 @@ class HessianCollector:
         self._sums: list[torch.Tensor] = []      # unscaled Σ x xᵀ per group
         self._tokens: list[int] = []
         self._last: tuple[torch.Tensor, int] | None = None  # (input tensor, group) of the last call
-        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+        self._modules = dict(modules)
+        self._handles = ([m.register_forward_pre_hook(lambda mod, args, name=name: self.add(name, args[0]))
+                          for name, m in modules.items()] if hooks else [])
 
-    def _hook(self, name: str):
-        def hook(module: nn.Linear, args):
-            x = args[0]
-            if self._last is not None and self._last[0] is x:
-                group = self._last[1]  # same tensor as the previous layer: share its Hessian
-                if self._group_of.setdefault(name, group) != group:
-                    raise RuntimeError(f"HessianCollector: {name!r} changed input sharing between calls")
-                return
-            group = self._group_of.get(name)
-            if group is None:
-                group = len(self._sums)
-                self._group_of[name] = group
-                n = module.in_features
-                self._sums.append(torch.zeros(n, n, dtype=torch.float32, device=x.device))
-                self._tokens.append(0)
-            x2 = x.detach().reshape(-1, x.shape[-1])
-            hessian_accumulate_(self._sums[group], x2)
-            self._tokens[group] += x2.shape[0]
-            self._last = (x, group)
-
-        return hook
+    def add(self, name: str, x: torch.Tensor) -> None:
+        """Account one input ``x`` [..., in_features] of layer ``name`` (what the hook does; callers
+        that compute a layer's inputs themselves, without running it, call this directly)."""
+        if self._last is not None and self._last[0] is x:
+            group = self._last[1]  # same tensor as the previous layer: share its Hessian
+            if self._group_of.setdefault(name, group) != group:
+                raise RuntimeError(f"HessianCollector: {name!r} changed input sharing between calls")
+            return
+        group = self._group_of.get(name)
+        if group is None:
+            if name not in self._modules:
+                raise KeyError(f"HessianCollector: no module named {name!r} is collected")
+            group = len(self._sums)
+            self._group_of[name] = group
+            n = self._modules[name].in_features
+            self._sums.append(torch.zeros(n, n, dtype=torch.float32, device=x.device))
+            self._tokens.append(0)
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        hessian_accumulate_(self._sums[group], x2)
+        self._tokens[group] += x2.shape[0]
+        self._last = (x, group)
 
     def __enter__(self) -> "HessianCollector":
         return self
