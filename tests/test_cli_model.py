@@ -96,3 +96,7 @@ def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
     # every quantized row carries the standard error of its ratio over the 3 held-out windows
     assert all(r["ratio_se"] > 0 for r in result["results"][1:]) and result["results"][0]["ratio_se"] is None
     assert " ± " in out
+    # the seven Hessian runs went together, sharing one fp pass; the data-free ones alone
+    shared = {log["runs"][m].get("shared_seconds") for m in methods[1:]}
+    assert len(shared - {None}) == 1 and "shared one pass of the fp model" in out
+    assert "shared_seconds" in log["runs"]["gptq-rot-int2"] and "shared_seconds" not in log["runs"]["rtn-int2"]

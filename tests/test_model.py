@@ -290,6 +290,48 @@ def test_staged_probe_rejects_other_block_layouts():
 
 
 @needs_hessian_pvq
+@needs_baselines
+def test_quantize_models_matches_separate_runs():
+    """quantize_models gives each model exactly what its own quantize_model call gives; the runs
+    with fp targets share one fp pass and say so in their logs."""
+    specs = [{"method": "pvq", "config": "pvq-2.25"}, {"method": "gptq-int4"}, {"method": "pvq-datafree"},
+             {"method": "pvq", "config": "pvq-4.25", "act_order": True}]
+    together = [tiny_model() for _ in specs]
+    logs = pvq_cuda.quantize_models(together, _calib(), specs, fp_targets=True, progress=False, batch_size=4)
+    ids = _calib(seed=9)
+    for model, log, spec in zip(together, logs, specs):
+        alone = tiny_model()
+        ref = pvq_cuda.quantize_model(alone, _calib(), spec.get("config"), fp_targets=True, progress=False,
+                                      batch_size=4, **{k: v for k, v in spec.items() if k != "config"})
+        assert torch.equal(_logits(model, ids), _logits(alone, ids)), spec
+        assert [e["loss"] for e in log["layers"]] == [e["loss"] for e in ref["layers"]]
+        assert log["method"] == ref["method"] and log["bpw"] == ref["bpw"]
+        shared = parse_method(spec["method"]).hessian
+        assert ("shared_seconds" in log) == shared
+        if shared:
+            assert 0 < log["shared_seconds"] < log["seconds"]
+    assert together[0].config.quantization_config["calibration"]["fp_targets"] is True
+
+
+def test_quantize_models_bad_input():
+    a, b = tiny_model(), tiny_model()
+    with pytest.raises(ValueError, match="distinct objects"):
+        pvq_cuda.quantize_models([a, a], _calib(), progress=False)
+    with pytest.raises(ValueError, match="one mapping per model"):
+        pvq_cuda.quantize_models([a, b], _calib(), [{}], progress=False)
+    with pytest.raises(TypeError, match="resume_dir is not supported"):
+        pvq_cuda.quantize_models([a, b], _calib(), resume_dir="x", progress=False)
+    with pytest.raises(TypeError, match=r"runs\[1\] sets \['damp'\]"):
+        pvq_cuda.quantize_models([a, b], _calib(), [{}, {"damp": 0.1}], progress=False)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        pvq_cuda.quantize_models([a, b], _calib(), fp_target=True, progress=False)
+    with torch.no_grad():
+        b.model.layers[1].mlp.up_proj.weight.mul_(2)
+    with pytest.raises(ValueError, match=r"models\[1\] is not a copy of models\[0\] \(block 1 differs\)"):
+        pvq_cuda.quantize_models([a, b], _calib(), fp_targets=True, progress=False, batch_size=4)
+
+
+@needs_hessian_pvq
 def test_refine_passes_through_the_pipeline(tmp_path):
     """refine_passes reaches every layer (lower summed layer loss), is logged and stored in the
     quantization_config, and is part of the resume fingerprint."""

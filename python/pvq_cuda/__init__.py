@@ -10,7 +10,7 @@ from .hessian import HessianCollector
 from .io import FORMAT_VERSION, FormatError, load, read_metadata, register_serializable, save
 from .checkpoint import load_quantized, save_quantized
 from .linear import PVQLinear
-from .model import quantize_model
+from .model import quantize_model, quantize_models
 from .ops import (HADAMARD_BASES, HADAMARD_MAX_N, decode, encode, hadamard_split, hadamard_transform,
                   hessian_accumulate_, pvq_matmul, search)
 from .quantize import quantize_weight
@@ -51,6 +51,7 @@ __all__ = [
     "pvq_matmul",
     "pyramid_size",
     "quantize_model",
+    "quantize_models",
     "quantize_weight",
     "read_metadata",
     "register_serializable",

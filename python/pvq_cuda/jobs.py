@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import sys
 import time
@@ -22,6 +23,7 @@ from .corpus import make_windows, read_text, tokenize
 from .evaluate import perplexity, ratio_standard_error
 from .loading import LoadedModel, load_model
 from .methods import baselines_available, hessian_pvq_available, parse_method
+from .model import PER_RUN_OPTIONS
 from .report import Row, markdown_table, plot, write_json, write_text
 
 QUANTIZE_BASELINES = ("rtn-int4", "rtn-int3", "gptq-int4", "gptq-int3")
@@ -104,25 +106,19 @@ def _labels(method: str, preset: str | None, log: dict | None) -> tuple[str, str
     return f"PVQ {preset}", "PVQ (Hessian-aware unavailable)", "quantize_weight took no Hessian: data-free"
 
 
-def run_method(job: Job, method: str, preset: str | None, fp32: dict, log_path: Path | None,
-               keep_base: bool = True):
-    """Quantize a copy of the fp32 model by ``method`` and evaluate it against ``fp32`` (the fp32
-    model's :func:`perplexity` result); returns (row, log, quantized model)."""
-    from .model import quantize_model
-
+def _run_options(job: Job, method: str, preset: str | None, log_path: Path | None) -> dict:
+    """quantize_model's keyword arguments for one row."""
     args = job.args
-    model = copy.deepcopy(job.lm.model) if keep_base else job.lm.model
-    resume = None
-    if args.resume:
-        resume = Path(args.out_dir) / "resume" / f"{method}-{preset or 'baseline'}"
-    _say(f"pvq-cuda: {method}{' ' + preset if preset else ''}")
-    log = quantize_model(model, job.calibration, preset or DEFAULT_PRESET, ignore=args.ignore, device=job.device,
-                         offload=args.offload, act_order=args.act_order, resume_dir=resume,
-                         metric_search=args.metric_search and parse_method(method).kind == "pvq",
-                         refine_passes=args.refine_passes,
-                         fp_targets=args.fp_targets,
-                         progress=not args.no_progress, method=method, batch_size=args.batch_size, seed=args.seed,
-                         log_path=log_path, calibration_info=job.data_info if parse_method(method).hessian else None)
+    m = parse_method(method)
+    return dict(config=preset or DEFAULT_PRESET, method=method, ignore=args.ignore, device=job.device,
+                offload=args.offload, act_order=args.act_order, metric_search=args.metric_search and m.kind == "pvq",
+                refine_passes=args.refine_passes, fp_targets=args.fp_targets, progress=not args.no_progress,
+                batch_size=args.batch_size, seed=args.seed, log_path=log_path,
+                calibration_info=job.data_info if m.hessian else None)
+
+
+def _row(job: Job, method: str, preset: str | None, model, log: dict, fp32: dict) -> Row:
+    """Evaluate a quantized model against ``fp32`` (the fp32 model's :func:`perplexity` result)."""
     ev = perplexity(model, job.evaluation, device=job.device)
     label, family, note = _labels(method, preset, log)
     se = ratio_standard_error(ev["window_nll"], fp32["window_nll"])
@@ -130,7 +126,67 @@ def run_method(job: Job, method: str, preset: str | None, fp32: dict, log_path: 
               ev["perplexity"] / fp32["perplexity"], log["seconds"], note, se)
     _say(f"pvq-cuda: {label}: bpw {row.bpw:.3f}, perplexity {row.perplexity:.3f} ({row.ratio:.3f}x fp32"
          f"{'' if se is None else f' +- {se:.3f}'}), {row.seconds:.1f} s")
-    return row, log, model
+    return row
+
+
+def run_method(job: Job, method: str, preset: str | None, fp32: dict, log_path: Path | None,
+               keep_base: bool = True):
+    """Quantize a copy of the fp32 model by ``method`` and evaluate it against ``fp32`` (the fp32
+    model's :func:`perplexity` result); returns (row, log, quantized model)."""
+    from .model import quantize_model
+
+    model = copy.deepcopy(job.lm.model) if keep_base else job.lm.model
+    opts = _run_options(job, method, preset, log_path)
+    if job.args.resume:
+        opts["resume_dir"] = Path(job.args.out_dir) / "resume" / f"{method}-{preset or 'baseline'}"
+    _say(f"pvq-cuda: {method}{' ' + preset if preset else ''}")
+    log = quantize_model(model, job.calibration, **opts)
+    return _row(job, method, preset, model, log, fp32), log, model
+
+
+def run_methods(job: Job, runs: list[tuple[str, str | None, Path | None]], fp32: dict, keep_base: bool = True):
+    """Every (method, preset, log_path) of ``runs`` as :func:`run_method` gives it, yielding
+    (index into runs, row, log, model) as each is done. Runs that share the fp model's pass over each block (Hessian
+    methods with fp targets, without --resume) are quantized together by quantize_models, as many
+    copies at a time as fit in half the free memory. With ``keep_base=False`` the last run
+    quantizes the job's model itself."""
+    from .model import quantize_models
+
+    def alone(k: int) -> bool:
+        return job.args.resume or not (parse_method(runs[k][0]).hessian and job.args.fp_targets)
+
+    todo = list(range(len(runs)))
+    while todo:
+        if alone(todo[0]):
+            k = todo.pop(0)
+            yield (k, *run_method(job, *runs[k][:2], fp32, runs[k][2], keep_base or k != len(runs) - 1))
+            continue
+        batch = [k for k in todo if not alone(k)][:_copies_that_fit(job)]
+        todo = [k for k in todo if k not in batch]
+        models = [copy.deepcopy(job.lm.model) if keep_base or k != len(runs) - 1 else job.lm.model for k in batch]
+        opts = [_run_options(job, *runs[k]) for k in batch]
+        shared = {key: v for key, v in opts[0].items() if key not in PER_RUN_OPTIONS}
+        names = [" ".join(n for n in runs[k][:2] if n) for k in batch]
+        _say(f"pvq-cuda: {', '.join(names)} together (one pass of the fp model over each block, shared)")
+        logs = quantize_models(models, job.calibration, [{key: v for key, v in o.items() if key in PER_RUN_OPTIONS}
+                                                          for o in opts], **shared)
+        for k, log in zip(batch, logs):
+            model = models.pop(0)  # the caller may drop each model once it has its row
+            yield k, _row(job, *runs[k][:2], model, log, fp32), log, model
+
+
+def _copies_that_fit(job: Job) -> int:
+    """How many copies of the model fit in half the free memory of where they live (at least 1)."""
+    model = job.lm.model
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    try:
+        if job.device.type == "cuda" and not job.args.offload:
+            free = torch.cuda.mem_get_info(job.device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return 1
+    return max(1, int(free // 2 // max(size, 1)))
 
 
 def _fp32_row(job: Job) -> tuple[Row, dict]:
@@ -148,7 +204,7 @@ def _baselines_to_run(names) -> list[str]:
     return list(names)
 
 
-def _header(job: Job) -> list[str]:
+def _header(job: Job, logs: dict) -> list[str]:
     d = job.data_info
     lines = [f"model: {job.lm.name}",
              f"calibration: {d['nsamples']} x {d['seqlen']} tokens of {d['calibration_source']} (seed {d['seed']})",
@@ -160,6 +216,11 @@ def _header(job: Job) -> list[str]:
         lines.append("note: this build's quantize_weight takes no Hessian, so PVQ runs data-free")
     lines.append("bpw: bits per weight of the quantized decoder linears, everything stored counted; "
                  "baselines are simulated (dense layers holding the dequantized weights)")
+    shared = {round(log["shared_seconds"]) for log in logs.values() if "shared_seconds" in log}
+    if shared:
+        lines.append(f"time: the runs with a Hessian went block by block together and shared one pass of the fp model "
+                     f"over each block ({', '.join(f'{t} s' for t in sorted(shared))}); each row's time is its own "
+                     f"work plus that whole pass, what it takes alone")
     lines.append("× fp32: perplexity ratio ± one standard error from the spread of the per-window log-perplexity "
                  "differences against fp32 on the same windows; the windows are consecutive text, so other held-out "
                  "text can move a ratio by more than that")
@@ -181,19 +242,20 @@ def cmd_quantize(args) -> int:
     fp32, fp32_eval = _fp32_row(job)
     rows, logs = [fp32], {}
     baselines = _baselines_to_run([] if args.baselines == "none" else args.baselines.split(","))
-    for b in baselines:
-        row, log, model = run_method(job, b, None, fp32_eval, None)
-        rows.append(row)
-        logs[b] = log
+    runs = [(b, None, None) for b in baselines] + [(method, preset, args.out_dir / "quantization_log.json")]
+    done = {}
+    for k, row, log, model in run_methods(job, runs, fp32_eval, keep_base=False):
+        done[k] = row
+        logs[row.method] = log
+        if k == len(runs) - 1:
+            quantized = model
         del model
-    row, log, model = run_method(job, method, preset, fp32_eval, args.out_dir / "quantization_log.json",
-                                 keep_base=False)
-    rows.append(row)
-    logs[f"{method}:{preset}"] = log
+    rows += [done[k] for k in range(len(runs))]
+    row, model = rows[-1], quantized
     save_quantized(model, args.out_dir, tokenizer=job.lm.tokenizer, calibration_info=job.data_info)
     write_json(args.out_dir / "quantization_log.json",
                {"data": job.data_info, "results": [asdict(r) for r in rows], "runs": logs})
-    print("\n".join(_header(job)))
+    print("\n".join(_header(job, logs)))
     print()
     print(markdown_table(rows))
     print()
@@ -239,13 +301,14 @@ def cmd_compare(args) -> int:
         if p not in PRESETS:
             raise SystemExit(f"--config {p!r}: unknown preset; choose from {', '.join(PRESETS)}")
     runs += [(m, p) for p in presets for m in ("pvq-datafree", "pvq")]
-    for method, preset in runs:
-        row, log, model = run_method(job, method, preset, fp32_eval, None)
+    done = {}
+    for k, row, log, model in run_methods(job, [(m, p, None) for m, p in runs], fp32_eval):
         del model
-        rows.append(row)
+        done[k] = row
         logs[row.method] = log
         write_json(f"{stem}_log.json", {"data": job.data_info, "runs": logs})  # kept current: a long run
-    header = _header(job)
+    rows += [done[k] for k in range(len(runs))]
+    header = _header(job, logs)
     table = markdown_table(rows)
     total = time.perf_counter() - t0
     md = "\n".join([f"# pvq-cuda compare: {job.lm.name}", "", *[f"- {h}" for h in header],
