@@ -100,3 +100,12 @@ def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
     shared = {log["runs"][m].get("shared_seconds") for m in methods[1:]}
     assert len(shared - {None}) == 1 and "shared one pass of the fp model" in out
     assert "shared_seconds" in log["runs"]["gptq-rot-int2"] and "shared_seconds" not in log["runs"]["rtn-int2"]
+
+
+def test_calibration_defaults(capsys):
+    """quantize calibrates on 32 windows by default (its 10-minute budget), compare on 64."""
+    for command, default in (("quantize", 32), ("compare", 64)):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        assert f"(default {default};" in " ".join(capsys.readouterr().out.split())

@@ -41,16 +41,17 @@ def _non_negative(s: str) -> int:
     return v
 
 
-def _data_options(p: argparse.ArgumentParser, calibration: bool = True) -> None:
+def _data_options(p: argparse.ArgumentParser, calibration: bool = True, nsamples: int = 32) -> None:
     p.add_argument("--model", help="a local Hugging Face model directory, a .gguf file, or a directory written by "
                                    "pvq-cuda quantize (default: SmolLM2-135M-Instruct, Q4_1-dequantized, offline)")
     p.add_argument("--calib", help="calibration text: a local .txt, .txt.gz or .jsonl ('text' field) file "
                                    "(default: the Jargon File; its last 10%% is held out for evaluation)")
     p.add_argument("--eval", help="evaluation text file (default: the held-out last 10%% of the calibration text)")
     if calibration:
-        p.add_argument("--nsamples", type=_positive, default=32,
-                       help="calibration windows (default 32; 64 lowers PVQ-3.25's perplexity on the default model "
-                            "by ~1.7%% for ~1.7x the calibrated run time)")
+        p.add_argument("--nsamples", type=_positive, default=nsamples,
+                       help=f"calibration windows (default {nsamples}; quantize takes 32 to fit its 10 minutes on 2 CPU "
+                            f"cores, compare 64, the prototype's, which lowers PVQ-3.25's perplexity on the default "
+                            f"model by ~1.7%% for ~1.7x the calibrated run time)")
     p.add_argument("--seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--eval-windows", type=_positive, default=16,
                    help="held-out evaluation windows, consecutive and non-overlapping (default 16)")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(run=jobs.cmd_eval)
 
     c = sub.add_parser("compare", help="full table and plot into bench/results/")
-    _data_options(c)
+    _data_options(c, nsamples=64)
     _quant_options(c)
     c.add_argument("--config", help="comma-separated PVQ presets (default pvq-2.25,pvq-3.25,pvq-4.25)")
     c.set_defaults(run=jobs.cmd_compare)

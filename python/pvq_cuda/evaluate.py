@@ -51,7 +51,11 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 2, 
             for i in range(0, windows.shape[0], batch_size):
                 ids = windows[i:i + batch_size].to(device)
                 logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                loss = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+                # Rows of contiguous logits: cross_entropy over the class dim of a transposed
+                # [b, vocab, seqlen] view ran 4.5x slower (0.63 s against 0.14 s per 2 x 512
+                # tokens at SmolLM2's 49k vocab, a fifth of the whole evaluation).
+                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                   reduction="none").view(ids.shape[0], -1)
                 window_nll += loss.double().mean(1).tolist()
     finally:
         if decoded_cache:

@@ -1,4 +1,4 @@
-"""quantize_model: block-by-block (GPTQ-style) quantization of Llama-family causal LMs.
+"""quantize_model / quantize_models: block-by-block (GPTQ-style) quantization of Llama-family causal LMs.
 
 The pipeline (paper.md §6, the order GPTQ uses):
 
@@ -18,7 +18,8 @@ The pipeline (paper.md §6, the order GPTQ uses):
 With ``fp_targets`` the unquantized model runs beside it (one more forward of each block, on its
 own stream of activations), and each layer is quantized toward the output the fp model gives,
 not the output its unquantized weight gives on the already-perturbed inputs (see
-:func:`fp_target_weight`).
+:func:`fp_target_weight`). :func:`quantize_models` runs several copies of one model together,
+block by block, and makes that fp pass once for all of them.
 
 Baselines (RTN, GPTQ, rotated GPTQ) run through the same pipeline; see :mod:`pvq_cuda.methods`.
 Data-free methods (``pvq-datafree``, ``rtn-*``) need no activations and skip steps 1–3.
