@@ -345,3 +345,12 @@ def test_refine_passes_through_the_pipeline(tmp_path):
         _quantize(tiny_model(), refine_passes=1, resume_dir=tmp_path / "r")
     with pytest.raises(ValueError, match="refine_passes must be an int >= 0"):
         _quantize(tiny_model(), refine_passes=-1)
+
+
+@needs_baselines
+def test_quantize_models_shows_one_progress_bar(capsys):
+    """All runs of quantize_models count on one bar (separate bars would interleave their lines)."""
+    pvq_cuda.quantize_models([tiny_model(), tiny_model()], None, [{"method": "pvq-datafree"}, {"method": "rtn-int4"}])
+    err = capsys.readouterr().err
+    assert "28/28" in err and "14/14" not in err  # 2 runs x 14 linears, counted together
+    assert "pvq-datafree: model.layers." in err and "rtn-int4: model.layers." in err

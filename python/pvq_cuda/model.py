@@ -333,6 +333,12 @@ def _fp_block_pass(block: nn.Module, fp_hidden: list[torch.Tensor], extra, dev, 
 # ------------------------------------------------------------------------------------------------
 # the pipeline
 
+def _progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="layer", desc=desc, dynamic_ncols=True)
+
+
 class _Run:
     """State of one quantize_model call."""
 
@@ -350,11 +356,8 @@ class _Run:
         self.resume: _Resume | None = None
         self.log_path = log_path
         self.log: dict = {}
-        self.bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total_layers, unit="layer", desc=f"{method.name}", dynamic_ncols=True)
+        self.total_layers = total_layers
+        self.bar = _progress_bar(total_layers, method.name) if progress else None
 
     def config_for(self, name: str) -> PVQConfig:
         for pattern, cfg in self.overrides:
@@ -365,7 +368,7 @@ class _Run:
     def record(self, entry: dict) -> None:
         self.log["layers"].append(entry)
         if self.bar is not None:
-            self.bar.set_description(entry["name"])
+            self.bar.set_description(f"{self.method.name}: {entry['name']}")
             self.bar.set_postfix(loss=f"{entry['loss']:.4g}")
             self.bar.update(1)
 
@@ -642,7 +645,11 @@ def quantize_models(models: Sequence[nn.Module], calibration=None, runs: Sequenc
     prepared = []
     for model, r in zip(models, runs):
         kw = {**defaults, **options, **r}
-        prepared.append(_prepare(model, calibration, kw.pop("config"), **kw))
+        prepared.append(_prepare(model, calibration, kw.pop("config"), **dict(kw, progress=False)))
+    if options.get("progress", True):  # one bar for all runs (several would interleave their lines)
+        bar = _progress_bar(sum(run.total_layers for run in prepared), f"{len(prepared)} runs")
+        for run in prepared:
+            run.bar = bar
     _execute(prepared)
     return [run.log for run in prepared]
 
@@ -711,18 +718,25 @@ def _execute(runs: list[_Run]) -> None:
     together = [r for r in runs if r.method.hessian and r.fp_targets and r.resume is None]
     if len(together) < 2:
         together = []
-    for run in runs:
-        if run in together:
-            continue
-        t_start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                _pipeline(run) if run.method.hessian else _data_free(run)
-        finally:
-            _close(run)
-        _finish(run, time.perf_counter() - t_start)
-    if together:
-        _lockstep(together)
+    try:
+        for run in runs:
+            if run in together:
+                continue
+            t_start = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    if run.method.hessian:
+                        _pipeline(run)
+                    else:
+                        _data_free(run)
+            finally:
+                _decoded_cache(run.model, False)
+            _finish(run, time.perf_counter() - t_start)
+        if together:
+            _lockstep(together)
+    finally:
+        for bar in {id(r.bar): r.bar for r in runs if r.bar is not None}.values():
+            bar.close()
 
 
 def _lockstep(runs: list[_Run]) -> None:
@@ -752,7 +766,7 @@ def _lockstep(runs: list[_Run]) -> None:
                 del fp_inputs
     finally:
         for run in runs:
-            _close(run)
+            _decoded_cache(run.model, False)
     for k, run in enumerate(runs):
         run.log["shared_seconds"] = shared
         _finish(run, own[k] + shared)
@@ -765,14 +779,6 @@ def _check_copies(i: int, blocks: list[nn.Module]) -> None:
         other = list(b.state_dict().values())
         if len(other) != len(ref) or not all(torch.equal(x, y.to(x.device)) for x, y in zip(ref, other)):
             raise ValueError(f"quantize_models: models[{k}] is not a copy of models[0] (block {i} differs)")
-
-
-def _close(run: _Run) -> None:
-    if run.bar is not None:
-        run.bar.close()
-    for mod in run.model.modules():
-        if isinstance(mod, PVQLinear):
-            mod.disable_decoded_cache()
 
 
 def _finish(run: _Run, seconds: float) -> None:
