@@ -51,7 +51,7 @@ def _data_options(p: argparse.ArgumentParser, calibration: bool = True, nsamples
         p.add_argument("--nsamples", type=_positive, default=nsamples,
                        help=f"calibration windows (default {nsamples}; quantize takes 32 to fit its 10 minutes on 2 CPU "
                             f"cores, compare 64, the prototype's, which lowers PVQ-3.25's perplexity on the default "
-                            f"model by ~1.7%% for ~1.7x the calibrated run time)")
+                            f"model by ~1.7%% for ~1.6x the calibrated run time)")
     p.add_argument("--seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--eval-windows", type=_positive, default=16,
                    help="held-out evaluation windows, consecutive and non-overlapping (default 16)")

@@ -146,22 +146,22 @@ def run_method(job: Job, method: str, preset: str | None, fp32: dict, log_path: 
 
 def run_methods(job: Job, runs: list[tuple[str, str | None, Path | None]], fp32: dict, keep_base: bool = True):
     """Every (method, preset, log_path) of ``runs`` as :func:`run_method` gives it, yielding
-    (index into runs, row, log, model) as each is done. Runs that share the fp model's pass over each block (Hessian
-    methods with fp targets, without --resume) are quantized together by quantize_models, as many
-    copies at a time as fit in half the free memory. With ``keep_base=False`` the last run
+    (index into runs, row, log, model) as each is done. Runs that can share the fp model's pass
+    over each block (Hessian methods with fp targets, without --resume) are quantized together by
+    quantize_models, as many copies at a time as fit in half the free memory. With ``keep_base=False`` the last run
     quantizes the job's model itself."""
     from .model import quantize_models
 
-    def alone(k: int) -> bool:
-        return job.args.resume or not (parse_method(runs[k][0]).hessian and job.args.fp_targets)
+    def shares(k: int) -> bool:
+        return not job.args.resume and parse_method(runs[k][0]).hessian and job.args.fp_targets
 
     todo = list(range(len(runs)))
     while todo:
-        if alone(todo[0]):
+        batch = [k for k in todo if shares(k)][:_copies_that_fit(job)] if shares(todo[0]) else []
+        if len(batch) < 2:
             k = todo.pop(0)
             yield (k, *run_method(job, *runs[k][:2], fp32, runs[k][2], keep_base or k != len(runs) - 1))
             continue
-        batch = [k for k in todo if not alone(k)][:_copies_that_fit(job)]
         todo = [k for k in todo if k not in batch]
         models = [copy.deepcopy(job.lm.model) if keep_base or k != len(runs) - 1 else job.lm.model for k in batch]
         opts = [_run_options(job, *runs[k]) for k in batch]
