@@ -269,7 +269,8 @@ def test_staged_llama_blocks_are_exact(monkeypatch, fp_targets):
 
 def test_staged_probe_rejects_other_block_layouts():
     """The probe passes the tiny Llama's block and fails blocks that differ from the Llama layout:
-    a forward on another input, a parallel attention/MLP residual, an MLP without its gate."""
+    a forward on another input, a parallel attention/MLP residual, an MLP without its gate, a
+    forward that skips the linears."""
     from pvq_cuda.model import _LlamaFlow
 
     block = tiny_model().model.layers[0].eval()
@@ -285,8 +286,13 @@ def test_staged_probe_rejects_other_block_layouts():
         assert _LlamaFlow.probe(block, h, lambda: block(h, position_embeddings=cos_sin))
         assert not _LlamaFlow.probe(block, h, lambda: block(h * 1.5, position_embeddings=cos_sin))
         assert not _LlamaFlow.probe(block, h, lambda: parallel(h, position_embeddings=cos_sin))
+        mlp_forward = block.mlp.forward
         block.mlp.forward = lambda x: block.mlp.down_proj(block.mlp.up_proj(x))
         assert not _LlamaFlow.probe(block, h, lambda: block(h, position_embeddings=cos_sin))
+        block.mlp.forward = mlp_forward
+        assert _LlamaFlow.probe(block, h, lambda: block(h, position_embeddings=cos_sin))
+        # a forward that never calls the block's linears
+        assert not _LlamaFlow.probe(block, h, lambda: block.input_layernorm(h))
 
 
 @needs_hessian_pvq
