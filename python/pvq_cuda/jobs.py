@@ -23,7 +23,7 @@ from .corpus import make_windows, read_text, tokenize
 from .evaluate import perplexity, ratio_standard_error
 from .loading import LoadedModel, load_model
 from .methods import baselines_available, hessian_pvq_available, parse_method
-from .model import PER_RUN_OPTIONS
+from .model import PER_RUN_OPTIONS, quantize_model, quantize_models, uses_fp_targets
 from .report import Row, markdown_table, plot, write_json, write_text
 
 QUANTIZE_BASELINES = ("rtn-int4", "rtn-int3", "gptq-int4", "gptq-int3")
@@ -133,8 +133,6 @@ def run_method(job: Job, method: str, preset: str | None, fp32: dict, log_path: 
                keep_base: bool = True):
     """Quantize a copy of the fp32 model by ``method`` and evaluate it against ``fp32`` (the fp32
     model's :func:`perplexity` result); returns (row, log, quantized model)."""
-    from .model import quantize_model
-
     model = copy.deepcopy(job.lm.model) if keep_base else job.lm.model
     opts = _run_options(job, method, preset, log_path)
     if job.args.resume:
@@ -148,12 +146,11 @@ def run_methods(job: Job, runs: list[tuple[str, str | None, Path | None]], fp32:
     """Every (method, preset, log_path) of ``runs`` as :func:`run_method` gives it, yielding
     (index into runs, row, log, model) as each is done. Runs that can share the fp model's pass
     over each block (Hessian methods with fp targets, without --resume) are quantized together by
-    quantize_models, as many copies at a time as fit in half the free memory. With ``keep_base=False`` the last run
-    quantizes the job's model itself."""
-    from .model import quantize_models
+    quantize_models, as many copies at a time as fit in half the free memory. With
+    ``keep_base=False`` the last run quantizes the job's model itself."""
 
     def shares(k: int) -> bool:
-        return not job.args.resume and parse_method(runs[k][0]).hessian and job.args.fp_targets
+        return not job.args.resume and uses_fp_targets(runs[k][0], job.args.fp_targets)
 
     todo = list(range(len(runs)))
     while todo:

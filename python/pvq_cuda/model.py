@@ -28,6 +28,7 @@ Data-free methods (``pvq-datafree``, ``rtn-*``) need no activations and skip ste
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -598,6 +599,12 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
     return run.log
 
 
+def uses_fp_targets(method: str, fp_targets: bool) -> bool:
+    """Whether a run of ``method`` quantizes toward fp targets (only methods with a Hessian do);
+    such runs can share the fp model's pass (:func:`quantize_models`)."""
+    return bool(fp_targets) and parse_method(method).hessian
+
+
 #: quantize_models: the options each run may set for itself; the others are shared.
 PER_RUN_OPTIONS = frozenset({"method", "config", "overrides", "act_order", "metric_search", "refine_passes",
                              "log_path", "calibration_info"})
@@ -639,10 +646,8 @@ def quantize_models(models: Sequence[nn.Module], calibration=None, runs: Sequenc
         if bad:
             raise TypeError(f"quantize_models: runs[{k}] sets {bad}, which all runs share; pass them as keyword "
                             f"arguments (per-run options: {sorted(PER_RUN_OPTIONS)})")
-    defaults = {"config": None, "ignore": None, "device": None, "offload": False, "act_order": False,
-                "resume_dir": None, "progress": True, "method": "pvq", "overrides": None, "damp": DEFAULT_DAMP,
-                "batch_size": 8, "seed": 0, "log_path": None, "calibration_info": None, "metric_search": False,
-                "fp_targets": False, "refine_passes": 0}
+    defaults = {n: p.default for n, p in inspect.signature(quantize_model).parameters.items()
+                if n not in ("model", "calibration")}
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"quantize_models: unexpected keyword arguments {unknown}")
@@ -698,7 +703,7 @@ def _prepare(model: nn.Module, calibration, config, *, ignore, device, offload, 
         model.to(dev)
     refine_passes = refine_passes if m.kind == "pvq" and m.hessian else 0
     run = _Run(model, m, config, overrides_c, ignore_re, dev, offload, act_order, metric_search, damp, seed, progress,
-               log_path, len(todo), fp_targets=fp_targets and m.hessian, refine_passes=refine_passes)
+               log_path, len(todo), fp_targets=uses_fp_targets(method, fp_targets), refine_passes=refine_passes)
     run.layers, run.chunks = layers, chunks
     run.log = {"method": m.name, "label": m.label, "config": config.to_dict() if m.kind == "pvq" else None,
                "overrides": {p.pattern: c.to_dict() for p, c in overrides_c}, "ignore": ignore,
@@ -719,7 +724,7 @@ def _prepare(model: nn.Module, calibration, config, *, ignore, device, offload, 
 
 def _execute(runs: list[_Run]) -> None:
     """Quantize every run's model; runs that can share the fp model's pass go in lockstep."""
-    together = [r for r in runs if r.method.hessian and r.fp_targets and r.resume is None]
+    together = [r for r in runs if r.fp_targets and r.resume is None]
     if len(together) < 2:
         together = []
     try:
