@@ -73,6 +73,27 @@ def test_collector_shares_inputs_and_scales():
         hc.hessian("nope")
 
 
+def test_collector_fed_without_hooks_matches_hooks():
+    """hooks=False and add(): the same Hessians and sharing as the hooks give, and a clear error
+    for a layer the collector does not hold."""
+    torch.manual_seed(0)
+    block = _Block()
+    xs = [torch.randn(3, 7, 16) for _ in range(4)]
+    hooked = collect_hessians(block, ["q", "k", "v"], xs, damp=0.0)
+    fed = HessianCollector({"q": block.q, "k": block.k, "v": block.v}, damp=0.0, hooks=False)
+    for x in xs:
+        block(x)  # no hook: the collector sees nothing
+    assert fed.names() == []
+    for x in xs:
+        fed.new_batch()
+        for n in ("q", "k", "v"):
+            fed.add(n, x)
+    assert fed.shared_with("q") == ["q", "k", "v"] and fed.tokens("v") == hooked.tokens("v")
+    assert torch.equal(fed.hessian("q"), hooked.hessian("q"))
+    with pytest.raises(KeyError, match="no module named 'o'"):
+        fed.add("o", xs[0].clone())
+
+
 def test_rotate_hessian_matches_dense():
     n = 48
     gen = torch.Generator().manual_seed(3)
