@@ -1,5 +1,5 @@
-// Every pvq_cuda op schema, in one place. Kernels register per device in *_cpu.cpp (CPU) and
-// cuda/*_cuda.cpp (CUDA); shape functions for torch.compile live in python/pvq_cuda/ops.py.
+// Every pvq_cuda op schema, in one place. Kernels register per device in <family>/cpu.cpp (CPU) and
+// <family>/cuda_glue.cpp (CUDA); fake (meta) kernels for torch.compile live in python/pvq_cuda/ops/.
 #include <torch/library.h>
 
 TORCH_LIBRARY(pvq_cuda, m) {

@@ -1,4 +1,4 @@
-#include "split_tables.h"
+#include "codec/split_tables.h"
 
 #include <cmath>
 

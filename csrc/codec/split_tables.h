@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "pyramid.h"
+#include "codec/pyramid.h"
 
 namespace pvq {
 

@@ -1,4 +1,4 @@
-#include "hadamard_matrix.h"
+#include "hadamard/hadamard_matrix.h"
 
 #include <array>
 #include <vector>

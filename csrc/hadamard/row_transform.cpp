@@ -1,4 +1,4 @@
-#include "row_transform.h"
+#include "hadamard/row_transform.h"
 
 namespace pvq::hadamard {
 

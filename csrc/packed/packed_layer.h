@@ -13,15 +13,16 @@
 // Chunks are stored tile-major, column-minor: words[(t * G + j) * B + w].
 //
 // Why: a warp maps lane l to row 32t + l, so the chunk of column j is one coalesced read of B
-// consecutive words (104 bytes at B = 26), columns follow each other in memory so a warp walking
+// consecutive words (208 bytes at B = 52), columns follow each other in memory so a warp walking
 // j streams sequentially, and every lane needs the same activations x[jD : jD+D] (a broadcast).
-// Codes keep their exact width: at pvq-3.25 (D=8, K=16: 24 + 2 bits) a 4096 x 4096 layer is
-// 128 tiles x 512 columns x 26 words x 4 B = 6,815,744 B = 3.25 bits per weight, plus 16 bits of
-// row scale per row (+0.0039 bpw) and the 4-entry level table.
+// Codes keep their exact width: at pvq-3.25 (D=16, K=30: 50 + 2 bits) a 4096 x 4096 layer is
+// 128 tiles x 256 columns x 52 words x 4 B = 6,815,744 B = 3.25 bits per weight, plus 16 bits of
+// row scale per row (+0.0039 bpw) and the 4-entry level table; pvq8-3.25 (D=8, K=16: 24 + 2) has
+// 512 columns of 26-word chunks, the same bytes.
 #pragma once
 #include <cstdint>
 
-#include "../codec/pyramid.h"
+#include "codec/pyramid.h"
 
 namespace pvq {
 

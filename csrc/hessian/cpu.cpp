@@ -15,7 +15,7 @@
 
 #include <algorithm>
 
-#include "hessian_args.h"
+#include "hessian/args.h"
 
 namespace pvq_cuda {
 namespace {

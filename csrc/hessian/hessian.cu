@@ -21,8 +21,8 @@
 
 #include <type_traits>
 
-#include "float_io.cuh"
-#include "hessian_launchers.h"
+#include "common/float_io.cuh"
+#include "hessian/launchers.h"
 
 namespace pvq_cuda {
 namespace {

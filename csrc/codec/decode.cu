@@ -9,9 +9,9 @@
 // take 65 KB); fuller leaves split 4 -> 2+2 with the same tables. The table fill is paid once per
 // resident block of the persistent grid. Whether 65 KB (fewer resident blocks, fewer split
 // leaves) is faster is a measurement for the GPU tuning pass.
-#include "../codec/dispatch.h"
-#include "codec_launchers.h"
-#include "grid.cuh"
+#include "common/dispatch.h"
+#include "codec/launchers.h"
+#include "common/grid.cuh"
 
 namespace pvq_cuda {
 namespace {

@@ -9,19 +9,12 @@
 
 #include <cstdint>
 
-#include "../hadamard_args.h"
-#include "hadamard_launchers.h"
+#include "common/cuda_glue.h"
+#include "hadamard/args.h"
+#include "hadamard/launchers.h"
 
 namespace pvq_cuda {
 namespace {
-
-HadamardDtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return HadamardDtype::kFloat16;
-    case at::kBFloat16: return HadamardDtype::kBFloat16;
-    default: return HadamardDtype::kFloat32;  // the only other dtype check_hadamard_args lets through
-  }
-}
 
 at::Tensor hadamard_transform_cuda(const at::Tensor& x, const std::optional<at::Tensor>& signs) {
   check_hadamard_args(x, signs);
@@ -43,7 +36,7 @@ at::Tensor hadamard_transform_cuda(const at::Tensor& x, const std::optional<at::
   if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 != 0) x2 = x2.clone(at::MemoryFormat::Contiguous);
   const at::Tensor s = signs_as_float(signs);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(launch_hadamard(x2.data_ptr(), out.data_ptr(), dtype_of(x2), s.defined() ? s.data_ptr<float>() : nullptr,
+  C10_CUDA_CHECK(launch_hadamard(x2.data_ptr(), out.data_ptr(), float_kind_of(x2.scalar_type()), s.defined() ? s.data_ptr<float>() : nullptr,
                                  x2.size(0), n, stream));
   return out;
 }

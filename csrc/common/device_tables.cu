@@ -3,8 +3,8 @@
 // stage the hot leaf prefix in shared memory themselves.
 #include <mutex>
 
-#include "../codec/split_tables.h"
-#include "codec_launchers.h"
+#include "codec/split_tables.h"
+#include "common/device_tables.h"
 
 namespace pvq_cuda {
 namespace {

@@ -56,8 +56,8 @@
 #include <numeric>
 #include <utility>
 
-#include "../hadamard/hadamard_matrix.h"
-#include "hadamard_launchers.h"
+#include "hadamard/hadamard_matrix.h"
+#include "hadamard/launchers.h"
 
 namespace pvq_cuda {
 namespace {
@@ -392,7 +392,7 @@ cudaError_t launch_dtype(const Params& prm, int m, size_t smem, cudaStream_t str
 
 size_t hadamard_smem_bytes(int64_t n) { return plan_for(n).smem; }
 
-cudaError_t launch_hadamard(const void* x, void* y, HadamardDtype dtype, const float* signs, int64_t rows,
+cudaError_t launch_hadamard(const void* x, void* y, FloatKind kind, const float* signs, int64_t rows,
                             int64_t n, cudaStream_t stream) {
   const Plan plan = plan_for(n);
   if (plan.m == 0 || rows < 0) return cudaErrorInvalidValue;
@@ -407,10 +407,10 @@ cudaError_t launch_hadamard(const void* x, void* y, HadamardDtype dtype, const f
   prm.log_p = plan.log_p;
   prm.rows_per_tile = plan.rows_per_tile;
   prm.scale = hm::transform_scale(n);
-  switch (dtype) {
-    case HadamardDtype::kFloat32: return launch_dtype<float>(prm, plan.m, plan.smem, stream);
-    case HadamardDtype::kFloat16: return launch_dtype<__half>(prm, plan.m, plan.smem, stream);
-    case HadamardDtype::kBFloat16: return launch_dtype<__nv_bfloat16>(prm, plan.m, plan.smem, stream);
+  switch (kind) {
+    case FloatKind::kFloat32: return launch_dtype<float>(prm, plan.m, plan.smem, stream);
+    case FloatKind::kFloat16: return launch_dtype<__half>(prm, plan.m, plan.smem, stream);
+    case FloatKind::kBFloat16: return launch_dtype<__nv_bfloat16>(prm, plan.m, plan.smem, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,10 +1,10 @@
-#include "packed_args.h"
+#include "packed/args.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "codec/split_tables.h"
-#include "codec_args.h"
+#include "codec/args.h"
 
 namespace pvq_cuda {
 

@@ -1,4 +1,4 @@
-#include "hadamard_args.h"
+#include "hadamard/args.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>

@@ -6,24 +6,15 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../packed_args.h"
-#include "packed_launchers.h"
+#include "packed/args.h"
+#include "common/cuda_glue.h"
+#include "packed/launchers.h"
 
 namespace pvq_cuda {
 namespace {
 
 // Rows dequantized per cuBLAS call on the large-batch path: ~32 M weights (64 MB in fp16).
 constexpr int64_t kTileWeights = int64_t(1) << 25;
-
-FloatKind kind_of(at::ScalarType st) {
-  return st == at::kHalf ? FloatKind::kFloat16 : st == at::kBFloat16 ? FloatKind::kBFloat16 : FloatKind::kFloat32;
-}
-
-pvq::SplitTables tables_on(const at::Tensor& t) {
-  pvq::SplitTables tables;
-  C10_CUDA_CHECK(device_split_tables(t.get_device(), &tables));
-  return tables;
-}
 
 at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& row_scale, const at::Tensor& levels,
                            int64_t out_features, int64_t in_features, int64_t D, int64_t K, int64_t scale_bits) {
@@ -32,7 +23,7 @@ at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& row_scale,
   const c10::cuda::CUDAGuard guard(codes.device());
   const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
   at::Tensor out = at::empty({s.rows, s.cols}, codes.options().dtype(at::kFloat));
-  C10_CUDA_CHECK(launch_dequantize(tables_on(c), packed_view(s, c, rs, lv), s.D, 0, s.rows, out.data_ptr(),
+  C10_CUDA_CHECK(launch_dequantize(split_tables_on(c), packed_view(s, c, rs, lv), s.D, 0, s.rows, out.data_ptr(),
                                    FloatKind::kFloat32, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -48,7 +39,7 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   const int64_t M = x2.size(0);
   const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
   const pvq::PackedLayer layer = packed_view(s, c, rs, lv);
-  const pvq::SplitTables tables = tables_on(c);
+  const pvq::SplitTables tables = split_tables_on(c);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = s.rows;
@@ -63,8 +54,8 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   if (M <= kGemvMaxBatch) {
     const int splits = gemv_splits(layer);
     at::Tensor workspace = at::empty({gemv_workspace_floats(layer, M, splits)}, x2.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(launch_gemv(tables, layer, s.D, x2.data_ptr(), kind_of(x2.scalar_type()), M,
-                               b ? b->data_ptr() : nullptr, b ? kind_of(b->scalar_type()) : FloatKind::kFloat32,
+    C10_CUDA_CHECK(launch_gemv(tables, layer, s.D, x2.data_ptr(), float_kind_of(x2.scalar_type()), M,
+                               b ? b->data_ptr() : nullptr, b ? float_kind_of(b->scalar_type()) : FloatKind::kFloat32,
                                out.data_ptr(), workspace.data_ptr<float>(), splits, stream));
     return out.reshape(sizes);
   }
@@ -74,7 +65,7 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   at::Tensor dense = at::empty({std::min(tile_rows, s.rows), s.cols}, x2.options());
   for (int64_t r0 = 0; r0 < s.rows; r0 += tile_rows) {
     const int64_t r1 = std::min(s.rows, r0 + tile_rows);
-    C10_CUDA_CHECK(launch_dequantize(tables, layer, s.D, r0, r1, dense.data_ptr(), kind_of(x2.scalar_type()), stream));
+    C10_CUDA_CHECK(launch_dequantize(tables, layer, s.D, r0, r1, dense.data_ptr(), float_kind_of(x2.scalar_type()), stream));
     out.narrow(1, r0, r1 - r0).copy_(at::mm(x2, dense.narrow(0, 0, r1 - r0).t()));
   }
   if (b) out.add_(b->to(out.scalar_type()));

@@ -6,10 +6,10 @@
 // belongs to the activation-coding work, where search sits on the inference path.
 #include <type_traits>
 
-#include "../codec/dispatch.h"
-#include "codec_launchers.h"
-#include "float_io.cuh"
-#include "grid.cuh"
+#include "common/dispatch.h"
+#include "codec/launchers.h"
+#include "common/float_io.cuh"
+#include "common/grid.cuh"
 
 namespace pvq_cuda {
 namespace {

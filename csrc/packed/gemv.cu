@@ -1,14 +1,17 @@
 // Fused decode + matmul for small batches (M <= 16): out = x W'^T, with W' never written anywhere.
 //
-// Design (numbers for pvq-3.25, D=8, K=16, B=26 bits a group; layout in packed/packed_layer.h):
+// Design (numbers for the default pvq-3.25: D=16, K=30, B=52 bits a group; pvq8-3.25, D=8, K=16,
+// has B=26; layout in packed/packed_layer.h):
 // - Lane l of a warp owns row 32t + l of tile t and walks group columns j. The chunk of column j
-//   is one coalesced read of B words (104 B), every lane needs the same 8 activations (one
-//   broadcast 16-32 B load per batch row), so no lane ever exchanges data with another until the
+//   is one coalesced read of B words (208 B at B=52), every lane needs the same D activations (one
+//   broadcast 16-64 B load per batch row), so no lane ever exchanges data with another until the
 //   end and there is no reduction inside the loop.
-// - Decode cost per group (pvq_decoding.md §4b.1): guide bucket + ~0.1 compares, one multiply-high
-//   division, two 4-leaf reads from shared memory, Σy² and one inv-norm lookup: ~35 instructions
-//   for 8 weights, plus 8 FMAs per batch row. At batch 1 that is ~5 instructions a weight against
-//   a budget of ~4 at H100 bandwidth, so expect 60-80 % of the bandwidth bound (measure: issue 6).
+// - Decode cost per group (pvq_decoding.md §4b.1): per split node a guide bucket + a short compare
+//   walk and one 64-bit multiply-high division (D=16: the 16-node and two 8-nodes), then four
+//   4-leaf reads from shared memory (or 4 -> 2+2 splits above the staged prefix), Σy² and one
+//   inv-norm lookup, plus D FMAs per batch row. Review estimate at D=16, K=30: ~20 instructions
+//   a weight (~40 when leaves split) against a budget of ~3.6 at H100 bandwidth; the redesign
+//   against that budget is bench/kernel_budget.py's subject.
 // - Parallelism: a 4096-row layer has only 128 tiles, so columns are split S ways
 //   (S = ceil(4 SMs / tiles), each warp keeping >= 4 chunks). Warps of a block share a tile and a
 //   split, interleaving columns; they reduce through shared memory and write one fp32 partial per
@@ -20,10 +23,10 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "../codec/dispatch.h"
-#include "float_io.cuh"
-#include "grid.cuh"
-#include "packed_launchers.h"
+#include "common/dispatch.h"
+#include "common/float_io.cuh"
+#include "common/grid.cuh"
+#include "packed/launchers.h"
 
 namespace pvq_cuda {
 namespace {

@@ -1,4 +1,4 @@
-#include "hessian_args.h"
+#include "hessian/args.h"
 
 #include <c10/util/Exception.h>
 

@@ -1,21 +1,18 @@
 // Host entry points of the codec kernels: plain C++ over raw pointers, so the .cu files stay free
-// of torch headers and the torch glue (codec_cuda.cpp) stays free of CUDA kernels.
+// of torch headers and the torch glue (codec/cuda_glue.cpp) stays free of CUDA kernels.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "../codec/pyramid.h"
+#include "codec/pyramid.h"
+#include "common/device_tables.h"
+#include "common/float_kind.h"
 
 namespace pvq_cuda {
 
-// The split tables on `device` (uploaded on first use, then cached for the process).
-cudaError_t device_split_tables(int device, pvq::SplitTables* out);
-
 // Status bits a kernel ORs into `status` when it meets bad data (the glue then names the row).
 enum CodecStatus : int { kStatusOk = 0, kStatusBadData = 1 };
-
-enum class FloatKind : int { kFloat32, kFloat16, kBFloat16 };
 
 cudaError_t launch_search(const void* x, FloatKind kind, int8_t* pulses, int64_t groups, int D, int K,
                           int* status, cudaStream_t stream);

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "codec_launchers.h"
+#include "common/float_kind.h"
 
 namespace pvq_cuda {
 

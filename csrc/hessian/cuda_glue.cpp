@@ -6,8 +6,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../hessian_args.h"
-#include "hessian_launchers.h"
+#include "hessian/args.h"
+#include "common/cuda_glue.h"
+#include "hessian/launchers.h"
 
 namespace pvq_cuda {
 namespace {
@@ -22,7 +23,7 @@ void hessian_accumulate_cuda(const at::Tensor& H, const at::Tensor& x) {
     H.copy_(at::addmm(H.to(at::kDouble), xd.t(), xd));
     return;
   }
-  const FloatKind kind = x2.scalar_type() == at::kHalf ? FloatKind::kFloat16 : FloatKind::kBFloat16;
+  const FloatKind kind = float_kind_of(x2.scalar_type());
   C10_CUDA_CHECK(launch_hessian_accumulate(H.data_ptr<float>(), x2.data_ptr(), kind, x2.size(0), int(n),
                                            c10::cuda::getCurrentCUDAStream()));
 }

@@ -9,10 +9,10 @@
 #include <atomic>
 #include <vector>
 
-#include "codec/dispatch.h"
+#include "common/dispatch.h"
 #include "codec/split_tables.h"
-#include "codec_args.h"
-#include "packed_args.h"
+#include "codec/args.h"
+#include "packed/args.h"
 
 namespace pvq_cuda {
 namespace {

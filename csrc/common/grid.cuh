@@ -4,8 +4,8 @@
 
 #include <cstdint>
 
-#include "../codec/pyramid.h"
-#include "../codec/split_tables.h"
+#include "codec/pyramid.h"
+#include "codec/split_tables.h"
 
 namespace pvq_cuda {
 

@@ -10,7 +10,7 @@
 
 #include "hadamard/hadamard_matrix.h"
 #include "hadamard/row_transform.h"
-#include "hadamard_args.h"
+#include "hadamard/args.h"
 
 namespace pvq_cuda {
 namespace {

@@ -1,9 +1,9 @@
 // PVQ encode: int8 pulses -> int64 split-order indices, one thread per group. Encoding is O(D)
 // multiply-adds with no data-dependent loop, so it streams at memory speed; the per-node offset
 // and count tables are tiny and stay in L1.
-#include "../codec/dispatch.h"
-#include "codec_launchers.h"
-#include "grid.cuh"
+#include "common/dispatch.h"
+#include "codec/launchers.h"
+#include "common/grid.cuh"
 
 namespace pvq_cuda {
 namespace {

@@ -6,10 +6,10 @@
 // sector at fp32). The leaf prefix lives in shared memory as in decode.cu.
 #include <type_traits>
 
-#include "../codec/dispatch.h"
-#include "float_io.cuh"
-#include "grid.cuh"
-#include "packed_launchers.h"
+#include "common/dispatch.h"
+#include "common/float_io.cuh"
+#include "common/grid.cuh"
+#include "packed/launchers.h"
 
 namespace pvq_cuda {
 namespace {

@@ -6,15 +6,15 @@
 
 #include <atomic>
 
-#include "codec/dispatch.h"
+#include "common/dispatch.h"
 #include "codec/split_tables.h"
-#include "codec_args.h"
+#include "codec/args.h"
 
 namespace pvq_cuda {
 namespace {
 
 // Groups per task: ~0.1-0.3 ms of decode on one core, so small calls stay on the calling thread
-// (an OpenMP fork costs a scheduler slice when the cores are shared, see packed_cpu.cpp).
+// (an OpenMP fork costs a scheduler slice when the cores are shared, see packed/cpu.cpp).
 constexpr int64_t kGrain = int64_t(1) << 15;
 
 std::vector<int64_t> with_last(at::IntArrayRef leading, int64_t last) {

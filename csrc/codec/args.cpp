@@ -1,4 +1,4 @@
-#include "codec_args.h"
+#include "codec/args.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>

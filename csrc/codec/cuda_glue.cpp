@@ -9,17 +9,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../codec_args.h"
-#include "codec_launchers.h"
+#include "codec/args.h"
+#include "codec/launchers.h"
+#include "common/cuda_glue.h"
 
 namespace pvq_cuda {
 namespace {
-
-pvq::SplitTables tables_for(const at::Tensor& t) {
-  pvq::SplitTables tables;
-  C10_CUDA_CHECK(device_split_tables(t.get_device(), &tables));
-  return tables;
-}
 
 bool status_flagged(const at::Tensor& status, cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -35,9 +30,7 @@ at::Tensor search_cuda(const at::Tensor& x, int64_t K) {
   const at::Tensor x2 = x.reshape({-1, D}).contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar));
   at::Tensor status = at::zeros({1}, x.options().dtype(at::kInt));
-  const FloatKind kind = x2.scalar_type() == at::kHalf       ? FloatKind::kFloat16
-                         : x2.scalar_type() == at::kBFloat16 ? FloatKind::kBFloat16
-                                                             : FloatKind::kFloat32;
+  const FloatKind kind = float_kind_of(x2.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(launch_search(x2.data_ptr(), kind, out.data_ptr<int8_t>(), x2.size(0), int(D), int(K),
                                status.data_ptr<int>(), stream));
@@ -53,7 +46,7 @@ at::Tensor encode_cuda(const at::Tensor& pulses, int64_t K) {
   at::Tensor out = at::empty(pulses.sizes().slice(0, pulses.dim() - 1), pulses.options().dtype(at::kLong));
   at::Tensor status = at::zeros({1}, pulses.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(launch_encode(tables_for(p), p.data_ptr<int8_t>(), out.data_ptr<int64_t>(), p.size(0), int(D),
+  C10_CUDA_CHECK(launch_encode(split_tables_on(p), p.data_ptr<int8_t>(), out.data_ptr<int64_t>(), p.size(0), int(D),
                                int(K), status.data_ptr<int>(), stream));
   if (status_flagged(status, stream)) report_bad_pulses(p, K);
   return out;
@@ -68,7 +61,7 @@ at::Tensor decode_cuda(const at::Tensor& index, int64_t D, int64_t K) {
   at::Tensor out = at::empty(sizes, index.options().dtype(at::kChar));
   at::Tensor status = at::zeros({1}, index.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(launch_decode(tables_for(idx), idx.data_ptr<int64_t>(), out.data_ptr<int8_t>(), idx.numel(),
+  C10_CUDA_CHECK(launch_decode(split_tables_on(idx), idx.data_ptr<int64_t>(), out.data_ptr<int8_t>(), idx.numel(),
                                int(D), int(K), V, status.data_ptr<int>(), stream));
   if (status_flagged(status, stream)) report_bad_index(idx.reshape({-1}), V, D, K);
   return out;

@@ -1,11 +1,12 @@
-// Host entry points of the packed-layer kernels (torch-free; see codec_launchers.h for why).
+// Host entry points of the packed-layer kernels (torch-free; see codec/launchers.h for why).
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "../packed/packed_layer.h"
-#include "codec_launchers.h"
+#include "packed/packed_layer.h"
+#include "common/device_tables.h"
+#include "common/float_kind.h"
 
 namespace pvq_cuda {
 
