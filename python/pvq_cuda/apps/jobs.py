@@ -1,0 +1,317 @@
+"""The CLI's jobs: quantize (the main job), eval and compare.
+
+Each job loads a model (default: SmolLM2-135M-Instruct, Q4_1-dequantized), cuts calibration and
+held-out evaluation windows from a text (default: the Jargon File), and for each method copies the
+fp32 model, runs :func:`quantize_model` on the copy and measures its held-out perplexity.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..format.config import DEFAULT_PRESET, PRESETS
+from ..pipeline import PER_RUN_OPTIONS, quantize_model, quantize_models, uses_fp_targets
+from ..quantization.methods import parse_method
+from .corpus import make_windows, read_text, tokenize
+from .evaluate import perplexity, ratio_standard_error
+from .loading import LoadedModel, load_model
+from .report import Row, markdown_table, plot, write_json, write_text
+
+QUANTIZE_BASELINES = ("rtn-int4", "rtn-int3", "gptq-int4", "gptq-int3")
+COMPARE_BASELINES = ("rtn-int4", "rtn-int3", "rtn-int2", "gptq-int4", "gptq-int3", "gptq-int2",
+                     "gptq-rot-int4", "gptq-rot-int3", "gptq-rot-int2")
+COMPARE_PRESETS = ("pvq-2.25", "pvq-3.25", "pvq-4.25")
+
+
+@dataclass
+class Job:
+    """Everything a job needs: the loaded fp32 model, the windows, the device, the options."""
+
+    lm: LoadedModel
+    calibration: torch.Tensor
+    evaluation: torch.Tensor
+    data_info: dict
+    device: torch.device
+    args: object
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _device(args) -> torch.device:
+    if args.device:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError as e:
+            raise SystemExit(f"--device {args.device!r}: {e}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device!r}: CUDA is not available on this machine")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare(args, need_calibration: bool = True) -> Job:
+    """Load the model and cut the windows (calibration and evaluation never overlap)."""
+    t0 = time.perf_counter()
+    lm = load_model(args.model)
+    eval_ids = None
+    if args.eval is not None:
+        eval_text, eval_name = read_text(args.eval, "--eval")
+        eval_ids = tokenize(lm.tokenizer, eval_text)
+    if need_calibration or eval_ids is None:
+        calib_text, calib_name = read_text(args.calib, "--calib")
+        calib_ids = tokenize(lm.tokenizer, calib_text)
+        if eval_ids is None:
+            eval_name = f"{calib_name}, held-out last 10% of its tokens"
+    else:  # eval only, from its own file: no calibration text is needed
+        calib_ids, calib_name = eval_ids, "(none)"
+    seqlen = args.seqlen
+    if not need_calibration:  # eval only: any calibration window size fits
+        seqlen = min(seqlen, len(calib_ids) // 2)
+    windows = make_windows(calib_ids, eval_ids, nsamples=args.nsamples, seqlen=max(seqlen, 2),
+                           eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen or args.seqlen,
+                           seed=args.seed)
+    info = {"model": lm.name, "calibration_source": calib_name, "evaluation_source": eval_name, **windows.info}
+    _say(f"pvq-cuda: {lm.name}; {len(calib_ids)} tokens of {calib_name}; load {time.perf_counter() - t0:.1f} s")
+    return Job(lm, windows.calibration, windows.evaluation, info, _device(args), args)
+
+
+def _slug(model_arg: str | None) -> str:
+    """A file-name stem for --model: its last path component (the default model's own name)."""
+    name = Path(model_arg.rstrip("/")).stem if model_arg else "smollm2-135m-instruct-q4_1"
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") or "model"
+
+
+def _labels(method: str, preset: str | None, log: dict | None) -> tuple[str, str, str]:
+    """(label, family, note) of a row."""
+    m = parse_method(method)
+    if m.kind != "pvq":
+        fam = "GPTQ rotated" if m.rotate else m.kind.upper()
+        return f"{fam} INT{m.bits} g{m.group}", f"{fam} (simulated)", ""
+    if not m.hessian:
+        return f"PVQ {preset} data-free", "PVQ data-free", ""
+    used = log is not None and any(e.get("hessian_used") for e in log["layers"])
+    if used:
+        return f"PVQ {preset} Hessian-aware", "PVQ Hessian-aware", ""
+    return f"PVQ {preset}", "PVQ (Hessian-aware unavailable)", "quantize_weight took no Hessian: data-free"
+
+
+def _run_options(job: Job, method: str, preset: str | None, log_path: Path | None) -> dict:
+    """quantize_model's keyword arguments for one row."""
+    args = job.args
+    m = parse_method(method)
+    return dict(config=preset or DEFAULT_PRESET, method=method, ignore=args.ignore, device=job.device,
+                offload=args.offload, act_order=args.act_order, metric_search=args.metric_search and m.kind == "pvq",
+                refine_passes=args.refine_passes, fp_targets=args.fp_targets, progress=not args.no_progress,
+                batch_size=args.batch_size, seed=args.seed, log_path=log_path,
+                calibration_info=job.data_info if m.hessian else None)
+
+
+def _row(job: Job, method: str, preset: str | None, model, log: dict, fp32: dict) -> Row:
+    """Evaluate a quantized model against ``fp32`` (the fp32 model's :func:`perplexity` result)."""
+    ev = perplexity(model, job.evaluation, device=job.device)
+    label, family, note = _labels(method, preset, log)
+    se = ratio_standard_error(ev["window_nll"], fp32["window_nll"])
+    row = Row(method if preset is None else f"{method}:{preset}", label, family, log["bpw"], ev["perplexity"],
+              ev["perplexity"] / fp32["perplexity"], log["seconds"], note, se)
+    _say(f"pvq-cuda: {label}: bpw {row.bpw:.3f}, perplexity {row.perplexity:.3f} ({row.ratio:.3f}x fp32"
+         f"{'' if se is None else f' +- {se:.3f}'}), {row.seconds:.1f} s")
+    return row
+
+
+def run_method(job: Job, method: str, preset: str | None, fp32: dict, log_path: Path | None,
+               keep_base: bool = True):
+    """Quantize a copy of the fp32 model by ``method`` and evaluate it against ``fp32`` (the fp32
+    model's :func:`perplexity` result); returns (row, log, quantized model)."""
+    model = copy.deepcopy(job.lm.model) if keep_base else job.lm.model
+    opts = _run_options(job, method, preset, log_path)
+    if job.args.resume:
+        opts["resume_dir"] = Path(job.args.out_dir) / "resume" / f"{method}-{preset or 'baseline'}"
+    _say(f"pvq-cuda: {method}{' ' + preset if preset else ''}")
+    log = quantize_model(model, job.calibration, **opts)
+    return _row(job, method, preset, model, log, fp32), log, model
+
+
+def run_methods(job: Job, runs: list[tuple[str, str | None, Path | None]], fp32: dict, keep_base: bool = True):
+    """Every (method, preset, log_path) of ``runs`` as :func:`run_method` gives it, yielding
+    (index into runs, row, log, model) as each is done. Runs that can share the fp model's pass
+    over each block (Hessian methods with fp targets, without --resume) are quantized together by
+    quantize_models, as many copies at a time as fit in half the free memory. With
+    ``keep_base=False`` the last run quantizes the job's model itself."""
+
+    def shares(k: int) -> bool:
+        return not job.args.resume and uses_fp_targets(runs[k][0], job.args.fp_targets)
+
+    todo = list(range(len(runs)))
+    while todo:
+        batch = [k for k in todo if shares(k)][:_copies_that_fit(job)] if shares(todo[0]) else []
+        if len(batch) < 2:
+            k = todo.pop(0)
+            yield (k, *run_method(job, *runs[k][:2], fp32, runs[k][2], keep_base or k != len(runs) - 1))
+            continue
+        todo = [k for k in todo if k not in batch]
+        models = [copy.deepcopy(job.lm.model) if keep_base or k != len(runs) - 1 else job.lm.model for k in batch]
+        opts = [_run_options(job, *runs[k]) for k in batch]
+        shared = {key: v for key, v in opts[0].items() if key not in PER_RUN_OPTIONS}
+        names = [" ".join(n for n in runs[k][:2] if n) for k in batch]
+        _say(f"pvq-cuda: {', '.join(names)} together (one pass of the fp model over each block, shared)")
+        logs = quantize_models(models, job.calibration, [{key: v for key, v in o.items() if key in PER_RUN_OPTIONS}
+                                                          for o in opts], **shared)
+        for k, log in zip(batch, logs):
+            model = models.pop(0)  # the caller may drop each model once it has its row
+            yield k, _row(job, *runs[k][:2], model, log, fp32), log, model
+
+
+def _copies_that_fit(job: Job) -> int:
+    """How many copies of the model fit in half the free memory of where they live (at least 1)."""
+    model = job.lm.model
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    try:
+        if job.device.type == "cuda" and not job.args.offload:
+            free = torch.cuda.mem_get_info(job.device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return 1
+    return max(1, int(free // 2 // max(size, 1)))
+
+
+def _fp32_row(job: Job) -> tuple[Row, dict]:
+    ev = perplexity(job.lm.model, job.evaluation, device=job.device)
+    bits = 8 * next(job.lm.model.parameters()).element_size()
+    return Row("fp32", f"fp{bits} (unquantized)", "fp32", float(bits), ev["perplexity"], 1.0, None), ev
+
+
+def _header(job: Job, logs: dict) -> list[str]:
+    d = job.data_info
+    lines = [f"model: {job.lm.name}",
+             f"calibration: {d['nsamples']} x {d['seqlen']} tokens of {d['calibration_source']} (seed {d['seed']})",
+             f"evaluation: {d['eval_windows']} x {d['eval_seqlen']} tokens of {d['evaluation_source']}",
+             f"device: {job.device}"]
+    if job.lm.note:
+        lines.append(f"note: {job.lm.note}")
+    lines.append("bpw: bits per weight of the quantized decoder linears, everything stored counted; "
+                 "baselines are simulated (dense layers holding the dequantized weights)")
+    shared = {round(log["shared_seconds"]) for log in logs.values() if "shared_seconds" in log}
+    if shared:
+        lines.append(f"time: the runs with a Hessian went block by block together and shared one pass of the fp model "
+                     f"over each block ({', '.join(f'{t} s' for t in sorted(shared))}); each row's time is its own "
+                     f"work plus that whole pass, what it takes alone")
+    lines.append("× fp32: perplexity ratio ± one standard error from the spread of the per-window log-perplexity "
+                 "differences against fp32 on the same windows; the windows are consecutive text, so other held-out "
+                 "text can move a ratio by more than that")
+    return lines
+
+
+def cmd_quantize(args) -> int:
+    """Quantize with PVQ, save the model to --out, print perplexity and time beside fp32 and baselines."""
+    from ..layers.quantized_model import save_quantized
+
+    t0 = time.perf_counter()
+    preset = args.config or DEFAULT_PRESET
+    method = args.method
+    if parse_method(method).kind != "pvq":
+        raise SystemExit(f"--method {method!r}: quantize saves a PVQ model; run baselines with `pvq-cuda compare`")
+    default_out = Path("pvq-out") / f"{_slug(args.model)}-{preset}"
+    args.out_dir = Path(args.out) if args.out else default_out
+    job = prepare(args)
+    fp32, fp32_eval = _fp32_row(job)
+    rows, logs = [fp32], {}
+    baselines = [] if args.baselines == "none" else args.baselines.split(",")
+    runs = [(b, None, None) for b in baselines] + [(method, preset, args.out_dir / "quantization_log.json")]
+    done = {}
+    for k, row, log, model in run_methods(job, runs, fp32_eval, keep_base=False):
+        done[k] = row
+        logs[row.method] = log
+        if k == len(runs) - 1:
+            quantized = model
+        del model
+    rows += [done[k] for k in range(len(runs))]
+    row, model = rows[-1], quantized
+    save_quantized(model, args.out_dir, tokenizer=job.lm.tokenizer, calibration_info=job.data_info)
+    write_json(args.out_dir / "quantization_log.json",
+               {"data": job.data_info, "results": [asdict(r) for r in rows], "runs": logs})
+    print("\n".join(_header(job, logs)))
+    print()
+    print(markdown_table(rows))
+    print()
+    print(f"saved: {args.out_dir} (per-layer log: {args.out_dir / 'quantization_log.json'}); "
+          f"job time {time.perf_counter() - t0:.0f} s")
+    print(f"perplexity: {row.perplexity:.4f}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Held-out perplexity of --model (a quantized directory, an HF directory, a GGUF, or the default)."""
+    args.nsamples = 1
+    job = prepare(args, need_calibration=False)
+    ev = perplexity(job.lm.model, job.evaluation, device=job.device)
+    result = {"model": job.lm.name, "kind": job.lm.kind, **ev, "evaluation_source": job.data_info["evaluation_source"],
+              "eval_seqlen": job.data_info["eval_seqlen"]}
+    q = getattr(job.lm.model.config, "quantization_config", None)
+    if isinstance(q, dict) and q.get("quant_method") == "pvq":
+        result["quantization_config"] = q
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model: {job.lm.name} ({job.lm.kind})")
+    print(f"evaluation: {ev['windows']} x {job.data_info['eval_seqlen']} tokens of "
+          f"{job.data_info['evaluation_source']}; {ev['tokens']} predicted tokens; {ev['seconds']:.1f} s")
+    print(f"perplexity: {ev['perplexity']:.4f}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """The full table: fp32, RTN/GPTQ/rotated GPTQ INT4/3/2 g128, PVQ 2.25/3.25/4.25 data-free and
+    Hessian-aware; Markdown, JSON and a plot in --out (default bench/results)."""
+    t0 = time.perf_counter()
+    args.out_dir = Path(args.out) if args.out else Path("bench") / "results"
+    job = prepare(args)
+    slug = _slug(args.model)
+    stem = args.out_dir / f"compare_{slug}"
+    fp32, fp32_eval = _fp32_row(job)
+    rows, logs = [fp32], {}
+    runs = [(b, None) for b in COMPARE_BASELINES]
+    presets = args.config.split(",") if args.config else list(COMPARE_PRESETS)
+    for p in presets:
+        if p not in PRESETS:
+            raise SystemExit(f"--config {p!r}: unknown preset; choose from {', '.join(PRESETS)}")
+    runs += [(m, p) for p in presets for m in ("pvq-datafree", "pvq")]
+    done = {}
+    for k, row, log, model in run_methods(job, [(m, p, None) for m, p in runs], fp32_eval):
+        del model
+        done[k] = row
+        logs[row.method] = log
+        write_json(f"{stem}_log.json", {"data": job.data_info, "runs": logs})  # kept current: a long run
+    rows += [done[k] for k in range(len(runs))]
+    header = _header(job, logs)
+    table = markdown_table(rows)
+    total = time.perf_counter() - t0
+    md = "\n".join([f"# pvq-cuda compare: {job.lm.name}", "", *[f"- {h}" for h in header],
+                    f"- job time: {total:.0f} s", "", table, ""])
+    write_text(f"{stem}.md", md)
+    write_json(f"{stem}.json", {"data": job.data_info, "results": [asdict(r) for r in rows], "seconds": total})
+    plot(rows, f"{stem}.png", f"{job.lm.name.split(' (')[0]}: held-out perplexity vs bits per weight")
+    print(md)
+    print(f"written: {stem}.md, {stem}.json, {stem}.png, {stem}_log.json")
+    return 0
+
+
+def cmd_setup(args) -> int:
+    """Fetch the default corpus and convert the default model (both into the cache)."""
+    from .corpus import setup_corpus
+    from .loading import ensure_default_model
+
+    print(f"corpus: {setup_corpus(force=args.force)}")
+    print(f"model: {ensure_default_model()}")
+    return 0

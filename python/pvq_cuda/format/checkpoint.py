@@ -1,0 +1,188 @@
+"""The checkpoint directory: a PVQ-quantized causal LM as a Hugging Face style directory.
+
+This module writes and reads the files; :mod:`pvq_cuda.layers.quantized_model` puts the layers
+into a model and takes them out (``save_quantized`` / ``load_quantized``).
+
+Layout::
+
+    config.json                    the model's config plus a "quantization_config" block (below)
+    model.safetensors              one shard, or model-00001-of-0000N.safetensors + index:
+    model.safetensors.index.json   {"metadata": {"total_size": bytes}, "weight_map": {tensor: file}}
+    generation_config.json         when the model has one
+    tokenizer files                when a tokenizer is given
+
+Shards are written by :func:`pvq_cuda.save` (atomic, CRC-32 per tensor). A PVQ layer ``name`` is
+stored as the object ``name`` (a PVQWeight), i.e. the tensors ``name.codes`` (int32),
+``name.row_scale`` (float16), ``name.levels`` (float32): exactly the buffer names of PVQLinear, so a
+state dict loads by name. Its bias is the tensor ``name.bias``. Every other parameter and persistent
+buffer is stored under its state-dict name, tied duplicates (lm_head tied to the embeddings) once.
+config.json is written last, so a directory without it is an unfinished save.
+
+``quantization_config``::
+
+    quant_method            "pvq"
+    format_version          the packed layout version of the codes (PVQWeight.format_version)
+    D, K, scale_bits        the default layer config (scale_bits = gain bits per group)
+    rotate, seed            randomized Hadamard rotation and its sign seed
+    rotation                "hadamard-splitmix64-signs" (how seed becomes the rotation), or null
+    bits_per_weight         code bits per weight of the default config
+    modules_to_not_convert  nn.Linear modules kept in full precision (lm_head, ignored layers)
+    module_overrides        {module name: {D, K, scale_bits, rotate, seed}} where a layer differs
+    calibration             how the Hessians were made (source, nsamples, seqlen, tokens, seed, damp,
+                            act_order), or null for data-free quantization
+    quantizer               "pvq_cuda <version>"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from .._version import __version__
+from .atomic import write_json
+from .config import PVQConfig
+from .container import load as load_file
+from .container import save as save_file
+from .weight import LAYOUT_VERSION, PVQWeight
+
+QUANT_METHOD = "pvq"
+ROTATION_NAME = "hadamard-splitmix64-signs"
+SINGLE_SHARD = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def build_quantization_config(configs: Mapping[str, PVQConfig], dense: list[str], *,
+                              calibration: Mapping | None = None, damp: float | None = None,
+                              act_order: bool | None = None, method: str = "pvq") -> dict:
+    """The ``quantization_config`` dict (see the module doc) of a model whose PVQ layers have the
+    configs ``configs`` (by module name) and whose other linears are ``dense``."""
+    if not configs:
+        raise ValueError("the model has no PVQLinear layer: quantize it with quantize_model(method='pvq') first")
+    counts: dict[PVQConfig, int] = {}
+    for c in configs.values():
+        counts[c] = counts.get(c, 0) + 1
+    default = max(counts, key=lambda c: counts[c])  # most layers; first seen on ties
+    calib = None
+    if calibration:
+        calib = dict(calibration)
+        if damp is not None:
+            calib["damp"] = damp
+        if act_order is not None:
+            calib["act_order"] = act_order
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": LAYOUT_VERSION,
+        "D": default.D,
+        "K": default.K,
+        "scale_bits": default.scale_bits,
+        "rotate": default.rotate,
+        "seed": default.seed,
+        "rotation": ROTATION_NAME if default.rotate else None,
+        "bits_per_weight": default.code_bpw,
+        "modules_to_not_convert": sorted(dense),
+        "module_overrides": {n: c.to_dict() for n, c in configs.items() if c != default},
+        "calibration": calib,
+        "method": method,
+        "quantizer": f"pvq_cuda {__version__}",
+    }
+
+
+def config_of(qcfg: Mapping, name: str) -> PVQConfig:
+    """The PVQConfig of module ``name`` under a ``quantization_config``."""
+    over = qcfg.get("module_overrides") or {}
+    if name in over:
+        return PVQConfig(**over[name])
+    return PVQConfig(D=qcfg["D"], K=qcfg["K"], scale_bits=qcfg["scale_bits"], rotate=qcfg["rotate"], seed=qcfg["seed"])
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, PVQWeight):
+        return sum(t.numel() * t.element_size() for t in value.to_state()[0].values())
+    return value.numel() * value.element_size()
+
+
+def write_checkpoint(directory: str | os.PathLike, entries: Mapping, config: dict, *, tokenizer=None,
+                     generation_config=None, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write ``entries`` (name -> tensor or PVQWeight) as safetensors shards of at most
+    ``max_shard_size`` bytes (a PVQWeight's parts never straddle two), the tokenizer and generation
+    config when given, and ``config`` as config.json, last: its presence marks a finished save."""
+    if not isinstance(max_shard_size, int) or max_shard_size < 1:
+        raise ValueError(f"save_quantized: max_shard_size must be a positive int, got {max_shard_size!r}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = [{}]
+    size = 0
+    for name, value in entries.items():
+        n = _nbytes(value)
+        if shards[-1] and size + n > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += n
+    names = [SINGLE_SHARD] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                     for i in range(len(shards))]
+    for stale in list(out.glob("model*.safetensors")) + [out / INDEX_FILE, out / "config.json"]:
+        if stale.name not in names and stale.exists():
+            stale.unlink()
+    meta = {"quant_method": QUANT_METHOD, "pvq_format_version": str(LAYOUT_VERSION)}
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        save_file(out / fname, shard, metadata=meta)
+        for name, value in shard.items():
+            parts = [f"{name}.{p}" for p in value.to_state()[0]] if isinstance(value, PVQWeight) else [name]
+            weight_map.update({p: fname for p in parts})
+    if len(shards) > 1:
+        total = sum(_nbytes(v) for v in entries.values())
+        write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+        generation_config.save_pretrained(str(out))
+    write_json(out / "config.json", config)  # last: its presence marks a finished save
+    return out
+
+
+def read_quantization_config(directory: str | os.PathLike) -> dict:
+    """The ``quantization_config`` of a saved directory (ValueError when it is not a PVQ model)."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"load_quantized: {str(path)!r} is not a directory")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"load_quantized: {str(path)!r} has no config.json (not a model directory, or an "
+                                f"unfinished save)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load_quantized: {str(cfg_path)!r} is not valid JSON: {e}") from e
+    q = config.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"load_quantized: {str(cfg_path)!r} has no quantization_config with quant_method "
+                         f"'{QUANT_METHOD}' (not a pvq_cuda model)")
+    fv = q.get("format_version")
+    if not isinstance(fv, int) or not 1 <= fv <= LAYOUT_VERSION:
+        raise ValueError(f"load_quantized: {str(cfg_path)!r} has format_version {fv!r}; this pvq_cuda reads "
+                         f"1..{LAYOUT_VERSION}")
+    return q
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / f for f in files]
+    single = path / SINGLE_SHARD
+    if not single.is_file():
+        raise FileNotFoundError(f"load_quantized: {str(path)!r} has neither {SINGLE_SHARD} nor {INDEX_FILE}")
+    return [single]
+
+
+def read_checkpoint_tensors(directory: str | os.PathLike) -> dict:
+    """Every stored tensor and PVQWeight of a checkpoint directory, checksum-verified, by name."""
+    stored: dict = {}
+    for f in _shard_files(Path(directory)):
+        stored.update(load_file(f))
+    return stored

@@ -1,0 +1,127 @@
+"""PVQLinear: a drop-in replacement for nn.Linear whose weight is a packed PVQWeight."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..format.config import DEFAULT_PRESET, PVQConfig
+from ..format.weight import LAYOUT_VERSION, TILE_ROWS, PVQWeight, pvq_matmul, rotation_signs
+
+# PVQLinear.from_linear quantizes, which is the quantization layer's job (one layer up): that layer
+# registers its data-free quantizer here when it is imported (importing pvq_cuda always does), so
+# this layer never imports it.
+_weight_quantizer: Callable[..., PVQWeight] | None = None
+
+
+def register_weight_quantizer(quantize: Callable[..., PVQWeight]) -> None:
+    """Set the function ``quantize(weight, config) -> PVQWeight`` behind :meth:`PVQLinear.from_linear`."""
+    global _weight_quantizer
+    _weight_quantizer = quantize
+
+
+class PVQLinear(nn.Module):
+    """``y = x W^T + b`` with W stored as PVQ codes and decoded inside the matmul kernel.
+
+    Buffers (all in ``state_dict``): ``codes`` (int32), ``row_scale`` (float16), ``levels``
+    (float32) and ``bias`` (if any); the config and format version travel as extra state, so a
+    state dict loads into a PVQLinear built with the same shape and config.
+
+    Decoded-weight cache (opt-in, for CPU prefill): ``enable_decoded_cache()`` keeps a dense copy
+    of the weight and runs ``F.linear`` on it, trading memory (4 bytes a weight) for speed on large
+    batches; ``disable_decoded_cache()`` drops it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, config: PVQConfig | None = None,
+                 device=None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else PVQConfig.preset(DEFAULT_PRESET)
+        if in_features % self.config.D:
+            raise ValueError(f"PVQLinear: in_features ({in_features}) must be a multiple of D={self.config.D}")
+        self.in_features, self.out_features = in_features, out_features
+        tiles = -(-out_features // TILE_ROWS)
+        words = tiles * (in_features // self.config.D) * self.config.code_bits
+        self.register_buffer("codes", torch.zeros(words, dtype=torch.int32, device=device))
+        self.register_buffer("row_scale", torch.zeros(out_features, dtype=torch.float16, device=device))
+        self.register_buffer("levels", torch.zeros(1 << self.config.scale_bits, dtype=torch.float32, device=device))
+        # Derived from the config's seed, so not saved; a buffer so that it moves with the module and
+        # forward never rebuilds it (which torch.compile could not trace).
+        signs = rotation_signs(in_features, self.config.seed) if self.config.rotate else None
+        self.register_buffer("signs", None if signs is None else signs.to(device), persistent=False)
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
+        else:
+            self.bias = None
+        self._decoded: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: PVQConfig | None = None) -> "PVQLinear":
+        """Quantize an nn.Linear (data-free) into a PVQLinear on the same device."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"PVQLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        if _weight_quantizer is None:
+            raise RuntimeError("PVQLinear.from_linear: no weight quantizer is registered (import pvq_cuda, which "
+                               "registers pvq_cuda.quantization's)")
+        weight = _weight_quantizer(linear.weight.detach(), config)
+        return cls.from_weight(weight, None if linear.bias is None else linear.bias.detach())
+
+    @classmethod
+    def from_weight(cls, weight: PVQWeight, bias: torch.Tensor | None = None) -> "PVQLinear":
+        layer = cls(weight.in_features, weight.out_features, bias is not None, weight.config, device=weight.device,
+                    dtype=None if bias is None else bias.dtype)
+        layer.codes.copy_(weight.codes)
+        layer.row_scale.copy_(weight.row_scale)
+        layer.levels.copy_(weight.levels)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    @property
+    def weight(self) -> PVQWeight:
+        """A PVQWeight view of the buffers (no copy)."""
+        return PVQWeight(self.codes, self.row_scale, self.levels, self.out_features, self.in_features, self.config,
+                         validate=False, signs=self.signs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._decoded is not None:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, self._decoded.to(x.dtype), bias)
+        return pvq_matmul(x, self.weight, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must move the packed buffers, never convert them: their dtypes are the
+        # format (an fp16 scale cast to bf16 would lose bits).
+        packed = {name: self._buffers[name] for name in ("codes", "row_scale", "levels", "signs")
+                  if self._buffers[name] is not None}
+        super()._apply(fn, recurse)
+        for name, old in packed.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def enable_decoded_cache(self) -> None:
+        self._decoded = self.weight.dequantize()
+
+    def disable_decoded_cache(self) -> None:
+        self._decoded = None
+
+    # The config is part of the layer's state: a state dict from another config must not load.
+    def get_extra_state(self) -> dict:
+        return {"format_version": LAYOUT_VERSION, "config": self.config.to_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state.get("format_version") != LAYOUT_VERSION:
+            raise ValueError(f"PVQLinear: state has format_version {state.get('format_version')!r}, this "
+                             f"pvq_cuda reads {LAYOUT_VERSION}")
+        config = PVQConfig(**state["config"])
+        if config != self.config:
+            raise ValueError(f"PVQLinear: state was saved with {config}, this layer has {self.config}")
+        self._decoded = None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"D={c.D}, K={c.K}, scale_bits={c.scale_bits}, rotate={c.rotate}")

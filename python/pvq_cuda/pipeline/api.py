@@ -1,0 +1,212 @@
+"""quantize_model / quantize_models: the public entry points, their argument checks and set-up."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..format.config import DEFAULT_PRESET, PVQConfig
+from ..layers.decoder import decoder_layers, linears
+from ..quantization.hessian import DEFAULT_DAMP
+from ..quantization.methods import parse_method
+from ..quantization.quantize import check_refine_passes
+from .calibration import calibration_chunks, calibration_digest
+from .resume import Resume, fingerprint
+from .run import LOSS_DEFINITION, Run, progress_bar
+from .stream import execute
+
+
+def compile_overrides(overrides) -> list[tuple[re.Pattern, PVQConfig]]:
+    out = []
+    for pattern, cfg in (overrides or {}).items():
+        if isinstance(cfg, str):
+            cfg = PVQConfig.preset(cfg)
+        if not isinstance(cfg, PVQConfig):
+            raise TypeError(f"quantize_model: overrides[{pattern!r}] must be a PVQConfig or a preset name")
+        try:
+            out.append((re.compile(pattern), cfg))
+        except re.error as e:
+            raise ValueError(f"quantize_model: overrides key {pattern!r} is not a valid regex: {e}") from e
+    return out
+
+
+def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str | None = None, *,
+                   ignore: str | None = None, device=None, offload: bool = False, act_order: bool = False,
+                   resume_dir: str | os.PathLike | None = None, progress: bool = True, method: str = "pvq",
+                   overrides: Mapping[str, PVQConfig | str] | None = None, damp: float = DEFAULT_DAMP,
+                   batch_size: int = 8, seed: int = 0, log_path: str | os.PathLike | None = None,
+                   calibration_info: Mapping | None = None, metric_search: bool = False,
+                   fp_targets: bool = False, refine_passes: int = 0) -> dict:
+    """Quantize the decoder linears of a Llama-family causal LM in place, block by block.
+
+    Args:
+        model: a transformers causal LM with ``model.model.layers`` (Llama, Mistral, Qwen2, SmolLM...).
+        calibration: token ids, int64 ``[nsamples, seqlen]`` or a list of 1-D tensors; required by
+            the methods that use Hessians (``pvq``, ``gptq-*``), ignored by the data-free ones.
+        config: a :class:`PVQConfig` or a preset name (default ``pvq-3.25``), for ``method="pvq"``.
+        ignore: regex; linears whose full name matches (``re.search``) stay in full precision.
+            Only the decoder blocks are quantized: embeddings and lm_head always stay.
+        device: where the work runs (default CUDA when available, else CPU). Without ``offload``
+            the whole model moves there.
+        offload: keep the model and the activations on CPU and move one block at a time to ``device``.
+        act_order: quantize columns in order of decreasing Hessian diagonal (GPTQ's desc_act).
+        metric_search: PVQ only: refine each group's pulses under its Hessian block metric
+            (``quantize_weight(..., metric_search=True)``; slower, usually better).
+        refine_passes: PVQ only: coordinate-descent passes over each layer's groups after error
+            feedback (``quantize_weight(..., refine_passes=n)``; lowers the layer loss, costs time).
+        fp_targets: quantize each layer toward the unquantized model's outputs (asymmetric
+            calibration, :func:`fp_target_weight`); costs one more forward per block and the fp
+            model's activations beside the quantized ones. Any method with a Hessian.
+        resume_dir: save each finished block there and skip finished blocks on a rerun with the
+            same settings (a rerun with other settings raises ValueError).
+        progress: show a tqdm bar (layer name, loss, ETA).
+        method: ``"pvq"`` (default), ``"pvq-datafree"``, or a baseline such as ``"rtn-int4"``,
+            ``"gptq-int3"``, ``"gptq-rot-int3"`` (see :mod:`pvq_cuda.methods`); baselines leave
+            dense ``nn.Linear`` layers holding the dequantized weights (simulated quantization).
+        overrides: ``{regex: PVQConfig or preset name}``, per-module configs (first match wins).
+        damp: Hessian damping λ (λ·mean(diag H) is added to the diagonal).
+        batch_size: calibration samples per forward pass.
+        seed: seed of the baselines' rotation (PVQ's rotation seed is ``config.seed``).
+        log_path: where the JSON log is (re)written after every block.
+        calibration_info: JSON-able description of the calibration data, stored in the
+            ``quantization_config`` (e.g. ``{"source": ..., "nsamples": ..., "seqlen": ...}``).
+
+    Returns:
+        The log: ``{"method", "label", "config", "loss_definition", "device", "layers": [{"name",
+        "block", "loss", "loss_kind", "bpw", "seconds", "hessian_seconds", ...}], "seconds", "bpw"}``,
+        where ``bpw`` is the parameter-weighted mean over the quantized linears.
+    """
+    run = prepare(model, calibration, config, ignore=ignore, device=device, offload=offload, act_order=act_order,
+                   resume_dir=resume_dir, progress=progress, method=method, overrides=overrides, damp=damp,
+                   batch_size=batch_size, seed=seed, log_path=log_path, calibration_info=calibration_info,
+                   metric_search=metric_search, fp_targets=fp_targets, refine_passes=refine_passes)
+    execute([run])
+    return run.log
+
+
+def uses_fp_targets(method: str, fp_targets: bool) -> bool:
+    """Whether a run of ``method`` quantizes toward fp targets (only methods with a Hessian do);
+    such runs can share the fp model's pass (:func:`quantize_models`)."""
+    return bool(fp_targets) and parse_method(method).hessian
+
+
+#: quantize_models: the options each run may set for itself; the others are shared.
+PER_RUN_OPTIONS = frozenset({"method", "config", "overrides", "act_order", "metric_search", "refine_passes",
+                             "log_path", "calibration_info"})
+
+
+def quantize_models(models: Sequence[nn.Module], calibration=None, runs: Sequence[Mapping] | None = None,
+                    **options) -> list[dict]:
+    """Quantize several copies of one model, each by its own method, with the results of separate
+    :func:`quantize_model` calls but less work.
+
+    ``quantize_model(models[k], calibration, **options, **runs[k])`` for every k, except that the
+    runs with a Hessian and ``fp_targets`` go block by block together and share the unquantized
+    model's pass over each block (one forward per block instead of one per run: ~27 % of a
+    pvq-3.25 run on SmolLM2). Each run's log has ``seconds`` = its own work plus the shared pass,
+    and ``shared_seconds`` = the shared pass.
+
+    Args:
+        models: the copies (distinct objects, identical weights: checked block by block).
+        calibration: token ids, as for :func:`quantize_model`, shared by all runs.
+        runs: one mapping per model of the options in :data:`PER_RUN_OPTIONS` (``method``,
+            ``config``, ``overrides``, ``act_order``, ``metric_search``, ``refine_passes``,
+            ``log_path``, ``calibration_info``).
+        **options: any other :func:`quantize_model` keyword argument, shared by all runs;
+            ``resume_dir`` is not taken (resume single runs with :func:`quantize_model`).
+
+    Returns:
+        The runs' logs, in the order of ``models``.
+    """
+    models = list(models)
+    runs = [dict(r) for r in (runs if runs is not None else [{}] * len(models))]
+    if len(runs) != len(models):
+        raise ValueError(f"quantize_models: runs must hold one mapping per model ({len(models)}), got {len(runs)}")
+    if len({id(m) for m in models}) != len(models):
+        raise ValueError("quantize_models: models must be distinct objects (copies, e.g. copy.deepcopy)")
+    if "resume_dir" in options:
+        raise TypeError("quantize_models: resume_dir is not supported; resume single runs with quantize_model")
+    for k, r in enumerate(runs):
+        bad = sorted(set(r) - PER_RUN_OPTIONS)
+        if bad:
+            raise TypeError(f"quantize_models: runs[{k}] sets {bad}, which all runs share; pass them as keyword "
+                            f"arguments (per-run options: {sorted(PER_RUN_OPTIONS)})")
+    defaults = {n: p.default for n, p in inspect.signature(quantize_model).parameters.items()
+                if n not in ("model", "calibration")}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"quantize_models: unexpected keyword arguments {unknown}")
+    prepared = []
+    for model, r in zip(models, runs):
+        kw = {**defaults, **options, **r}
+        prepared.append(prepare(model, calibration, kw.pop("config"), **dict(kw, progress=False)))
+    if options.get("progress", True):  # one bar for all runs (several would interleave their lines)
+        bar = progress_bar(sum(run.total_layers for run in prepared), f"{len(prepared)} runs")
+        for run in prepared:
+            run.bar = bar
+    execute(prepared)
+    return [run.log for run in prepared]
+
+
+def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, act_order, resume_dir, progress,
+             method, overrides, damp, batch_size, seed, log_path, calibration_info, metric_search, fp_targets,
+             refine_passes) -> Run:
+    """Check quantize_model's arguments and set up its run (nothing is quantized yet)."""
+    layers = decoder_layers(model)
+    m = parse_method(method)
+    if config is None:
+        config = PVQConfig.preset(DEFAULT_PRESET)
+    elif isinstance(config, str):
+        config = PVQConfig.preset(config)
+    elif not isinstance(config, PVQConfig):
+        raise TypeError(f"quantize_model: config must be a PVQConfig or a preset name, got {type(config).__name__}")
+    if ignore is not None:
+        try:
+            ignore_re = re.compile(ignore)
+        except re.error as e:
+            raise ValueError(f"quantize_model: ignore {ignore!r} is not a valid regex: {e}") from e
+    else:
+        ignore_re = None
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"quantize_model: batch_size must be a positive int, got {batch_size!r}")
+    if not damp >= 0:
+        raise ValueError(f"quantize_model: damp must be >= 0, got {damp!r}")
+    check_refine_passes(refine_passes, "quantize_model")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    overrides_c = compile_overrides(overrides)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    chunks = calibration_chunks(calibration, batch_size, vocab) if m.hessian else None
+
+    prefix_of = {id(b): f"model.layers.{i}." for i, b in enumerate(layers)}
+    todo = [f"{prefix_of[id(b)]}{rel}" for b in layers for rel in linears(b)]
+    todo = [n for n in todo if ignore_re is None or not ignore_re.search(n)]
+    if not todo:
+        raise ValueError("quantize_model: no linear layer is left to quantize (ignore matches all of them)")
+
+    model.eval()
+    if not offload:
+        model.to(dev)
+    refine_passes = refine_passes if m.kind == "pvq" and m.hessian else 0
+    run = Run(model, m, config, overrides_c, ignore_re, dev, offload, act_order, metric_search, damp, seed, progress,
+               log_path, len(todo), fp_targets=uses_fp_targets(method, fp_targets), refine_passes=refine_passes)
+    run.layers, run.chunks = layers, chunks
+    run.log = {"method": m.name, "label": m.label, "config": config.to_dict() if m.kind == "pvq" else None,
+               "overrides": {p.pattern: c.to_dict() for p, c in overrides_c}, "ignore": ignore,
+               "act_order": act_order, "metric_search": metric_search, "refine_passes": refine_passes,
+               "fp_targets": run.fp_targets,
+               "damp": damp if m.hessian else None, "device": str(dev), "offload": offload,
+               "loss_definition": LOSS_DEFINITION, "calibration": dict(calibration_info or {}),
+               "layers": [], "seconds": None, "bpw": None}
+    if chunks is not None:
+        run.log["calibration"].update(nsamples=sum(c.shape[0] for c in chunks),
+                                      tokens=sum(c.numel() for c in chunks))
+    if resume_dir is not None:
+        run.resume = Resume(resume_dir, fingerprint(model, m, config, overrides_c, ignore, act_order, metric_search,
+                                                      run.fp_targets, refine_passes, damp, seed,
+                                                      calibration_digest(chunks)))
+    return run

@@ -1,0 +1,89 @@
+"""GPTQ / LDLQ error feedback with column blocks of any width (paper.md §6).
+
+Quantizing column block B of W to Q_B leaves the error E = (W_B − Q_B) U_BB⁻¹, where U is the
+upper Cholesky factor of H⁻¹; pushing E·U_{B,rest} into the columns not yet quantized makes the
+final error small under the Hessian metric tr((W−Q) H (W−Q)ᵀ). Width 1 is GPTQ; width D quantizes
+a PVQ group at a time (BlockLDLQ). Updates are lazy: inside a 128-column super-block they are
+applied at once, to the rest of the matrix once per super-block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+SUPER_BLOCK = 128
+
+
+def inverse_cholesky_upper(H: torch.Tensor, max_tries: int = 5) -> torch.Tensor:
+    """U upper-triangular with H⁻¹ = Uᵀ U (float64 internally for stability).
+
+    A Hessian that is not positive definite (dead inputs, too few tokens) gets more damping,
+    10x per try starting at 1e-6·mean(diag); the last failure raises ValueError.
+    """
+    Hd = H.double()
+    mean_diag = Hd.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
+    extra = 0.0
+    for attempt in range(max_tries + 1):
+        L, info = torch.linalg.cholesky_ex(Hd + extra * mean_diag * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U
+        extra = 1e-6 * 10**attempt
+    raise ValueError("error feedback: the Hessian is not positive definite even after damping; "
+                     "check it for NaN/Inf or collect more calibration tokens")
+
+
+def error_feedback(W: torch.Tensor, U: torch.Tensor, width: int,
+                   quantize_block: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor], *,
+                   group: int = 0,
+                   start_group: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Quantize W [rows, n] column block by column block with error feedback; returns Q.
+
+    ``quantize_block(j, W_B, U_BB)`` gets the start column j, the current (feedback-updated)
+    columns W[:, j:j+width] and the diagonal block of U, and returns their quantized values.
+
+    With ``start_group``, ``start_group(j, W_G)`` is called on entering each group of ``group``
+    columns (a multiple of width; the last group may be shorter), before its first block is
+    quantized, with the group's current columns W[:, j:j+group] (a new tensor, every earlier
+    block's feedback applied, including updates still pending past the super-block): GPTQ fits
+    its group scales there.
+    """
+    n = W.shape[1]
+    if n % width or SUPER_BLOCK % width:
+        raise ValueError(f"error feedback: n={n} and {SUPER_BLOCK} must be multiples of width={width}")
+    if start_group is not None and (group <= 0 or group % width):
+        raise ValueError(f"error feedback: group={group} must be a positive multiple of width={width}")
+    W = W.clone()
+    U = U.to(W.dtype)
+    Q = torch.empty_like(W)
+    for b0 in range(0, n, SUPER_BLOCK):
+        b1 = min(b0 + SUPER_BLOCK, n)
+        err = torch.empty(W.shape[0], b1 - b0, dtype=W.dtype, device=W.device)
+        for j in range(b0, b1, width):
+            if start_group is not None and j % group == 0:
+                g1 = min(j + group, n)
+                cur = W[:, j:g1].clone()
+                if g1 > b1:  # columns past this super-block still lack its lazy update from b0..j
+                    cur[:, b1 - j:] -= err[:, :j - b0] @ U[b0:j, b1:g1]
+                start_group(j, cur)
+            k = j + width
+            U_bb = U[j:k, j:k]
+            q = quantize_block(j, W[:, j:k], U_bb)
+            Q[:, j:k] = q
+            e = torch.linalg.solve_triangular(U_bb, W[:, j:k] - q, upper=True, left=False)
+            err[:, j - b0:k - b0] = e
+            W[:, k:b1] -= e @ U[j:k, k:b1]
+        W[:, b1:] -= err @ U[b0:b1, b1:]
+    return Q
+
+
+def hessian_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W−Q) H (W−Q)ᵀ) / tr(W H Wᵀ): the relative output error on the calibration inputs."""
+    d = (W - Q).double()
+    Wd, Hd = W.double(), H.double()
+    return float(((d @ Hd) * d).sum() / ((Wd @ Hd) * Wd).sum().clamp_min(1e-30))
