@@ -18,8 +18,8 @@ import torch
 
 import pvq_cuda
 from pvq_cuda import baselines
-from pvq_cuda.error_feedback import hessian_loss
-from pvq_cuda.hessian import damp_hessian
+from pvq_cuda.quantization.error_feedback import hessian_loss
+from pvq_cuda.quantization.hessian import damp_hessian
 from bench_common import emit, git_commit
 
 

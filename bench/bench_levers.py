@@ -11,7 +11,7 @@ any of ``ao`` (act-order), ``ms`` (metric search), ``fp`` (fp targets), ``refine
 Every row also reports the mean per-layer loss (the H-weighted relative error of the layer on
 its calibration inputs): it moves far more smoothly than one perplexity draw, which differs by
 about ±1.5 % between rotation seeds at the same setting. The ratio's ± is one standard error over
-the held-out windows (:func:`pvq_cuda.evaluate.ratio_standard_error`).
+the held-out windows (:func:`pvq_cuda.apps.evaluate.ratio_standard_error`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import time
 import torch
 
 from bench_common import emit, git_commit
-from pvq_cuda.config import PVQConfig
-from pvq_cuda.corpus import make_windows, read_text, tokenize
-from pvq_cuda.evaluate import perplexity, ratio_standard_error
-from pvq_cuda.loading import load_model
-from pvq_cuda.model import quantize_model
+from pvq_cuda.format.config import PVQConfig
+from pvq_cuda.apps.corpus import make_windows, read_text, tokenize
+from pvq_cuda.apps.evaluate import perplexity, ratio_standard_error
+from pvq_cuda.apps.loading import load_model
+from pvq_cuda.pipeline import quantize_model
 
 FLAGS = {"ao": "act_order", "ms": "metric_search", "fp": "fp_targets"}
 

@@ -20,22 +20,26 @@ import time
 
 import torch
 
-import pvq_cuda.hessian as hessian_module
-import pvq_cuda.model as model_module
+import pvq_cuda.pipeline as pipeline
+import pvq_cuda.pipeline.capture as capture_module
+import pvq_cuda.pipeline.llama as llama_module
+import pvq_cuda.pipeline.run as run_module
+import pvq_cuda.pipeline.stream as stream_module
+import pvq_cuda.quantization.hessian as hessian_module
 from bench_common import emit, git_commit
-from pvq_cuda.corpus import make_windows, read_text, tokenize
-from pvq_cuda.loading import load_model
+from pvq_cuda.apps.corpus import make_windows, read_text, tokenize
+from pvq_cuda.apps.loading import load_model
 
 STAGES = (  # (owner, attribute, label)
-    (model_module, "_fp_block_pass", "fp model's pass over the block (shareable across runs)"),
+    (stream_module, "fp_block_pass", "fp model's pass over the block (shareable across runs)"),
     (hessian_module, "hessian_accumulate_", "Hessian accumulation"),
-    (model_module._ShiftCollector, "add", "fp-target shift products"),
-    (model_module._LlamaFlow, "o_input", "forward to o_proj's input"),
-    (model_module._LlamaFlow, "residual", "o_proj + residual"),
-    (model_module._LlamaFlow, "down_input", "MLP forward to down_proj's input"),
-    (model_module._LlamaFlow, "output", "down_proj + residual (block output)"),
-    (model_module._Run, "quantize_layer", "per-layer quantization"),
-    (model_module, "fp_target_weight", "  of which the fp-target weight"),
+    (capture_module.ShiftCollector, "add", "fp-target shift products"),
+    (llama_module.LlamaFlow, "o_input", "forward to o_proj's input"),
+    (llama_module.LlamaFlow, "residual", "o_proj + residual"),
+    (llama_module.LlamaFlow, "down_input", "MLP forward to down_proj's input"),
+    (llama_module.LlamaFlow, "output", "down_proj + residual (block output)"),
+    (run_module.Run, "quantize_layer", "per-layer quantization"),
+    (run_module, "fp_target_weight", "  of which the fp-target weight"),
 )
 
 
@@ -69,7 +73,7 @@ def main() -> None:
     if args.blocks:
         model.model.layers = model.model.layers[:args.blocks]
     t0 = time.perf_counter()
-    log = model_module.quantize_model(model, windows.calibration, args.config, method=args.method, fp_targets=True,
+    log = pipeline.quantize_model(model, windows.calibration, args.config, method=args.method, fp_targets=True,
                                       device="cpu", progress=False)
     total = time.perf_counter() - t0
 

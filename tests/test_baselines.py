@@ -4,9 +4,9 @@ a textbook GPTQ, and each other under the Hessian loss on a synthetic layer with
 import pytest
 import torch
 
-from pvq_cuda.baselines import BASELINE_BITS, BASELINES, baseline_bpw, gptq_quantize, rtn_quantize
-from pvq_cuda.error_feedback import hessian_loss
-from pvq_cuda.hessian import damp_hessian
+from pvq_cuda.quantization.baselines import BASELINE_BITS, BASELINES, baseline_bpw, gptq_quantize, rtn_quantize
+from pvq_cuda.quantization.error_feedback import hessian_loss
+from pvq_cuda.quantization.hessian import damp_hessian
 
 BITS = (2, 3, 4)
 

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from pvq_cuda.cli import main  # noqa: E402
+from pvq_cuda.apps.cli import main  # noqa: E402
 from tiny_llama import TEXT, write_tiny_model_dir  # noqa: E402
 
 SMALL = ["--nsamples", "4", "--seqlen", "32", "--eval-windows", "3", "--device", "cpu"]

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pvq_cuda.corpus import make_windows, read_text
+from pvq_cuda.apps.corpus import make_windows, read_text
 
 
 def _positions(windows, ids):

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from pvq_cuda.evaluate import perplexity, ratio_standard_error  # noqa: E402
+from pvq_cuda.apps.evaluate import perplexity, ratio_standard_error  # noqa: E402
 from tiny_llama import VOCAB, tiny_model  # noqa: E402
 
 

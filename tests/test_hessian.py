@@ -6,7 +6,7 @@ from torch import nn
 
 import pvq_cuda
 from conftest import requires_cuda
-from pvq_cuda.hessian import HessianCollector, collect_hessians, damp_hessian, rotate_hessian
+from pvq_cuda.quantization.hessian import HessianCollector, collect_hessians, damp_hessian, rotate_hessian
 
 
 def _rel_fro(a, b):

@@ -1,7 +1,9 @@
 """pvq_cuda.save / load / read_metadata: round trips, atomic writes, and corrupted files.
 
-Every corrupted, truncated or foreign file must raise FormatError naming the file and the reason,
-and it must do so from pvq_cuda's own header checks or checksums, never by luck.
+Every corrupted, truncated or foreign file must raise FormatError naming the file and the reason.
+safetensors validates the framing (header length, JSON, dtypes, shapes, data offsets) and
+pvq_cuda's container turns its findings into plain reasons; pvq_cuda's own checks (format,
+version, objects, header checksum, tensor checksums) catch everything else, never by luck.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from hypothesis import strategies as st
 
 import pvq_cuda
 from pvq_cuda import FormatError
-from pvq_cuda.io import RESERVED_METADATA_KEYS, _header_checksum
+from pvq_cuda.format.container import RESERVED_METADATA_KEYS, _header_checksum
 from conftest import requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64,
@@ -488,17 +490,20 @@ def test_relative_path(tmp_path, monkeypatch):
 # The reference file holds plain tensors of several dtypes, two objects and metadata; its header
 # ends in a few bytes of space padding, so that whitespace edits can be checked both ways.
 
+ST_JSON = r"the header is not valid safetensors JSON \(safetensors: invalid JSON in header: .+\)"
+ST_UTF8 = r"the header is not valid UTF-8 \(safetensors: "
+ST_SMALL = r"too short for a safetensors header \(truncated, or not a safetensors file\)"
+ST_LARGE = r"the header length field exceeds safetensors' limit \(not a safetensors file\?\)"
+ST_PAST = r"truncated: the header length field points past the end of the file"
+ST_FILL = r"truncated or corrupt: the tensor data does not exactly fill the file after the header"
+ST_OFFSETS = r"corrupt: tensor data_offsets overlap, leave a gap or run past the data \(safetensors: invalid offset"
+ST_SHAPE = r"corrupt: a tensor's dtype and shape do not match its data_offsets"
+
 HEADER_REASONS = re.compile(
     "|".join([
-        r"empty file", r"too short for the 8-byte header length", r"header length is 0",
-        r"header length \d+ exceeds", r"truncated: header says \d+ bytes",
-        r"header is not valid UTF-8", r"header is not valid JSON", r"duplicate key",
-        r"not a pvq_cuda file", r"__metadata__ must be a JSON object of str to str",
-        r"no 'format_version'", r"invalid format_version", r"is newer than this pvq_cuda supports",
-        r"entry must be an object with exactly the keys", r"unknown dtype", r"shape must be a list",
-        r"data_offsets must be", r"extend past the end of the data", r"hold \d+ bytes but dtype",
-        r"overlap tensor", r"leave a gap", r"trailing bytes after the tensor data",
-        r"metadata has no '\w+'", r"header checksum mismatch",
+        ST_JSON, ST_UTF8, ST_SMALL, ST_LARGE, ST_PAST, ST_FILL, ST_OFFSETS, ST_SHAPE,
+        r"not a pvq_cuda file", r"no 'format_version'", r"invalid format_version",
+        r"is newer than this pvq_cuda supports", r"metadata has no '\w+'", r"header checksum mismatch",
     ])
 )
 
@@ -581,7 +586,7 @@ def assert_format_error(path: Path, reason, *, what="") -> FormatError:
     msg = str(e)
     assert os.fspath(path) in msg, msg
     assert re.search(reason, msg), f"{what}: {msg!r} does not match {reason!r}"
-    assert "safetensors could not read" not in msg, f"{what}: only safetensors noticed: {msg}"
+    assert "SafetensorError" not in msg, f"{what}: safetensors' error was passed on untranslated: {msg}"
     return e
 
 
@@ -624,15 +629,12 @@ def test_truncated_everywhere(scratch, ref):
     n, count = ref.n, 0
     for k in range(len(ref.data)):
         p = scratch.write(ref.data[:k])
-        if k == 0:
-            reason = r"empty file \(0 bytes\)"
-        elif k < 8:
-            reason = rf"truncated: file has {k} bytes, too short for the 8-byte header length field"
+        if k < 8:
+            reason = ST_SMALL
         elif k < 8 + n:
-            reason = rf"truncated: header says {n} bytes but file has {k - 8} bytes after the 8-byte length field$"
+            reason = ST_PAST
         else:
-            reason = (r"truncated or corrupt: tensor '[\w.]+' data_offsets \[\d+, \d+\] extend past the end of the "
-                      rf"data \({k - 8 - n} bytes after the header\)")
+            reason = ST_FILL
         assert_format_error(p, reason, what=f"cut at {k}")
         with pytest.raises(FormatError, match=reason):
             pvq_cuda.read_metadata(p)
@@ -664,8 +666,7 @@ def test_header_bit_flips(scratch, ref):
             assert not equivalent, f"byte {pos} bit {bit}"
             e = assert_format_error(p, HEADER_REASONS, what=f"byte {pos} bit {bit}")
             if pos < 8:
-                assert re.search("header length|truncated|not valid|trailing bytes|leave a gap|extend past|overlap",
-                                 e.reason), e.reason
+                assert re.search("header length|truncated|not valid|data_offsets", e.reason), e.reason
             count += 1
     assert count == 8 * (8 + ref.n)
 
@@ -751,8 +752,8 @@ M = "__metadata__"
 HEADER_CASES = [
     # format and version
     ("no metadata", _delete([M]), r"not a pvq_cuda file \(no __metadata__ in the header\)"),
-    ("metadata not an object", _set([M], ["format"]), r"__metadata__ must be a JSON object of str to str"),
-    ("metadata value not str", _set([M, "author"], 3), r"__metadata__ must be a JSON object of str to str"),
+    ("metadata not an object", _set([M], ["format"]), ST_JSON),
+    ("metadata value not str", _set([M, "author"], 3), ST_JSON),
     ("no format", _delete([M, "format"]), r"not a pvq_cuda file \(metadata 'format' is None"),
     ("wrong format", _set([M, "format"], "gguf"),
      r"not a pvq_cuda file \(metadata 'format' is 'gguf', expected 'pvq_cuda'\)"),
@@ -764,42 +765,41 @@ HEADER_CASES = [
     *[(f"version {v!r}", _set([M, "format_version"], v), r"invalid format_version")
       for v in ["0", "-1", "1.0", " 1", "1 ", "01", "abc", "", "１", "99999999999999999999", "0x1"]],
     # tensor entries: dtype
-    *[(f"dtype {v!r}", _set(["bias", "dtype"], v), r"tensor 'bias' has unknown dtype")
-      for v in ["F8", "f32", "", "FLOAT", "F8_E4M3", "C64", "U16", "U64", "I4", 32, None, ["F32"]]],
+    *[(f"dtype {v!r}", _set(["bias", "dtype"], v), ST_JSON) for v in ["F8", "f32", "", "FLOAT", "I4", 32, None, ["F32"]]],
+    # dtypes safetensors knows, whose size does not fit the entry's 20 bytes
+    *[(f"dtype {v!r}", _set(["bias", "dtype"], v), ST_SHAPE) for v in ["F8_E4M3", "C64", "U16", "U64"]],
     # shape
-    *[(f"shape {v!r}", _set(["w.codes", "shape"], v), r"tensor 'w.codes': shape must be a list of non-negative ints")
+    *[(f"shape {v!r}", _set(["w.codes", "shape"], v), ST_JSON)
       for v in [[-3, 4], [3.0, 4], [3, "4"], "34", None, [True, 4], [[3], 4], 12, [3, -0.5], {"0": 3}]],
-    ("shape too big", _set(["w.codes", "shape"], [3, 5]),
-     r"tensor 'w.codes': data_offsets \[\d+, \d+\] hold 12 bytes but dtype I8 with shape \[3, 5\] needs 15"),
-    ("shape too small", _set(["w.codes", "shape"], [3, 3]), r"hold 12 bytes but dtype I8 with shape \[3, 3\] needs 9"),
+    ("shape too big", _set(["w.codes", "shape"], [3, 5]), ST_SHAPE),
+    ("shape too small", _set(["w.codes", "shape"], [3, 3]), ST_SHAPE),
     # same size, so a consistent file: only the object's own validation can object
     ("shape rank", _set(["w.codes", "shape"], [12]),
      r"object 'w' of type 'test_io.Affine' could not be rebuilt: "
      r"ValueError: Affine codes must be int8 of shape \(3, 4\), got torch.int8 \(12,\)"),
-    ("shape enormous", _set(["w.codes", "shape"], [2**62, 2**62, 2**62]), r"needs more than \d+"),
-    ("shape empty", _set(["bias", "shape"], []), r"hold 20 bytes but dtype F32 with shape \[\] needs 4"),
-    ("dtype wider", _set(["bias", "dtype"], "F64"), r"hold 20 bytes but dtype F64 with shape \[5\] needs 40"),
+    ("shape enormous", _set(["w.codes", "shape"], [2**62, 2**62, 2**62]), r"corrupt: a tensor's shape is too large"),
+    ("shape empty", _set(["bias", "shape"], []), ST_SHAPE),
+    ("dtype wider", _set(["bias", "dtype"], "F64"), ST_SHAPE),
     # data_offsets
-    *[(f"offsets {v!r}", _set(["bias", "data_offsets"], v), r"tensor 'bias': data_offsets must be \[begin, end\]")
-      for v in [[0], [0, 20, 40], [-20, 0], [20.0, 40.0], ["0", "20"], None, 20, [40, 20], [True, 20]]],
-    ("offsets past end", _offsets("bias", lambda b, e: [b + 10**6, e + 10**6]), r"extend past the end of the data"),
-    ("offsets far past end", _offsets("bias", lambda b, e: [b, 2**64 + 5]), r"extend past the end of the data"),
-    ("offsets short", _offsets("bias", lambda b, e: [b, e - 4]),
-     r"tensor 'bias': data_offsets \[\d+, \d+\] hold 16 bytes but dtype F32 with shape \[5\] needs 20"),
-    ("offsets long", _offsets("bias", lambda b, e: [b, e + 1]), r"hold 21 bytes"),
-    ("offsets swapped", _swap_regions, r"hold \d+ bytes but dtype"),
-    ("offsets overlap", _overlap, r"overlap tensor|leave a gap"),
-    ("offsets shifted", _offsets("mask", lambda b, e: [b + 1, e + 1]), r"overlap tensor|leave a gap|extend past"),
-    ("offsets of empty", _offsets("empty", lambda b, e: [b + 1, e + 1]), r"overlap tensor|leave a gap|extend past"),
+    *[(f"offsets {v!r}", _set(["bias", "data_offsets"], v), ST_JSON)
+      for v in [[0], [0, 20, 40], [-20, 0], [20.0, 40.0], ["0", "20"], None, 20, [True, 20]]],
+    ("offsets reversed", _set(["bias", "data_offsets"], [40, 20]), ST_OFFSETS),
+    ("offsets past end", _offsets("bias", lambda b, e: [b + 10**6, e + 10**6]), ST_OFFSETS),
+    ("offsets far past end", _offsets("bias", lambda b, e: [b, 2**64 + 5]), ST_JSON),
+    ("offsets short", _offsets("bias", lambda b, e: [b, e - 4]), ST_SHAPE),
+    ("offsets long", _offsets("bias", lambda b, e: [b, e + 1]), ST_SHAPE),
+    ("offsets swapped", _swap_regions, ST_SHAPE),
+    ("offsets overlap", _overlap, ST_OFFSETS),
+    ("offsets shifted", _offsets("mask", lambda b, e: [b + 1, e + 1]), ST_OFFSETS),
+    ("offsets of empty", _offsets("empty", lambda b, e: [b + 1, e + 1]), ST_OFFSETS),
     # entries
-    ("entry not object", _set(["bias"], [1, 2]), r"tensor 'bias': entry must be an object with exactly the keys"),
-    ("entry extra key", _set(["bias", "extra"], 1), r"entry must be an object with exactly the keys"),
-    ("entry no dtype", _delete(["bias", "dtype"]), r"entry must be an object with exactly the keys"),
-    ("entry no shape", _delete(["bias", "shape"]), r"entry must be an object with exactly the keys"),
-    ("entry no offsets", _delete(["bias", "data_offsets"]), r"entry must be an object with exactly the keys"),
-    ("entry removed", _delete(["bias"]), r"leave a gap|trailing bytes"),
+    ("entry not object", _set(["bias"], [1, 2]), ST_JSON),
+    ("entry no dtype", _delete(["bias", "dtype"]), ST_JSON),
+    ("entry no shape", _delete(["bias", "shape"]), ST_JSON),
+    ("entry no offsets", _delete(["bias", "data_offsets"]), ST_JSON),
+    ("entry removed", _delete(["bias"]), ST_OFFSETS),
     ("entry renamed", _rename, r"no checksum for tensor 'bias2'"),
-    ("entry is a number", _set(["x"], 1), r"tensor 'x': entry must be an object"),
+    ("entry is a number", _set(["x"], 1), ST_JSON),
     # header checksum
     ("no header checksum", _delete([M, "header_checksum"]), r"metadata has no 'header_checksum'"),
     ("no checksums", _delete([M, "checksums"]), r"metadata has no 'checksums'"),
@@ -908,61 +908,67 @@ def test_header_edits_without_resealing(tmp_path, ref, edit):
         pvq_cuda.read_metadata(p)
 
 
+def test_unknown_entry_keys_change_nothing(tmp_path, ref):
+    """safetensors ignores keys it does not know in a tensor entry, and so do we: they change no
+    name, dtype, shape or offset, so the file loads exactly as before."""
+    p = tmp_path / "extra.pvq"
+    p.write_bytes(rebuild(ref, _set(["bias", "extra"], 1)))
+    assert_loads_as_reference(p, ref)
+
+
 def _raw_header_file(ref: Ref, raw: bytes, n=None) -> bytes:
     return struct.pack("<Q", len(raw) if n is None else n) + raw + ref.buffer
 
 
 RAW_CASES = [
     # (id, bytes maker, reason)
-    ("length zero", lambda r: struct.pack("<Q", 0) + r.data[8:], r"header length is 0"),
-    ("length one more", lambda r: struct.pack("<Q", r.n + 1) + r.data[8:], r"header is not valid (UTF-8|JSON)"),
+    ("length zero", lambda r: struct.pack("<Q", 0) + r.data[8:], ST_JSON),
+    ("length one more", lambda r: struct.pack("<Q", r.n + 1) + r.data[8:], ST_JSON),
     ("length past end", lambda r: struct.pack("<Q", len(r.data) - 7) + r.data[8:],
-     r"truncated: header says \d+ bytes but file has \d+ bytes"),
-    ("length 2**32", lambda r: struct.pack("<Q", 2**32) + r.data[8:],
-     r"header length 4294967296 exceeds the 100000000-byte limit"),
-    ("length 2**63", lambda r: struct.pack("<Q", 2**63) + r.data[8:], r"header length \d+ exceeds"),
-    ("length max", lambda r: b"\xff" * 8 + r.data[8:], r"header length 18446744073709551615 exceeds"),
-    ("length limit+1", lambda r: struct.pack("<Q", 100_000_001) + r.data[8:], r"exceeds the 100000000-byte limit"),
-    ("length short by padding", lambda r: struct.pack("<Q", r.n - r.padding) + r.data[8:],
-     r"\d+ trailing bytes after the tensor data"),
-    ("length short", lambda r: struct.pack("<Q", r.n - r.padding - 1) + r.data[8:], r"header is not valid JSON"),
-    ("length big endian", lambda r: struct.pack(">Q", r.n) + r.data[8:], r"header length \d+ exceeds"),
-    ("trailing bytes", lambda r: r.data + b"\0", r"1 trailing bytes after the tensor data \(the tensors cover \d+ of \d+\)"),
-    ("trailing page", lambda r: r.data + bytes(4096), r"4096 trailing bytes"),
+     ST_PAST),
+    ("length 2**32", lambda r: struct.pack("<Q", 2**32) + r.data[8:], ST_LARGE),
+    ("length 2**63", lambda r: struct.pack("<Q", 2**63) + r.data[8:], ST_LARGE),
+    ("length max", lambda r: b"\xff" * 8 + r.data[8:], ST_LARGE),
+    ("length limit+1", lambda r: struct.pack("<Q", 100_000_001) + r.data[8:], ST_LARGE),
+    ("length short by padding", lambda r: struct.pack("<Q", r.n - r.padding) + r.data[8:], ST_FILL),
+    ("length short", lambda r: struct.pack("<Q", r.n - r.padding - 1) + r.data[8:], ST_JSON),
+    ("length big endian", lambda r: struct.pack(">Q", r.n) + r.data[8:], ST_LARGE),
+    ("trailing bytes", lambda r: r.data + b"\0", ST_FILL),
+    ("trailing page", lambda r: r.data + bytes(4096), ST_FILL),
     ("header latin-1", lambda r: _raw_header_file(r, r.raw_header.replace(b'"test"', b'"t\xe9st"')),
-     r"header is not valid UTF-8"),
+     ST_UTF8),
     ("header lone continuation", lambda r: _raw_header_file(r, r.raw_header.replace(b'"test"', b'"\x80est"')),
-     r"header is not valid UTF-8"),
+     ST_UTF8),
     ("header surrogate", lambda r: _raw_header_file(r, r.raw_header.replace(b'"test"', b'"\xed\xa0\x80st"')),
-     r"header is not valid UTF-8"),
-    ("header bom", lambda r: _raw_header_file(r, b"\xef\xbb\xbf" + r.raw_header), r"header is not valid JSON"),
-    ("header nul", lambda r: _raw_header_file(r, r.raw_header.replace(b" ", b"\0")), r"header is not valid JSON"),
+     ST_UTF8),
+    ("header bom", lambda r: _raw_header_file(r, b"\xef\xbb\xbf" + r.raw_header), ST_JSON),
+    ("header nul", lambda r: _raw_header_file(r, r.raw_header.replace(b" ", b"\0")), ST_JSON),
     ("header control char", lambda r: _raw_header_file(r, r.raw_header.replace(b'"test"', b'"te\x01t"')),
-     r"header is not valid JSON"),
-    ("header cut brace", lambda r: _raw_header_file(r, r.raw_header.rstrip()[:-1]), r"header is not valid JSON"),
-    ("header extra brace", lambda r: _raw_header_file(r, r.raw_header.rstrip() + b"}"), r"header is not valid JSON"),
-    ("header two objects", lambda r: _raw_header_file(r, r.raw_header.rstrip() + b"{}"), r"header is not valid JSON"),
-    ("header list", lambda r: _raw_header_file(r, b"[1, 2]  "), r"not a pvq_cuda file \(the header is not a JSON object\)"),
-    ("header null", lambda r: _raw_header_file(r, b"null    "), r"the header is not a JSON object"),
-    ("header string", lambda r: _raw_header_file(r, b'"{}"    '), r"the header is not a JSON object"),
-    ("header empty object", lambda r: _raw_header_file(r, b"{}      "), r"no __metadata__"),
-    ("header spaces", lambda r: _raw_header_file(r, b"        "), r"header is not valid JSON"),
-    ("header nesting", lambda r: _raw_header_file(r, b"[" * 200_000 + b"]" * 200_000), r"header is not valid JSON"),
-    ("header NaN", lambda r: _raw_header_file(r, r.raw_header.replace(b"[3,4]", b"[NaN,4]")), r"header contains NaN"),
+     ST_JSON),
+    ("header cut brace", lambda r: _raw_header_file(r, r.raw_header.rstrip()[:-1]), ST_JSON),
+    ("header extra brace", lambda r: _raw_header_file(r, r.raw_header.rstrip() + b"}"), ST_JSON),
+    ("header two objects", lambda r: _raw_header_file(r, r.raw_header.rstrip() + b"{}"), ST_JSON),
+    ("header list", lambda r: _raw_header_file(r, b"[1, 2]  "), ST_JSON),
+    ("header null", lambda r: _raw_header_file(r, b"null    "), ST_JSON),
+    ("header string", lambda r: _raw_header_file(r, b'"{}"    '), ST_JSON),
+    ("header empty object", lambda r: _raw_header_file(r, b"{}      "), ST_FILL),
+    ("header spaces", lambda r: _raw_header_file(r, b"        "), ST_JSON),
+    ("header nesting", lambda r: _raw_header_file(r, b"[" * 200_000 + b"]" * 200_000), ST_JSON),
+    ("header NaN", lambda r: _raw_header_file(r, r.raw_header.replace(b"[3,4]", b"[NaN,4]")), ST_JSON),
     ("header single quotes", lambda r: _raw_header_file(r, r.raw_header.replace(b'"bias"', b"'bias'")),
-     r"header is not valid JSON"),
+     ST_JSON),
     ("header duplicate tensor", lambda r: _raw_header_file(r, r.raw_header.replace(b'"bias":', b'"mask":', 1)),
-     r"duplicate key 'mask' in JSON"),
+     ST_OFFSETS),
     ("header duplicate metadata", lambda r: _raw_header_file(
-        r, r.raw_header.rstrip()[:-1] + b',"__metadata__":{"format":"pvq_cuda"}}'), r"duplicate key '__metadata__'"),
+        r, r.raw_header.rstrip()[:-1] + b',"__metadata__":{"format":"pvq_cuda"}}'), ST_JSON),
     ("header huge int", lambda r: _raw_header_file(r, r.raw_header.replace(b"[3,4]", b"[" + b"9" * 5000 + b",4]")),
-     r"header is not valid JSON"),
-    ("not safetensors: text", lambda r: b"hello, world\nthis is a text file\n", r"header length \d+ exceeds"),
-    ("not safetensors: zeros", lambda r: bytes(4096), r"header length is 0"),
-    ("not safetensors: random", lambda r: bytes((i * 7919 + 13) % 251 for i in range(3000)), r"header length \d+ exceeds"),
-    ("not safetensors: png", lambda r: b"\x89PNG\r\n\x1a\n" + bytes(100), r"header length \d+ exceeds"),
-    ("not safetensors: short", lambda r: b"\x08\0\0\0\0\0\0\0{}", r"truncated: header says 8 bytes but file has 2"),
-    ("not safetensors: tiny", lambda r: b"{}", r"truncated: file has 2 bytes, too short"),
+     ST_JSON),
+    ("not safetensors: text", lambda r: b"hello, world\nthis is a text file\n", ST_LARGE),
+    ("not safetensors: zeros", lambda r: bytes(4096), ST_JSON),
+    ("not safetensors: random", lambda r: bytes((i * 7919 + 13) % 251 for i in range(3000)), ST_LARGE),
+    ("not safetensors: png", lambda r: b"\x89PNG\r\n\x1a\n" + bytes(100), ST_LARGE),
+    ("not safetensors: short", lambda r: b"\x08\0\0\0\0\0\0\0{}", ST_PAST),
+    ("not safetensors: tiny", lambda r: b"{}", ST_SMALL),
     ("plain safetensors", lambda r: safetensors.torch.save({"x": torch.ones(2)}),
      r"not a pvq_cuda file \(no __metadata__ in the header\)"),
     ("other safetensors metadata", lambda r: safetensors.torch.save({"x": torch.ones(2)}, {"format": "pt"}),
@@ -984,7 +990,7 @@ def test_bad_raw_file(tmp_path, ref, make, reason):
 def test_torch_save_file_is_not_ours(tmp_path):
     p = tmp_path / "model.pt"
     torch.save({"x": torch.ones(3)}, p)
-    assert_format_error(p, r"header length \d+ exceeds|truncated")
+    assert_format_error(p, f"{ST_LARGE}|{ST_PAST}")
 
 
 def test_missing_and_special_files(tmp_path):

@@ -10,14 +10,9 @@ from torch import nn
 pytest.importorskip("transformers")
 
 import pvq_cuda  # noqa: E402
-from pvq_cuda.methods import baselines_available, h_loss, hessian_pvq_available, parse_method  # noqa: E402
+from pvq_cuda.quantization.methods import h_loss, parse_method  # noqa: E402
 from tiny_llama import VOCAB, tiny_model  # noqa: E402
 
-needs_hessian_pvq = pytest.mark.skipif(
-    not hessian_pvq_available(),
-    reason="quantize_weight does not take hessian= in this build (Hessian-aware PVQ lands in another branch)")
-needs_baselines = pytest.mark.skipif(not baselines_available(),
-                                     reason="pvq_cuda.baselines (RTN/GPTQ) is not in this build yet")
 
 
 def _calib(n=6, seqlen=24, seed=1):
@@ -153,7 +148,6 @@ def test_bad_inputs(tmp_path):
         pvq_cuda.save_quantized(tiny_model(), tmp_path / "x")
 
 
-@needs_hessian_pvq
 def test_bad_hessian_is_rejected():
     W = torch.randn(32, 64)
     cfg = pvq_cuda.PVQConfig.preset("pvq-3.25")
@@ -165,14 +159,13 @@ def test_bad_hessian_is_rejected():
         pvq_cuda.quantize_weight(W, cfg, hessian=H)
 
 
-@needs_hessian_pvq
 def test_hessian_aware_beats_data_free_on_correlated_inputs():
     gen = torch.Generator().manual_seed(0)
     n, N, tokens = 256, 128, 4096
     # Correlated inputs: a few strong directions plus isotropic noise, as in real activations.
     mix = torch.randn(16, n, generator=gen) * 3
     X = torch.randn(tokens, 16, generator=gen) @ mix + 0.3 * torch.randn(tokens, n, generator=gen)
-    H = pvq_cuda.hessian.damp_hessian(2 / tokens * X.T @ X, 0.01)
+    H = pvq_cuda.quantization.hessian.damp_hessian(2 / tokens * X.T @ X, 0.01)
     W = torch.randn(N, n, generator=gen) / n**0.5
     cfg = pvq_cuda.PVQConfig.preset("pvq-3.25")
     free = h_loss(W, pvq_cuda.quantize_weight(W, cfg).dequantize(), H)
@@ -180,7 +173,6 @@ def test_hessian_aware_beats_data_free_on_correlated_inputs():
     assert aware < 0.8 * free, (aware, free)
 
 
-@needs_baselines
 def test_baselines_run_through_the_pipeline():
     for method in ("rtn-int4", "gptq-int3", "gptq-rot-int3"):
         model = tiny_model()
@@ -193,8 +185,8 @@ def test_baselines_run_through_the_pipeline():
 
 def test_fp_target_weight_is_the_least_squares_target():
     """W_t minimizes ‖W X̃ − W_t X‖² (+ the damping term) and is W itself when X̃ = X."""
-    from pvq_cuda.hessian import damp_hessian
-    from pvq_cuda.model import fp_target_weight
+    from pvq_cuda.quantization.hessian import damp_hessian
+    from pvq_cuda.pipeline import fp_target_weight
 
     gen = torch.Generator().manual_seed(5)
     X = torch.randn(500, 24, generator=gen).double()
@@ -207,7 +199,6 @@ def test_fp_target_weight_is_the_least_squares_target():
     torch.testing.assert_close(Wt, lstsq, rtol=1e-8, atol=1e-8)
 
 
-@needs_hessian_pvq
 def test_fp_targets_pipeline_and_resume(tmp_path, monkeypatch):
     """fp_targets quantizes toward the fp model: the end-to-end output error on the calibration
     ids is no larger than without it (tiny model, same codes budget), and resume continues it."""
@@ -223,17 +214,17 @@ def test_fp_targets_pipeline_and_resume(tmp_path, monkeypatch):
     # Resume: a run stopped in block 1 continues from the saved fp and quantized activations.
     full = tiny_model()
     _quantize(full, fp_targets=True)
-    quantize_layer = pvq_cuda.model._Run.quantize_layer
+    quantize_layer = pvq_cuda.pipeline.run.Run.quantize_layer
 
     def stop_in_block_1(self, *args, **kw):
         if args[5] == 1:  # (block, prefix, rel, H, seconds_h, block_index)
             raise KeyboardInterrupt
         return quantize_layer(self, *args, **kw)
 
-    monkeypatch.setattr(pvq_cuda.model._Run, "quantize_layer", stop_in_block_1)
+    monkeypatch.setattr(pvq_cuda.pipeline.run.Run, "quantize_layer", stop_in_block_1)
     with pytest.raises(KeyboardInterrupt):
         _quantize(tiny_model(), fp_targets=True, resume_dir=tmp_path / "r")
-    monkeypatch.setattr(pvq_cuda.model._Run, "quantize_layer", quantize_layer)
+    monkeypatch.setattr(pvq_cuda.pipeline.run.Run, "quantize_layer", quantize_layer)
     assert (tmp_path / "r" / "block_0000.safetensors").exists()
     assert not (tmp_path / "r" / "block_0001.safetensors").exists()
     again = tiny_model()
@@ -245,13 +236,12 @@ def test_fp_targets_pipeline_and_resume(tmp_path, monkeypatch):
         _quantize(tiny_model(), fp_targets=True, resume_dir=tmp_path / "r")
 
 
-@needs_hessian_pvq
 @pytest.mark.parametrize("fp_targets", [False, True])
 def test_staged_llama_blocks_are_exact(monkeypatch, fp_targets):
     """The pipeline's staged run of Llama blocks (each group's inputs made without rerunning
     earlier layers) quantizes to exactly the model that the generic path (the block run up to
     each group) gives."""
-    from pvq_cuda.model import _LlamaFlow
+    from pvq_cuda.pipeline.llama import LlamaFlow as _LlamaFlow
 
     probes = []
     probe = _LlamaFlow.probe
@@ -271,7 +261,7 @@ def test_staged_probe_rejects_other_block_layouts():
     """The probe passes the tiny Llama's block and fails blocks that differ from the Llama layout:
     a forward on another input, a parallel attention/MLP residual, an MLP without its gate, a
     forward that skips the linears."""
-    from pvq_cuda.model import _LlamaFlow
+    from pvq_cuda.pipeline.llama import LlamaFlow as _LlamaFlow
 
     block = tiny_model().model.layers[0].eval()
     h = torch.randn(2, 16, block.input_layernorm.weight.numel())
@@ -295,8 +285,6 @@ def test_staged_probe_rejects_other_block_layouts():
         assert not _LlamaFlow.probe(block, h, lambda: block.input_layernorm(h))
 
 
-@needs_hessian_pvq
-@needs_baselines
 def test_quantize_models_matches_separate_runs():
     """quantize_models gives each model exactly what its own quantize_model call gives; the runs
     with fp targets share one fp pass and say so in their logs."""
@@ -337,7 +325,6 @@ def test_quantize_models_bad_input():
         pvq_cuda.quantize_models([a, b], _calib(), fp_targets=True, progress=False, batch_size=4)
 
 
-@needs_hessian_pvq
 def test_refine_passes_through_the_pipeline(tmp_path):
     """refine_passes reaches every layer (lower summed layer loss), is logged and stored in the
     quantization_config, and is part of the resume fingerprint."""
@@ -353,7 +340,6 @@ def test_refine_passes_through_the_pipeline(tmp_path):
         _quantize(tiny_model(), refine_passes=-1)
 
 
-@needs_baselines
 def test_quantize_models_shows_one_progress_bar(capsys):
     """All runs of quantize_models count on one bar (separate bars would interleave their lines)."""
     pvq_cuda.quantize_models([tiny_model(), tiny_model()], None, [{"method": "pvq-datafree"}, {"method": "rtn-int4"}])

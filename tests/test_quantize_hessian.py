@@ -6,8 +6,8 @@ import torch
 import pvq_cuda
 from conftest import requires_cuda
 from pvq_cuda import PVQConfig, quantize_weight
-from pvq_cuda.error_feedback import error_feedback, hessian_loss, inverse_cholesky_upper
-from pvq_cuda.hessian import damp_hessian
+from pvq_cuda.quantization.error_feedback import error_feedback, hessian_loss, inverse_cholesky_upper
+from pvq_cuda.quantization.hessian import damp_hessian
 
 
 def _layer(n=256, N=96, tokens=4096, seed=0):
@@ -113,7 +113,7 @@ def test_hessian_aware_on_cuda():
 @pytest.mark.parametrize("D,K", [(4, 7), (8, 16), (16, 14), (16, 30)])
 def test_metric_search_matches_explicit_rescoring(D, K):
     """The incremental move scores pick the same moves as rescoring every candidate vector."""
-    from pvq_cuda.quantize import METRIC_SEARCH_PASSES, _metric_search
+    from pvq_cuda.quantization.quantize import METRIC_SEARCH_PASSES, _metric_search
 
     gen = torch.Generator().manual_seed(D * 100 + K)
     w = torch.randn(120, D, generator=gen)

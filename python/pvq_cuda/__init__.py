@@ -1,28 +1,25 @@
-"""pvq_cuda: Pyramid Vector Quantization of LLM weights and activations, on CPU and CUDA."""
+"""pvq_cuda: Pyramid Vector Quantization of LLM weights and activations, on CPU and CUDA.
 
-import torch  # noqa: F401  (first: loads the libtorch that _C links against)
+The package is layered; each subpackage imports only from those below it (checked in CI by
+import-linter, see pyproject.toml):
 
-from . import _C  # loading the library runs the TORCH_LIBRARY registrations
-from .config import PRESETS, PVQConfig
-from .counting import MAX_INDEX_BITS, MAX_K, SUPPORTED_D, index_bits, max_pulses, pyramid_size
-from .gain import beta_gain_levels
-from .hessian import HessianCollector
-from .io import FORMAT_VERSION, FormatError, load, read_metadata, register_serializable, save
-from .checkpoint import load_quantized, save_quantized
-from .linear import PVQLinear
-from .model import quantize_model, quantize_models
-from .ops import (HADAMARD_BASES, HADAMARD_MAX_N, decode, encode, hadamard_split, hadamard_transform,
-                  hessian_accumulate_, pvq_matmul, search)
-from .quantize import quantize_weight
-from .weight import PVQWeight, rotation_signs
+    apps          the pvq-cuda CLI, jobs, model loading, corpus, evaluation, reports, demo
+    integrations  transformers, PEFT, lm-eval
+    pipeline      quantize_model(s): block-by-block quantization of a causal LM
+    quantization  quantize_weight, error feedback, Hessians, baselines, the method registry
+    layers        PVQLinear, and PVQ layers in a model and its checkpoint directory
+    format        configs and presets, gain levels, PVQWeight, the file container, checkpoints
+    ops           the native ops' Python faces and the codec's counting
+"""
 
-__version__ = "0.1.0"
-
-
-def cuda_built() -> bool:
-    """True when this build compiled the CUDA kernels."""
-    return _C.cuda_built()
-
+from ._version import __version__
+from .format import (FORMAT_VERSION, PRESETS, FormatError, PVQConfig, PVQWeight, beta_gain_levels, load, pvq_matmul,
+                     read_metadata, register_serializable, rotation_signs, save)
+from .layers import PVQLinear, load_quantized, save_quantized
+from .ops import (HADAMARD_BASES, HADAMARD_MAX_N, MAX_INDEX_BITS, MAX_K, SUPPORTED_D, cuda_built, decode, encode,
+                  hadamard_split, hadamard_transform, hessian_accumulate_, index_bits, max_pulses, pyramid_size, search)
+from .pipeline import quantize_model, quantize_models
+from .quantization import HessianCollector, quantize_weight
 
 __all__ = [
     "FORMAT_VERSION",
