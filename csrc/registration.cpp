@@ -15,6 +15,10 @@ TORCH_LIBRARY(pvq_cuda, m) {
   m.def("pvq_matmul(Tensor x, Tensor codes, Tensor row_scale, Tensor levels, Tensor? signs, Tensor? bias, "
         "int out_features, int D, int K, int scale_bits) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // pvq_matmul's input gradient (grad @ W, decoded on the fly), for its autograd formula.
+  m.def("pvq_matmul_grad_input(Tensor grad, Tensor codes, Tensor row_scale, Tensor levels, Tensor? signs, "
+        "int in_features, int D, int K, int scale_bits) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   // Rotation.
   m.def("hadamard_transform(Tensor x, Tensor? signs=None) -> Tensor", {at::Tag::pt2_compliant_tag});
   // Calibration.

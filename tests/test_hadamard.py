@@ -354,7 +354,9 @@ def _check_both(exc, match, *args):
 
 
 def test_bad_x_dtype(device):
-    for dtype in (torch.float64, torch.int32, torch.int8, torch.bool):
+    # float64 runs on the CPU only (computed in double: an exact reference, and gradcheck's dtype).
+    bad = (torch.int32, torch.int8, torch.bool) + ((torch.float64,) if device == "cuda" else ())
+    for dtype in bad:
         _check_both(TypeError, "x must .*float32", torch.zeros(2, 8, dtype=dtype, device=device))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         pvq_cuda.hadamard_transform([[1.0, 2.0]])
@@ -439,3 +441,14 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, pvq_cuda.hadamard_transform(x, s)) and not torch.equal(out, y)
+
+
+@pytest.mark.parametrize("n", [8, 576, 1536, 4096])
+def test_float64_on_cpu_is_exact(n):
+    """float64 rows are transformed in double: the reference to 1e-12, where fp32 gets 1e-6."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, generator=g, dtype=torch.float64)
+    s = _signs(n, seed=n)
+    y = pvq_cuda.hadamard_transform(x, s)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, _reference(x, s).to(torch.float64), rtol=1e-12, atol=1e-12)

@@ -48,7 +48,10 @@ def test_matmul_bad_input(device):
     with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 64\]"):
         pvq_cuda.pvq_matmul(torch.randn(3, 48, device=device), q)
     with pytest.raises(TypeError, match="x must have dtype"):
-        pvq_cuda.pvq_matmul(torch.randn(3, 64, device=device).double(), q)
+        pvq_cuda.pvq_matmul(torch.randn(3, 64, device=device).long(), q)
+    if device == "cuda":  # float64 runs on the CPU only (an exact reference, and gradcheck's dtype)
+        with pytest.raises(TypeError, match="x must have dtype float32, float16 or bfloat16 on cuda"):
+            pvq_cuda.pvq_matmul(torch.randn(3, 64, device=device).double(), q)
     with pytest.raises(ValueError, match=r"bias must have shape \[32\]"):
         pvq_cuda.pvq_matmul(torch.randn(3, 64, device=device), q, torch.randn(31, device=device))
     with pytest.raises(TypeError, match="weight must be a PVQWeight"):

@@ -31,8 +31,8 @@ at::Tensor reject_sparse(const at::Tensor& x, const std::optional<at::Tensor>& s
 pvq::hadamard::Split check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>& signs) {
   check_dense("x", x);
   const auto st = x.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, kOp,
-                   ": x must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || (st == at::kDouble && x.is_cpu()),
+                   kOp, ": x must be float32, float16 or bfloat16 (float64 on CPU), got ", st, " on ", x.device());
   TORCH_CHECK_VALUE(x.dim() >= 1, kOp, ": x must have shape [..., n], got a 0-d tensor");
   const int64_t n = x.size(-1);
   const pvq::hadamard::Split split = pvq::hadamard::split_size(n);

@@ -1,5 +1,6 @@
-// The CPU transform in fp32 and torch-free: Sylvester butterflies along the 2^p axis of a row,
-// then the dense H_m along the m axis (hadamard_matrix.h has the index convention).
+// The CPU transform, torch-free: Sylvester butterflies along the 2^p axis of a row, then the dense
+// H_m along the m axis (hadamard_matrix.h has the index convention). T is float (every 16- and
+// 32-bit input, rounded like the CUDA kernel) or double (float64 inputs: an exact reference).
 #pragma once
 #include <cstdint>
 
@@ -7,11 +8,13 @@ namespace pvq::hadamard {
 
 // In place: each of the m contiguous chunks v[a·2^p .. (a+1)·2^p) times S_{2^p}. The stages run in
 // the order bit 0, 1, …, p−1, the order the CUDA kernel uses, so both round alike.
-void sylvester_chunks(float* v, int m, int log_p);
+template <typename T>
+void sylvester_chunks(T* v, int m, int log_p);
 
 // out[a][c] = Σ_{a'} table[a·m + a'] · v[a'][c] for m×cols row-major v and out, summed in
 // increasing a' (the CUDA kernel's order). table is dense_table(m); out must not alias v. A row's
 // m chunks are v with cols = 2^p; a block of rows transposed to [m][rows·2^p] works the same way.
-void small_hadamard(const float* table, int m, int64_t cols, const float* v, float* out);
+template <typename T>
+void small_hadamard(const float* table, int m, int64_t cols, const T* v, T* out);
 
 }  // namespace pvq::hadamard

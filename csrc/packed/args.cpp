@@ -45,8 +45,9 @@ PackedShape check_matmul_args(const at::Tensor& x, const at::Tensor& codes, cons
   const PackedShape s = check_packed_layer("pvq_cuda.pvq_matmul", codes, row_scale, levels, out_features,
                                            x.size(-1), D, K, scale_bits);
   const auto st = x.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-                   "pvq_cuda.pvq_matmul: x must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || (st == at::kDouble && x.is_cpu()),
+                   "pvq_cuda.pvq_matmul: x must be float32, float16 or bfloat16 (float64 on CPU), got ", st, " on ",
+                   x.device());
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == s.cols, "pvq_cuda.pvq_matmul: x must have shape [..., ", s.cols,
                     "] (the layer's in_features), got ", x.sizes());
   TORCH_CHECK_VALUE(x.device() == codes.device(), "pvq_cuda.pvq_matmul: x is on ", x.device(),
@@ -68,6 +69,30 @@ PackedShape check_matmul_args(const at::Tensor& x, const at::Tensor& codes, cons
   return s;
 }
 
+PackedShape check_matmul_grad_args(const at::Tensor& grad, const at::Tensor& codes, const at::Tensor& row_scale,
+                                   const at::Tensor& levels, const std::optional<at::Tensor>& signs,
+                                   int64_t in_features, int64_t D, int64_t K, int64_t scale_bits) {
+  const char* op = "pvq_cuda.pvq_matmul_grad_input";
+  TORCH_CHECK_VALUE(grad.dim() >= 1, op, ": grad must have shape [..., out_features], got a 0-d tensor");
+  TORCH_CHECK_VALUE(row_scale.dim() == 1, op, ": row_scale must have shape [out_features], got ", row_scale.sizes());
+  const PackedShape s = check_packed_layer(op, codes, row_scale, levels, row_scale.size(0), in_features, D, K,
+                                           scale_bits);
+  const auto st = grad.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || (st == at::kDouble && grad.is_cpu()),
+                   op, ": grad must be float32, float16 or bfloat16 (float64 on CPU), got ", st, " on ", grad.device());
+  TORCH_CHECK_VALUE(grad.size(-1) == s.rows, op, ": grad must have shape [..., ", s.rows,
+                    "] (the layer's out_features), got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.device() == codes.device(), op, ": grad is on ", grad.device(), " but the weight is on ",
+                    codes.device());
+  if (signs) {
+    TORCH_CHECK_VALUE(signs->dim() == 1 && signs->size(0) == s.cols, op, ": signs must have shape [", s.cols,
+                      "], got ", signs->sizes());
+    TORCH_CHECK_VALUE(signs->device() == grad.device(), op, ": signs must be on ", grad.device(), ", got ",
+                      signs->device());
+  }
+  return s;
+}
+
 pvq::PackedLayer packed_view(const PackedShape& s, const at::Tensor& codes, const at::Tensor& row_scale,
                              const at::Tensor& levels) {
   return pvq::PackedLayer{reinterpret_cast<const uint32_t*>(codes.data_ptr<int32_t>()),
@@ -81,12 +106,23 @@ pvq::PackedLayer packed_view(const PackedShape& s, const at::Tensor& codes, cons
                           s.count};
 }
 
-at::Tensor rotate_input(const at::Tensor& x2d, const std::optional<at::Tensor>& signs) {
-  if (!signs) return x2d;
+namespace {
+
+at::Tensor hadamard(const at::Tensor& x2d, const std::optional<at::Tensor>& signs) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("pvq_cuda::hadamard_transform", "")
                              .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&)>();
   return op.call(x2d, signs);
+}
+
+}  // namespace
+
+at::Tensor rotate_input(const at::Tensor& x2d, const std::optional<at::Tensor>& signs) {
+  return signs ? hadamard(x2d, signs) : x2d;
+}
+
+at::Tensor unrotate_output(const at::Tensor& z2d, const std::optional<at::Tensor>& signs) {
+  return signs ? hadamard(z2d, std::nullopt).mul_(signs->to(z2d.scalar_type())) : z2d;
 }
 
 }  // namespace pvq_cuda

@@ -140,13 +140,15 @@ at::Tensor dequantize_cpu(const at::Tensor& codes, const at::Tensor& row_scale, 
 }
 
 // One tile of 32 rows against all M activation rows: each column's 32 codes are decoded once into
-// a small float tile, which is then dotted with every row of x (acc is [M][32]).
-template <int N>
-bool matmul_tile(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, const float* x, int64_t M,
-                 int64_t cols, int64_t t, float* acc) {
+// a small float tile, which is then dotted with every row of x (acc is [M][32]). T is the
+// activations' arithmetic type: float, or double for float64 inputs (weights stay the float values
+// every device decodes).
+template <int N, typename T>
+bool matmul_tile(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, const T* x, int64_t M,
+                 int64_t cols, int64_t t, T* acc) {
   bool corrupt = false;
   const int rows_here = int(std::min<int64_t>(pvq::kTileRows, layer.rows - t * pvq::kTileRows));
-  std::fill(acc, acc + pvq::kTileRows * M, 0.f);
+  std::fill(acc, acc + pvq::kTileRows * M, T(0));
   float w[pvq::kTileRows][N];
   for (int64_t j = 0; j < layer.groups; ++j) {
     const uint32_t* chunk = layer.words + (t * layer.groups + j) * layer.bits;
@@ -158,11 +160,11 @@ bool matmul_tile(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, 
       for (int d = 0; d < N; ++d) w[l][d] = scale * float(y[d]);
     }
     for (int64_t m = 0; m < M; ++m) {
-      const float* xj = x + m * cols + j * N;
-      float* am = acc + m * pvq::kTileRows;
+      const T* xj = x + m * cols + j * N;
+      T* am = acc + m * pvq::kTileRows;
       for (int l = 0; l < rows_here; ++l) {
-        float dot = 0.f;
-        for (int d = 0; d < N; ++d) dot += w[l][d] * xj[d];
+        T dot = 0;
+        for (int d = 0; d < N; ++d) dot += T(w[l][d]) * xj[d];
         am[l] += dot;
       }
     }
@@ -177,41 +179,49 @@ bool matmul_tile(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, 
 constexpr int64_t kFusedMaxRows = 8;
 constexpr int64_t kDenseBlockFloats = int64_t(1) << 23;
 
-bool matmul_dense(const PackedShape& s, const pvq::PackedLayer& layer, const at::Tensor& x2, at::Tensor& out) {
-  const int64_t tiles_per_block =
-      std::max<int64_t>(1, kDenseBlockFloats / (int64_t(pvq::kTileRows) * s.cols));
-  if (tiles_per_block >= s.tiles) {
-    at::Tensor w = at::empty({s.rows, s.cols}, x2.options());
-    const bool corrupt = dequantize_tiles(s, layer, 0, s.tiles, w.data_ptr<float>());
-    at::mm_out(out, x2, w.t());
-    return corrupt;
-  }
+// Row blocks of the decoded weight (float; converted to x's type when that is double), each
+// handed to block(r0, r1, w) with w the [r1 - r0, cols] weight of rows [r0, r1).
+template <typename F>
+bool for_dense_blocks(const PackedShape& s, const pvq::PackedLayer& layer, at::ScalarType dtype, F&& block) {
+  const int64_t tiles_per_block = std::max<int64_t>(1, kDenseBlockFloats / (int64_t(pvq::kTileRows) * s.cols));
+  const int64_t block_tiles = std::min(tiles_per_block, s.tiles);
+  at::Tensor w = at::empty({std::min(block_tiles * pvq::kTileRows, s.rows), s.cols}, at::kFloat);
   bool corrupt = false;
-  at::Tensor w = at::empty({tiles_per_block * pvq::kTileRows, s.cols}, x2.options());
-  for (int64_t t0 = 0; t0 < s.tiles; t0 += tiles_per_block) {
-    const int64_t t1 = std::min(t0 + tiles_per_block, s.tiles);
+  for (int64_t t0 = 0; t0 < s.tiles; t0 += block_tiles) {
+    const int64_t t1 = std::min(t0 + block_tiles, s.tiles);
     const int64_t r0 = t0 * pvq::kTileRows, r1 = std::min(t1 * pvq::kTileRows, s.rows);
     corrupt |= dequantize_tiles(s, layer, t0, t1, w.data_ptr<float>());
-    out.slice(1, r0, r1).copy_(at::mm(x2, w.slice(0, 0, r1 - r0).t()));
+    block(r0, r1, w.narrow(0, 0, r1 - r0).to(dtype));
   }
   return corrupt;
 }
 
+bool matmul_dense(const PackedShape& s, const pvq::PackedLayer& layer, const at::Tensor& x2, at::Tensor& out) {
+  return for_dense_blocks(s, layer, x2.scalar_type(), [&](int64_t r0, int64_t r1, const at::Tensor& w) {
+    if (r0 == 0 && r1 == s.rows)
+      at::mm_out(out, x2, w.t());
+    else
+      out.slice(1, r0, r1).copy_(at::mm(x2, w.t()));
+  });
+}
+
+template <typename T>
 bool matmul_fused(const PackedShape& s, const pvq::PackedLayer& layer, const at::Tensor& x2, at::Tensor& out) {
   const int64_t M = x2.size(0);
   std::atomic<bool> corrupt{false};
   const pvq::SplitTables tables = pvq::host_split_tables().view();
-  float* po = out.data_ptr<float>();
-  const float* px = x2.data_ptr<float>();
+  T* po = out.data_ptr<T>();
+  const T* px = x2.data_ptr<T>();
   pvq::dispatch_group_size(s.D, [&](auto Dc) {
     constexpr int N = decltype(Dc)::value;
     at::parallel_for(0, s.tiles, tile_grain(s.groups, M), [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(pvq::kTileRows * M);
+      std::vector<T> acc(pvq::kTileRows * M);
       for (int64_t t = begin; t < end; ++t) {
-        if (matmul_tile<N>(tables, layer, px, M, s.cols, t, acc.data())) corrupt.store(true, std::memory_order_relaxed);
+        if (matmul_tile<N, T>(tables, layer, px, M, s.cols, t, acc.data()))
+          corrupt.store(true, std::memory_order_relaxed);
         for (int l = 0; l < pvq::kTileRows && t * pvq::kTileRows + l < s.rows; ++l) {
           const int64_t row = t * pvq::kTileRows + l;
-          const float scale = pvq::half_bits_to_float(layer.row_scale[row]);
+          const T scale = pvq::half_bits_to_float(layer.row_scale[row]);
           for (int64_t m = 0; m < M; ++m) po[m * s.rows + row] = acc[m * pvq::kTileRows + l] * scale;
         }
       }
@@ -220,22 +230,95 @@ bool matmul_fused(const PackedShape& s, const pvq::PackedLayer& layer, const at:
   return corrupt.load();
 }
 
+// The arithmetic type of activations: float for float32/16-bit inputs, double for float64.
+at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& row_scale,
                       const at::Tensor& levels, const std::optional<at::Tensor>& signs,
                       const std::optional<at::Tensor>& bias, int64_t out_features, int64_t D, int64_t K,
                       int64_t scale_bits) {
   const PackedShape s = check_matmul_args(x, codes, row_scale, levels, signs, bias, out_features, D, K, scale_bits);
-  const at::Tensor x2 = rotate_input(x.reshape({-1, s.cols}), signs).to(at::kFloat).contiguous();
+  const at::ScalarType ct = compute_type(x);
+  const at::Tensor x2 = rotate_input(x.reshape({-1, s.cols}), signs).to(ct).contiguous();
   const int64_t M = x2.size(0);
   const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
   const pvq::PackedLayer layer = packed_view(s, c, rs, lv);
   at::Tensor out = at::empty({M, s.rows}, x2.options());
-  const bool corrupt = M > kFusedMaxRows ? matmul_dense(s, layer, x2, out) : M > 0 && matmul_fused(s, layer, x2, out);
+  bool corrupt = false;
+  if (M > kFusedMaxRows)
+    corrupt = matmul_dense(s, layer, x2, out);
+  else if (M > 0)
+    corrupt = ct == at::kDouble ? matmul_fused<double>(s, layer, x2, out) : matmul_fused<float>(s, layer, x2, out);
   check_no_corrupt_code("pvq_cuda.pvq_matmul", s, corrupt);
-  if (bias) out.add_(bias->to(at::kFloat));
+  if (bias) out.add_(bias->to(ct));
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = s.rows;
   return out.to(x.scalar_type()).reshape(sizes);
+}
+
+// grad_x = (g Ŵ') R for g = dL/dy [M, rows]: the columns of one group j take sum_r g[m, r] w_rj, so
+// threads split the groups (each owns its output columns: no races) and walk every tile for them.
+// The weights are decoded on the fly, never stored whole.
+template <typename T>
+bool grad_input_fused(const PackedShape& s, const pvq::PackedLayer& layer, const at::Tensor& g2, at::Tensor& z) {
+  const int64_t M = g2.size(0);
+  std::atomic<bool> corrupt{false};
+  const pvq::SplitTables tables = pvq::host_split_tables().view();
+  const T* pg = g2.data_ptr<T>();
+  T* pz = z.data_ptr<T>();
+  pvq::dispatch_group_size(s.D, [&](auto Dc) {
+    constexpr int N = decltype(Dc)::value;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, s.rows * M));
+    at::parallel_for(0, s.groups, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        for (int64_t t = 0; t < s.tiles; ++t) {
+          const uint32_t* chunk = layer.words + (t * s.groups + j) * s.bits;
+          for (int l = 0; l < pvq::kTileRows && t * pvq::kTileRows + l < s.rows; ++l) {
+            const int64_t row = t * pvq::kTileRows + l;
+            int8_t y[N];
+            const uint64_t code = pvq::chunk_code(chunk, l, s.bits);
+            if (!pvq::code_valid(layer, code)) corrupt.store(true, std::memory_order_relaxed);
+            // The weights as matmul_tile makes them (row scale applied in T, not folded into the
+            // float weights), so that this is the exact adjoint of the fused forward.
+            const float scale = pvq::decode_group<N>(tables, layer, code, y);
+            const T row_scale = pvq::half_bits_to_float(layer.row_scale[row]);
+            float w[N];
+            for (int d = 0; d < N; ++d) w[d] = scale * float(y[d]);
+            for (int64_t m = 0; m < M; ++m) {
+              const T gm = pg[m * s.rows + row] * row_scale;
+              T* zm = pz + m * s.cols + j * N;
+              for (int d = 0; d < N; ++d) zm[d] += gm * T(w[d]);
+            }
+          }
+        }
+      }
+    });
+  });
+  return corrupt.load();
+}
+
+at::Tensor matmul_grad_input_cpu(const at::Tensor& grad, const at::Tensor& codes, const at::Tensor& row_scale,
+                                 const at::Tensor& levels, const std::optional<at::Tensor>& signs, int64_t in_features,
+                                 int64_t D, int64_t K, int64_t scale_bits) {
+  const PackedShape s = check_matmul_grad_args(grad, codes, row_scale, levels, signs, in_features, D, K, scale_bits);
+  const at::ScalarType ct = compute_type(grad);
+  const at::Tensor g2 = grad.reshape({-1, s.rows}).to(ct).contiguous();
+  const int64_t M = g2.size(0);
+  const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
+  const pvq::PackedLayer layer = packed_view(s, c, rs, lv);
+  at::Tensor z = at::zeros({M, s.cols}, g2.options());
+  bool corrupt = false;
+  if (M > kFusedMaxRows) {
+    corrupt = for_dense_blocks(s, layer, ct, [&](int64_t r0, int64_t r1, const at::Tensor& w) {
+      z.addmm_(g2.slice(1, r0, r1), w);
+    });
+  } else if (M > 0) {
+    corrupt = ct == at::kDouble ? grad_input_fused<double>(s, layer, g2, z) : grad_input_fused<float>(s, layer, g2, z);
+  }
+  check_no_corrupt_code("pvq_cuda.pvq_matmul_grad_input", s, corrupt);
+  std::vector<int64_t> sizes(grad.sizes().begin(), grad.sizes().end());
+  sizes.back() = s.cols;
+  return unrotate_output(z, signs).to(grad.scalar_type()).reshape(sizes);
 }
 
 }  // namespace
@@ -245,6 +328,7 @@ TORCH_LIBRARY_IMPL(pvq_cuda, CPU, m) {
   m.impl("_unpack_codes", &unpack_codes_cpu);
   m.impl("pvq_dequantize", &dequantize_cpu);
   m.impl("pvq_matmul", &matmul_cpu);
+  m.impl("pvq_matmul_grad_input", &matmul_grad_input_cpu);
 }
 
 }  // namespace pvq_cuda

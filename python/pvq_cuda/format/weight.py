@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..ops import dequantize_packed, hadamard_transform, matmul_packed, pyramid_size, unpack_codes
-from ..ops.checks import FLOAT_DTYPES, check_tensor
+from ..ops.checks import check_float_input
 from .config import PVQConfig
 from .container import register_serializable
 
@@ -167,17 +167,19 @@ def pvq_matmul(x: torch.Tensor, weight: PVQWeight, bias: torch.Tensor | None = N
     """``x @ W^T (+ bias)`` for a packed PVQ weight, rotation included.
 
     Args:
-        x: float32, float16 or bfloat16 tensor ``[..., in_features]`` on the weight's device.
+        x: float32, float16 or bfloat16 tensor ``[..., in_features]`` on the weight's device (float64
+            on the CPU, computed in double).
         weight: a :class:`pvq_cuda.PVQWeight`.
         bias: optional ``[out_features]`` floating tensor.
 
     Returns:
         ``[..., out_features]`` in x's dtype. Codes are decoded on the fly; the dense weight is never
-        materialized (CPU: per 32-row tile; CUDA: in registers).
+        materialized (CPU: per 32-row tile; CUDA: in registers). Differentiable in x (and bias): the
+        input gradient ``grad @ W`` decodes the codes on the fly too (``pvq_matmul_grad_input``).
     """
     if not isinstance(weight, PVQWeight):
         raise TypeError(f"pvq_cuda.pvq_matmul: weight must be a PVQWeight, got {type(weight).__name__}")
-    check_tensor("pvq_cuda.pvq_matmul", "x", x, FLOAT_DTYPES)
+    check_float_input("pvq_cuda.pvq_matmul", "x", x)
     if x.dim() == 0 or x.shape[-1] != weight.in_features:
         raise ValueError(f"pvq_cuda.pvq_matmul: x must have shape [..., {weight.in_features}] (the weight's "
                          f"in_features), got {list(x.shape)}")

@@ -12,7 +12,7 @@ from .codec import decode, encode, search
 from .counting import MAX_INDEX_BITS, MAX_K, SUPPORTED_D, check_limits, index_bits, max_pulses, pyramid_size
 from .hadamard import HADAMARD_BASES, HADAMARD_MAX_N, hadamard_split, hadamard_transform
 from .hessian import hessian_accumulate_
-from .packed import dequantize_packed, matmul_packed, pack_codes, unpack_codes
+from .packed import dequantize_packed, matmul_grad_input, matmul_packed, pack_codes, unpack_codes
 
 
 def cuda_built() -> bool:
@@ -23,5 +23,5 @@ def cuda_built() -> bool:
 __all__ = [
     "HADAMARD_BASES", "HADAMARD_MAX_N", "MAX_INDEX_BITS", "MAX_K", "SUPPORTED_D", "check_limits", "cuda_built",
     "decode", "dequantize_packed", "encode", "hadamard_split", "hadamard_transform", "hessian_accumulate_",
-    "index_bits", "matmul_packed", "max_pulses", "pack_codes", "pyramid_size", "search", "unpack_codes",
+    "index_bits", "matmul_grad_input", "matmul_packed", "max_pulses", "pack_codes", "pyramid_size", "search", "unpack_codes",
 ]

@@ -34,3 +34,15 @@ def check_last_dim(op: str, name: str, t: torch.Tensor, last: str = "D") -> int:
         raise ValueError(f"{op}: {name} must have shape [..., {last}], got a 0-d tensor")
     # D picks the kernel, so a symbolic D is specialized (guarded) rather than traced.
     return int(t.shape[-1])
+
+
+def check_float_input(op: str, name: str, t) -> None:
+    """An activation-like input: float32, float16 or bfloat16 anywhere, float64 on the CPU (where
+    the kernels compute in double: an exact reference, and what gradcheck needs)."""
+    if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type in ("cpu", "meta"):
+        check_tensor(op, name, t, (torch.float64,))
+        return
+    if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+        raise TypeError(f"{op}: {name} must have dtype float32, float16 or bfloat16 on {t.device} (float64 runs on "
+                        f"the CPU only); got float64")
+    check_tensor(op, name, t, FLOAT_DTYPES)

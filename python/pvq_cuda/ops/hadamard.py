@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import FLOAT_DTYPES, check_last_dim, check_tensor
+from .checks import check_float_input, check_last_dim, check_tensor
 
 _SIGN_DTYPES = (torch.float32, torch.int8)
 
@@ -27,7 +27,7 @@ def hadamard_split(n: int) -> tuple[int, int] | None:
 
 def _check_hadamard_args(x, signs) -> None:
     op = "pvq_cuda.hadamard_transform"
-    check_tensor(op, "x", x, FLOAT_DTYPES)
+    check_float_input(op, "x", x)
     n = check_last_dim(op, "x", x, "n")
     if hadamard_split(n) is None:
         raise ValueError(
@@ -59,14 +59,15 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None) -> to
     ``signs * hadamard_transform(y)``.
 
     Args:
-        x: float32, float16 or bfloat16 tensor of shape ``[..., n]``, any strides, leading dims may be
-            empty. Supported n: ``m * 2^k <= 32768`` with m in (1, 12, 20, 28, 36, 52, 60), e.g. 4096,
+        x: float32, float16 or bfloat16 tensor (float64 on the CPU) of shape ``[..., n]``, any strides,
+            leading dims may be empty. Supported n: ``m * 2^k <= 32768`` with m in (1, 12, 20, 28, 36, 52, 60), e.g. 4096,
             576 = 36*16, 1536 = 12*128, 14336 = 28*512.
         signs: optional ``[n]`` tensor on x's device, float32 or int8, every entry +1 or -1 (other
             values are not checked and are applied as plain multipliers).
 
     Returns:
-        A contiguous tensor of x's shape and dtype. The arithmetic is fp32, rounded once to x's dtype.
+        A contiguous tensor of x's shape and dtype. The arithmetic is fp32 (fp64 for float64), rounded
+        once to x's dtype.
         Differentiable in x (the gradient is ``signs * hadamard_transform(grad)``), not in signs.
     """
     _check_hadamard_args(x, signs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import FLOAT_DTYPES, check_tensor
+from .checks import check_float_input
 
 
 def matmul_packed(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, levels: torch.Tensor,
@@ -17,11 +17,21 @@ def matmul_packed(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor,
                   scale_bits: int) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for the packed weight W held by ``codes``/``row_scale``/``levels``, with
     the input rotated by ``signs`` first (None: an unrotated layer). x: ``[..., in_features]``."""
-    check_tensor("pvq_cuda.pvq_matmul", "x", x, FLOAT_DTYPES)
+    check_float_input("pvq_cuda.pvq_matmul", "x", x)
     if bias is not None:
-        check_tensor("pvq_cuda.pvq_matmul", "bias", bias, FLOAT_DTYPES)
+        check_float_input("pvq_cuda.pvq_matmul", "bias", bias)
     return torch.ops.pvq_cuda.pvq_matmul.default(x, codes, row_scale, levels, signs, bias, out_features, D, K,
                                                  scale_bits)
+
+
+def matmul_grad_input(grad: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, levels: torch.Tensor,
+                      signs: torch.Tensor | None, in_features: int, D: int, K: int, scale_bits: int) -> torch.Tensor:
+    """``grad @ W``: the gradient of :func:`matmul_packed` with respect to its input, for
+    ``grad`` = dL/dy ``[..., out_features]``; the codes are decoded on the fly (the rotation's
+    inverse included), so no dense copy of W is ever made."""
+    check_float_input("pvq_cuda.pvq_matmul_grad_input", "grad", grad)
+    return torch.ops.pvq_cuda.pvq_matmul_grad_input.default(grad, codes, row_scale, levels, signs, in_features, D, K,
+                                                            scale_bits)
 
 
 def dequantize_packed(codes: torch.Tensor, row_scale: torch.Tensor, levels: torch.Tensor, out_features: int,
@@ -47,6 +57,36 @@ def _pvq_matmul_fake(x, codes, row_scale, levels, signs, bias, out_features, D, 
     torch._check(x.dim() >= 1, lambda: "pvq_cuda.pvq_matmul: x must have shape [..., in_features]")
     torch._check(x.shape[-1] % D == 0, lambda: f"pvq_cuda.pvq_matmul: in_features must be a multiple of D={D}")
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("pvq_cuda::pvq_matmul_grad_input")
+def _pvq_matmul_grad_input_fake(grad, codes, row_scale, levels, signs, in_features, D, K, scale_bits):
+    torch._check(grad.dim() >= 1, lambda: "pvq_cuda.pvq_matmul_grad_input: grad must have shape [..., out_features]")
+    return grad.new_empty((*grad.shape[:-1], in_features))
+
+
+def _pvq_matmul_setup_context(ctx, inputs, output):
+    x, codes, row_scale, levels, signs, bias, out_features, D, K, scale_bits = inputs
+    ctx.save_for_backward(codes, row_scale, levels, signs)
+    ctx.layer = (x.shape[-1], D, K, scale_bits)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _pvq_matmul_backward(ctx, grad):
+    # y = (x R^T) W'^T + b, so dL/dx = (grad W') R, made by pvq_matmul_grad_input without a dense W,
+    # and dL/db = grad summed over the leading dimensions. Codes, scales and levels get no gradient.
+    codes, row_scale, levels, signs = ctx.saved_tensors
+    in_features, D, K, scale_bits = ctx.layer
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.pvq_cuda.pvq_matmul_grad_input.default(grad, codes, row_scale, levels, signs, in_features,
+                                                                  D, K, scale_bits)
+    if ctx.needs_input_grad[5]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("pvq_cuda::pvq_matmul", _pvq_matmul_backward, setup_context=_pvq_matmul_setup_context)
 
 
 @torch.library.register_fake("pvq_cuda::pvq_dequantize")
