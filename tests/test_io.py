@@ -203,7 +203,7 @@ def test_file_layout(tmp_path):
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n])
     meta = header["__metadata__"]
-    assert meta["format"] == "pvq_cuda" and meta["format_version"] == str(pvq_cuda.FORMAT_VERSION) == "1"
+    assert meta["format"] == "pt" and meta["pvq_cuda_format"] == str(pvq_cuda.FORMAT_VERSION) == "2"
     assert meta["k"] == "v"
     assert json.loads(meta["objects"]) == {"w": {"type": "test_io.Affine", "parts": ["codes", "scale"],
                                                  "info": {"rows": 2, "cols": 3, "label": ""}}}
@@ -213,7 +213,7 @@ def test_file_layout(tmp_path):
         if name != "__metadata__":
             begin, end = e["data_offsets"]
             assert sums[name] == f"{zlib.crc32(data[8 + n + begin:8 + n + end]):08x}"
-    assert set(RESERVED_METADATA_KEYS) <= set(meta)
+    assert set(RESERVED_METADATA_KEYS) - {"format_version"} <= set(meta)  # format_version: version 1's key
     with safetensors.safe_open(tmp_path / "l.pvq", framework="pt") as f:
         assert f.metadata() == meta
 
@@ -502,7 +502,7 @@ ST_SHAPE = r"corrupt: a tensor's dtype and shape do not match its data_offsets"
 HEADER_REASONS = re.compile(
     "|".join([
         ST_JSON, ST_UTF8, ST_SMALL, ST_LARGE, ST_PAST, ST_FILL, ST_OFFSETS, ST_SHAPE,
-        r"not a pvq_cuda file", r"no 'format_version'", r"invalid format_version",
+        r"not a pvq_cuda file", r"metadata 'format' is", r"invalid (pvq_cuda_format|format_version)",
         r"is newer than this pvq_cuda supports", r"metadata has no '\w+'", r"header checksum mismatch",
     ])
 )
@@ -754,15 +754,20 @@ HEADER_CASES = [
     ("no metadata", _delete([M]), r"not a pvq_cuda file \(no __metadata__ in the header\)"),
     ("metadata not an object", _set([M], ["format"]), ST_JSON),
     ("metadata value not str", _set([M, "author"], 3), ST_JSON),
-    ("no format", _delete([M, "format"]), r"not a pvq_cuda file \(metadata 'format' is None"),
-    ("wrong format", _set([M, "format"], "gguf"),
-     r"not a pvq_cuda file \(metadata 'format' is 'gguf', expected 'pvq_cuda'\)"),
-    ("format case", _set([M, "format"], "PVQ_CUDA"), r"not a pvq_cuda file"),
-    ("version 2", _set([M, "format_version"], "2"), r"format_version 2 is newer than this pvq_cuda supports \(1\)"),
-    ("version 10", _set([M, "format_version"], "10"), r"format_version 10 is newer than this pvq_cuda supports \(1\)"),
-    ("version huge", _set([M, "format_version"], "999999999"), r"format_version 999999999 is newer"),
-    ("no version", _delete([M, "format_version"]), r"metadata has no 'format_version'"),
-    *[(f"version {v!r}", _set([M, "format_version"], v), r"invalid format_version")
+    ("no format", _delete([M, "format"]), r"metadata 'format' is None, expected 'pt'"),
+    ("wrong format", _set([M, "format"], "gguf"), r"metadata 'format' is 'gguf', expected 'pt'"),
+    ("format case", _set([M, "format"], "PT"), r"metadata 'format' is 'PT', expected 'pt'"),
+    ("version 3", _set([M, "pvq_cuda_format"], "3"), r"pvq_cuda_format 3 is newer than this pvq_cuda supports \(2\)"),
+    ("version 10", _set([M, "pvq_cuda_format"], "10"), r"pvq_cuda_format 10 is newer than this pvq_cuda supports"),
+    ("version huge", _set([M, "pvq_cuda_format"], "999999999"), r"pvq_cuda_format 999999999 is newer"),
+    ("no version", _delete([M, "pvq_cuda_format"]),
+     r"not a pvq_cuda file \(its metadata has no 'pvq_cuda_format'; 'format' is 'pt'\)"),
+    # version 1 files: format "pvq_cuda", versioned by format_version
+    ("v1 version 2", lambda h: h[M].update({"format": "pvq_cuda", "format_version": "2"}) or h[M].pop("pvq_cuda_format"),
+     r"format_version 2 is newer than this pvq_cuda supports \(1\)"),
+    ("v1 no version", lambda h: h[M].update({"format": "pvq_cuda"}) or h[M].pop("pvq_cuda_format"),
+     r"metadata has no 'format_version'"),
+    *[(f"version {v!r}", _set([M, "pvq_cuda_format"], v), r"invalid pvq_cuda_format")
       for v in ["0", "-1", "1.0", " 1", "1 ", "01", "abc", "", "１", "99999999999999999999", "0x1"]],
     # tensor entries: dtype
     *[(f"dtype {v!r}", _set(["bias", "dtype"], v), ST_JSON) for v in ["F8", "f32", "", "FLOAT", "I4", 32, None, ["F32"]]],
@@ -908,6 +913,17 @@ def test_header_edits_without_resealing(tmp_path, ref, edit):
         pvq_cuda.read_metadata(p)
 
 
+def test_version_1_files_load(tmp_path, ref):
+    """Files written before the container said format "pt" (version 1) load as before."""
+    def as_v1(h):
+        h[M]["format"] = "pvq_cuda"
+        h[M]["format_version"] = h[M].pop("pvq_cuda_format").replace("2", "1")
+    p = tmp_path / "v1.pvq"
+    p.write_bytes(rebuild(ref, as_v1))
+    assert_loads_as_reference(p, ref)
+    assert pvq_cuda.read_metadata(p)["author"] == "test"
+
+
 def test_unknown_entry_keys_change_nothing(tmp_path, ref):
     """safetensors ignores keys it does not know in a tensor entry, and so do we: they change no
     name, dtype, shape or offset, so the file loads exactly as before."""
@@ -972,7 +988,7 @@ RAW_CASES = [
     ("plain safetensors", lambda r: safetensors.torch.save({"x": torch.ones(2)}),
      r"not a pvq_cuda file \(no __metadata__ in the header\)"),
     ("other safetensors metadata", lambda r: safetensors.torch.save({"x": torch.ones(2)}, {"format": "pt"}),
-     r"not a pvq_cuda file \(metadata 'format' is 'pt', expected 'pvq_cuda'\)"),
+     r"not a pvq_cuda file \(its metadata has no 'pvq_cuda_format'; 'format' is 'pt'\)"),
     ("safetensors no tensors", lambda r: safetensors.torch.save({}, {"format": "pvq_cuda", "format_version": "1"}),
      r"metadata has no 'objects'"),
 ]

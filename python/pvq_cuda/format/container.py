@@ -7,11 +7,12 @@ reader can list and read its tensors. This module adds only what safetensors doe
 - *Serializable objects*: an instance of a class registered with :func:`register_serializable`
   (e.g. ``PVQWeight``) saved under ``name`` is split by its ``to_state()`` into component tensors,
   stored as ``name.<part>``, plus a JSON-able ``info`` dict; :func:`load` rebuilds it.
-- A format name and version, and checksums, in these reserved ``__metadata__`` keys (beside the
-  caller's own str-to-str metadata):
+- Our version, and checksums, in these reserved ``__metadata__`` keys (beside the caller's own
+  str-to-str metadata):
 
-  ``format``           ``"pvq_cuda"``
-  ``format_version``   ``"1"`` (:data:`FORMAT_VERSION`)
+  ``format``           ``"pt"``: the tensors are PyTorch's, which is what transformers (4.x
+                       refuses anything else) and other safetensors loaders check
+  ``pvq_cuda_format``  ``"2"`` (:data:`FORMAT_VERSION`): marks the file as ours and versions it
   ``objects``          JSON ``{name: {"type": tag, "parts": [part, ...], "info": {...}}}``
   ``checksums``        JSON ``{tensor name: 8 hex digits}``, the CRC-32 of each stored tensor's
                        bytes (exactly the bytes of its region in the file)
@@ -24,9 +25,10 @@ reader can list and read its tensors. This module adds only what safetensors doe
 - Errors: every problem with a file, safetensors' own findings included, raises
   :class:`FormatError` naming the file and the reason; nothing is returned half-checked.
 
-Version policy: ``format_version`` is an integer that grows whenever the layout or the meaning of
+Version policy: ``pvq_cuda_format`` is an integer that grows whenever the layout or the meaning of
 a reserved key changes incompatibly. A reader accepts every version up to its own
 :data:`FORMAT_VERSION` and refuses newer files with :class:`FormatError` rather than guessing.
+Version 1 files (``format: "pvq_cuda"``, ``format_version: "1"``, otherwise the same) still load.
 """
 
 from __future__ import annotations
@@ -48,11 +50,14 @@ from safetensors import SafetensorError, safe_open
 
 from .atomic import atomic_write
 
-FORMAT_NAME = "pvq_cuda"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SAFETENSORS_FORMAT = "pt"
+VERSION_KEY = "pvq_cuda_format"
+# Version 1 named the file by its format key instead, and versioned it under another key.
+_V1_FORMAT, _V1_VERSION_KEY = "pvq_cuda", "format_version"
 
 #: ``__metadata__`` keys that pvq_cuda writes itself; callers' metadata may not use them.
-RESERVED_METADATA_KEYS = frozenset({"format", "format_version", "objects", "checksums", "header_checksum"})
+RESERVED_METADATA_KEYS = frozenset({"format", VERSION_KEY, _V1_VERSION_KEY, "objects", "checksums", "header_checksum"})
 
 _DTYPE_CODES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
@@ -344,8 +349,8 @@ def _build_metadata(metadata, flat: dict[str, torch.Tensor], objects: dict[str, 
         except UnicodeEncodeError:
             raise ValueError(f"pvq_cuda.save: metadata entry {k!r} is not encodable as UTF-8") from None
         meta[k] = v
-    meta["format"] = FORMAT_NAME
-    meta["format_version"] = str(FORMAT_VERSION)
+    meta["format"] = SAFETENSORS_FORMAT
+    meta[VERSION_KEY] = str(FORMAT_VERSION)
     meta["objects"] = json.dumps(objects, separators=(",", ":"), allow_nan=False)
     meta["checksums"] = json.dumps({name: _tensor_crc32(t) for name, t in flat.items()}, separators=(",", ":"))
     entries = {name: {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape)} for name, t in flat.items()}
@@ -461,16 +466,21 @@ def _check_format(path, meta) -> dict[str, str]:
     if meta is None:
         _fail(path, "not a pvq_cuda file (no __metadata__ in the header)")
     fmt = meta.get("format")
-    if fmt != FORMAT_NAME:
-        _fail(path, f"not a pvq_cuda file (metadata 'format' is {fmt!r}, expected {FORMAT_NAME!r})")
-    version = meta.get("format_version")
+    if fmt == _V1_FORMAT:
+        key, newest = _V1_VERSION_KEY, 1
+    elif VERSION_KEY in meta:
+        key, newest = VERSION_KEY, FORMAT_VERSION
+        if fmt != SAFETENSORS_FORMAT:
+            _fail(path, f"metadata 'format' is {fmt!r}, expected {SAFETENSORS_FORMAT!r}")
+    else:
+        _fail(path, f"not a pvq_cuda file (its metadata has no {VERSION_KEY!r}; 'format' is {fmt!r})")
+    version = meta.get(key)
     if version is None:
-        _fail(path, "metadata has no 'format_version'")
+        _fail(path, f"metadata has no {key!r}")
     if not (version.isascii() and version.isdigit() and not version.startswith("0") and len(version) <= 9):
-        _fail(path, f"invalid format_version {version!r} (expected a positive integer)")
-    if int(version) > FORMAT_VERSION:
-        _fail(path, f"format_version {version} is newer than this pvq_cuda supports ({FORMAT_VERSION}); "
-                    "upgrade pvq_cuda")
+        _fail(path, f"invalid {key} {version!r} (expected a positive integer)")
+    if int(version) > newest:
+        _fail(path, f"{key} {version} is newer than this pvq_cuda supports ({newest}); upgrade pvq_cuda")
     return meta
 
 
