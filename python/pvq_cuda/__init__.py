@@ -12,7 +12,7 @@ import-linter, see pyproject.toml):
     ops           the native ops' Python faces and the codec's counting
 """
 
-from ._version import __version__
+from ._version import __version__  # noqa: F401  (pvq_cuda.__version__)
 from .format import (FORMAT_VERSION, PRESETS, FormatError, PVQConfig, PVQWeight, beta_gain_levels, load, pvq_matmul,
                      read_metadata, register_serializable, rotation_signs, save)
 from .layers import PVQLinear, load_quantized, save_quantized
@@ -20,6 +20,11 @@ from .ops import (HADAMARD_BASES, HADAMARD_MAX_N, MAX_INDEX_BITS, MAX_K, SUPPORT
                   hadamard_split, hadamard_transform, hessian_accumulate_, index_bits, max_pulses, pyramid_size, search)
 from .pipeline import quantize_model, quantize_models
 from .quantization import HessianCollector, quantize_weight
+from .integrations import register_all as _register_integrations
+
+# AutoModelForCausalLM.from_pretrained on pvq checkpoints needs the "pvq" method registered with
+# transformers: that happens here, on import (pvq_cuda.integrations.huggingface).
+_register_integrations()
 
 __all__ = [
     "FORMAT_VERSION",

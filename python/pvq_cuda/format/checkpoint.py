@@ -16,7 +16,8 @@ stored as the object ``name`` (a PVQWeight), i.e. the tensors ``name.codes`` (in
 ``name.row_scale`` (float16), ``name.levels`` (float32): exactly the buffer names of PVQLinear, so a
 state dict loads by name. Its bias is the tensor ``name.bias``. Every other parameter and persistent
 buffer is stored under its state-dict name, tied duplicates (lm_head tied to the embeddings) once.
-config.json is written last, so a directory without it is an unfinished save.
+A save replaces the whole directory at once (format.atomic.replace_directory), so a save killed at any
+moment leaves either the old or the new checkpoint, never a mix.
 
 ``quantization_config``::
 
@@ -41,17 +42,44 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .._version import __version__
-from .atomic import write_json
+from .atomic import recover_directory, replace_directory, write_json
 from .config import PVQConfig
+from .container import VERSION_KEY, FormatError
 from .container import load as load_file
 from .container import save as save_file
-from .weight import LAYOUT_VERSION, PVQWeight
+from .weight import LAYOUT_VERSION, TILE_ROWS, PVQWeight
 
 QUANT_METHOD = "pvq"
 ROTATION_NAME = "hadamard-splitmix64-signs"
 SINGLE_SHARD = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def placeholder_key(pvq_layers) -> str:
+    """Where a checkpoint holds its empty placeholder: the ``weight`` of its first PVQ layer by name.
+
+    A dense model (transformers without ``import pvq_cuda``) has a real weight there and refuses
+    the empty tensor loudly instead of loading a model with uninitialised linears; a model with PVQ
+    layers has no such parameter and skips it."""
+    return f"{min(pvq_layers)}.weight"
+
+
+def check_quantization_config(q, where: str) -> None:
+    """A ``quantization_config`` this pvq_cuda can load, or a ValueError naming what is wrong."""
+    if not isinstance(q, Mapping) or q.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{where}: the quantization_config has quant_method "
+                         f"{q.get('quant_method') if isinstance(q, Mapping) else None!r}, not {QUANT_METHOD!r}")
+    fv = q.get("format_version")
+    if not isinstance(fv, int) or isinstance(fv, bool) or not 1 <= fv <= LAYOUT_VERSION:
+        raise ValueError(f"{where}: quantization_config has format_version {fv!r}; this pvq_cuda reads "
+                         f"1..{LAYOUT_VERSION} (a newer checkpoint needs a newer pvq_cuda)")
+    try:
+        config_of(q, "")
+        for name in q.get("module_overrides") or {}:
+            config_of(q, name)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: quantization_config does not describe a valid PVQ config: {e}") from None
 
 
 def build_quantization_config(configs: Mapping[str, PVQConfig], dense: list[str], *,
@@ -104,15 +132,24 @@ def _nbytes(value) -> int:
     return value.numel() * value.element_size()
 
 
+def is_checkpoint_file(name: str) -> bool:
+    """Whether a file of a model directory belongs to the checkpoint itself (shards, their index,
+    the configs): a new save replaces these and never carries stale ones over."""
+    return (name.startswith("model") and name.endswith(".safetensors")) or name in (
+        INDEX_FILE, "config.json", "generation_config.json")
+
+
 def write_checkpoint(directory: str | os.PathLike, entries: Mapping, config: dict, *, tokenizer=None,
                      generation_config=None, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write ``entries`` (name -> tensor or PVQWeight) as safetensors shards of at most
     ``max_shard_size`` bytes (a PVQWeight's parts never straddle two), the tokenizer and generation
-    config when given, and ``config`` as config.json, last: its presence marks a finished save."""
+    config when given, and ``config`` as config.json.
+
+    The directory is replaced as a whole (:func:`pvq_cuda.format.atomic.replace_directory`): a save
+    killed at any moment leaves the old checkpoint or the new one, complete. Other files already in
+    the directory (a job's log, a tokenizer this save does not write) stay."""
     if not isinstance(max_shard_size, int) or max_shard_size < 1:
         raise ValueError(f"save_quantized: max_shard_size must be a positive int, got {max_shard_size!r}")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     shards: list[dict] = [{}]
     size = 0
     for name, value in entries.items():
@@ -124,30 +161,29 @@ def write_checkpoint(directory: str | os.PathLike, entries: Mapping, config: dic
         size += n
     names = [SINGLE_SHARD] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                      for i in range(len(shards))]
-    for stale in list(out.glob("model*.safetensors")) + [out / INDEX_FILE, out / "config.json"]:
-        if stale.name not in names and stale.exists():
-            stale.unlink()
     meta = {"quant_method": QUANT_METHOD, "pvq_format_version": str(LAYOUT_VERSION)}
-    weight_map = {}
-    for fname, shard in zip(names, shards):
-        save_file(out / fname, shard, metadata=meta)
-        for name, value in shard.items():
-            parts = [f"{name}.{p}" for p in value.to_state()[0]] if isinstance(value, PVQWeight) else [name]
-            weight_map.update({p: fname for p in parts})
-    if len(shards) > 1:
-        total = sum(_nbytes(v) for v in entries.values())
-        write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
-        generation_config.save_pretrained(str(out))
-    write_json(out / "config.json", config)  # last: its presence marks a finished save
-    return out
+    with replace_directory(directory, keep=lambda name: not is_checkpoint_file(name)) as out:
+        weight_map = {}
+        for fname, shard in zip(names, shards):
+            save_file(out / fname, shard, metadata=meta)
+            for name, value in shard.items():
+                parts = [f"{name}.{p}" for p in value.to_state()[0]] if isinstance(value, PVQWeight) else [name]
+                weight_map.update({p: fname for p in parts})
+        if len(shards) > 1:
+            total = sum(_nbytes(v) for v in entries.values())
+            write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+        if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+            generation_config.save_pretrained(str(out))
+        write_json(out / "config.json", config)
+    return Path(directory)
 
 
 def read_quantization_config(directory: str | os.PathLike) -> dict:
     """The ``quantization_config`` of a saved directory (ValueError when it is not a PVQ model)."""
     path = Path(directory)
+    recover_directory(path)  # a save killed mid-swap (see format.atomic) leaves the old version aside
     if not path.is_dir():
         raise FileNotFoundError(f"load_quantized: {str(path)!r} is not a directory")
     cfg_path = path / "config.json"
@@ -162,10 +198,7 @@ def read_quantization_config(directory: str | os.PathLike) -> dict:
     if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"load_quantized: {str(cfg_path)!r} has no quantization_config with quant_method "
                          f"'{QUANT_METHOD}' (not a pvq_cuda model)")
-    fv = q.get("format_version")
-    if not isinstance(fv, int) or not 1 <= fv <= LAYOUT_VERSION:
-        raise ValueError(f"load_quantized: {str(cfg_path)!r} has format_version {fv!r}; this pvq_cuda reads "
-                         f"1..{LAYOUT_VERSION}")
+    check_quantization_config(q, f"load_quantized: {str(cfg_path)!r}")
     return q
 
 
@@ -180,9 +213,50 @@ def _shard_files(path: Path) -> list[Path]:
     return [single]
 
 
-def read_checkpoint_tensors(directory: str | os.PathLike) -> dict:
-    """Every stored tensor and PVQWeight of a checkpoint directory, checksum-verified, by name."""
+def _is_container_file(path: Path) -> bool:
+    """Whether a shard was written by pvq_cuda's container (else: plain safetensors, e.g. by
+    transformers' save_pretrained of a loaded PVQ model)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return True  # let the container's reader name the problem
+    return VERSION_KEY in meta or meta.get("format") == "pvq_cuda"
+
+
+def _plain_shard(path: Path, qcfg: Mapping) -> dict:
+    """A plain safetensors shard: its tensors, with each PVQ layer's parts (``name.codes``,
+    ``name.row_scale``, ``name.levels``) rebuilt into a checked PVQWeight (no checksums here)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load_plain
+
+    try:
+        tensors = load_plain(str(path))
+    except (SafetensorError, OSError) as e:
+        raise FormatError(path, f"not a readable safetensors file ({e})") from e
+    for name in [k[: -len(".codes")] for k in tensors if k.endswith(".codes")]:
+        parts = {p: tensors.pop(f"{name}.{p}", None) for p in ("codes", "row_scale", "levels")}
+        if any(t is None for t in parts.values()):
+            raise FormatError(path, f"PVQ layer {name!r} lacks part(s) "
+                                    f"{[p for p, t in parts.items() if t is None]}")
+        config = config_of(qcfg, name)
+        tiles = (parts["row_scale"].numel() + TILE_ROWS - 1) // TILE_ROWS
+        groups = parts["codes"].numel() // max(1, tiles * config.code_bits)
+        try:
+            tensors[name] = PVQWeight(parts["codes"], parts["row_scale"], parts["levels"], parts["row_scale"].numel(),
+                                      groups * config.D, config, qcfg.get("format_version", LAYOUT_VERSION))
+        except (TypeError, ValueError) as e:
+            raise FormatError(path, f"PVQ layer {name!r} does not fit its config {config}: {e}") from e
+    return tensors
+
+
+def read_checkpoint_tensors(directory: str | os.PathLike, qcfg: Mapping) -> dict:
+    """Every stored tensor and PVQWeight of a checkpoint directory, by name. Shards written by
+    pvq_cuda are checksum-verified; plain safetensors shards (transformers' save_pretrained of a
+    loaded PVQ model) have their PVQ layers rebuilt from ``qcfg`` and checked against it."""
     stored: dict = {}
     for f in _shard_files(Path(directory)):
-        stored.update(load_file(f))
+        stored.update(load_file(f) if _is_container_file(f) else _plain_shard(f, qcfg))
     return stored

@@ -102,6 +102,13 @@ class PVQLinear(nn.Module):
                 self._buffers[name] = old.to(new.device)
         return self
 
+    def restore_signs(self) -> None:
+        """Recompute the rotation-signs buffer from the config's seed, on the codes' device. It is
+        derived state, not saved; a loader that allocates non-persistent buffers without filling
+        them (transformers' from_pretrained does) calls this afterwards."""
+        if self.config.rotate:
+            self.signs = rotation_signs(self.in_features, self.config.seed).to(self.codes.device)
+
     def enable_decoded_cache(self) -> None:
         self._decoded = self.weight.dequantize()
 

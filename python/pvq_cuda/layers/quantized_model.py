@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..format.atomic import replace_directory
 from ..format.checkpoint import (DEFAULT_MAX_SHARD_BYTES, QUANT_METHOD, build_quantization_config, config_of,
-                                 read_checkpoint_tensors, read_quantization_config, write_checkpoint)
+                                 is_checkpoint_file, placeholder_key, read_checkpoint_tensors,
+                                 read_quantization_config, write_checkpoint)
 from ..format.weight import PVQWeight
 from .decoder import decoder_layers, set_submodule
 from .linear import PVQLinear
@@ -29,6 +31,50 @@ def model_quantization_config(model: nn.Module, *, calibration: Mapping | None =
                                      method=method)
 
 
+def make_save_pretrained_atomic(model: nn.Module) -> None:
+    """Make ``model.save_pretrained(dir)`` write a checkpoint that loads again, replacing ``dir`` as
+    a whole like :func:`save_quantized` (a save killed at any moment leaves the old checkpoint or
+    the new one). Installed on the models pvq_cuda makes or loads (quantize_model, load_quantized,
+    from_pretrained). A model loaded by transformers keeps transformers' writer, run into a sibling
+    temporary directory that is then swapped in; any other is written by :func:`save_quantized`
+    (transformers alone cannot serialise PVQ layers' extra state). Pushes to the Hub go unchanged."""
+    original = getattr(model, "save_pretrained", None)
+    if original is None or getattr(original, "_pvq_atomic", False):
+        return
+
+    def save_pretrained(save_directory, *args, **kwargs):
+        if kwargs.get("push_to_hub"):
+            return original(save_directory, *args, **kwargs)
+        if getattr(model, "hf_quantizer", None) is None:
+            unknown = sorted(set(kwargs) - {"max_shard_size", "safe_serialization", "is_main_process"})
+            if args or unknown or kwargs.get("safe_serialization", True) is not True:
+                raise TypeError(f"save_pretrained of a pvq_cuda model writes safetensors through save_quantized, "
+                                f"which takes max_shard_size (bytes) only; got {unknown or 'positional arguments'}")
+            if not kwargs.get("is_main_process", True):
+                return None
+            size = kwargs.get("max_shard_size", DEFAULT_MAX_SHARD_BYTES)
+            if isinstance(size, str):
+                from transformers.utils import convert_file_size_to_int
+
+                size = convert_file_size_to_int(size)
+            save_quantized(model, save_directory, max_shard_size=size)
+            return None
+        with replace_directory(save_directory, keep=lambda name: not is_checkpoint_file(name)) as tmp:
+            return original(tmp, *args, **kwargs)
+
+    save_pretrained._pvq_atomic = True
+    save_pretrained.__doc__ = original.__doc__
+    model.save_pretrained = save_pretrained
+
+
+def stored_quantization_config(model: nn.Module) -> dict:
+    """The model's ``config.quantization_config`` as a dict when it is pvq's (quantize_model and
+    load_quantized store a dict, transformers an object with ``to_dict``), else {}."""
+    q = getattr(getattr(model, "config", None), "quantization_config", None)
+    q = q.to_dict() if hasattr(q, "to_dict") else q
+    return dict(q) if isinstance(q, Mapping) and q.get("quant_method") == QUANT_METHOD else {}
+
+
 def _entries(model: nn.Module) -> dict:
     """name -> tensor or PVQWeight: everything the directory stores."""
     out: dict = {}
@@ -39,6 +85,8 @@ def _entries(model: nn.Module) -> dict:
             if m.bias is not None:
                 out[f"{name}.bias"] = m.bias
             pvq_prefixes.append(name + ".")
+    if pvq_prefixes:  # see format.checkpoint.placeholder_key: makes a dense load fail loudly
+        out[placeholder_key(p[:-1] for p in pvq_prefixes)] = torch.empty(0)
     seen: set[tuple[int, tuple, torch.dtype]] = set()
     for key, t in model.state_dict().items():
         if key.endswith("_extra_state") or any(key.startswith(p) for p in pvq_prefixes):
@@ -66,8 +114,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     Returns the directory as a Path.
     """
     decoder_layers(model, "save_quantized")
-    old = getattr(model.config, "quantization_config", None)
-    old = old if isinstance(old, Mapping) and old.get("quant_method") == QUANT_METHOD else {}
+    old = stored_quantization_config(model)
     # What quantize_model recorded (damp, act_order, token counts), completed by the caller's info.
     calib = {**(old.get("calibration") or {}), **(calibration_info or {})} or None
     qcfg = model_quantization_config(model, calibration=calib, method=old.get("method", "pvq"))
@@ -113,7 +160,10 @@ def load_quantized(directory: str | os.PathLike, device=None) -> nn.Module:
         raise ValueError(f"load_quantized: {str(path)!r} does not describe a causal LM: {e}") from e
     decoder_layers(model, "load_quantized")
 
-    stored = read_checkpoint_tensors(path)
+    stored = read_checkpoint_tensors(path, qcfg)
+    pvq_names = [n for n, v in stored.items() if isinstance(v, PVQWeight)]
+    if pvq_names:
+        stored.pop(placeholder_key(pvq_names), None)
     skip = set(qcfg.get("modules_to_not_convert") or [])
     for name, value in list(stored.items()):
         if not isinstance(value, PVQWeight):
@@ -154,6 +204,7 @@ def load_quantized(directory: str | os.PathLike, device=None) -> nn.Module:
     if missing:
         raise ValueError(f"load_quantized: the files lack tensors the model needs: {missing[:5]}")
     model.config.quantization_config = qcfg
+    make_save_pretrained_atomic(model)
     model.eval()
     if device is not None:
         model.to(device)

@@ -11,7 +11,7 @@ from ..format.atomic import write_json
 from ..format.config import PVQConfig
 from ..layers.decoder import set_submodule
 from ..layers.linear import PVQLinear
-from ..layers.quantized_model import model_quantization_config
+from ..layers.quantized_model import make_save_pretrained_atomic, model_quantization_config
 from ..quantization.hessian import HessianCollector
 from ..quantization.methods import Method, h_loss, quantize_linear, weight_loss
 from .capture import ShiftCollector
@@ -126,6 +126,7 @@ def finish(run: Run, seconds: float) -> None:
                       fp_targets=run.fp_targets) if m.hessian else None)
         run.model.config.quantization_config = model_quantization_config(
             run.model, calibration=calib, damp=run.log["damp"], act_order=run.act_order, method=m.name)
+        make_save_pretrained_atomic(run.model)  # model.save_pretrained works right away, as save_quantized
 
 
 def decoded_cache(block: nn.Module, on: bool) -> None:
