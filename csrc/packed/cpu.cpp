@@ -2,6 +2,7 @@
 // decode-and-dot for small batches, decoded row blocks + BLAS above). They read the layout of
 // packed/packed_layer.h, tile by tile (32 rows) in parallel.
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -237,6 +238,10 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Te
                       const at::Tensor& levels, const std::optional<at::Tensor>& signs,
                       const std::optional<at::Tensor>& bias, int64_t out_features, int64_t D, int64_t K,
                       int64_t scale_bits) {
+  // pvq_matmul is differentiable through its registered autograd formula: below it, the kernel's
+  // own views and in-place writes must not be tracked (an input view made under no_grad, as in
+  // activation checkpointing, would otherwise be refused).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const PackedShape s = check_matmul_args(x, codes, row_scale, levels, signs, bias, out_features, D, K, scale_bits);
   const at::ScalarType ct = compute_type(x);
   const at::Tensor x2 = rotate_input(x.reshape({-1, s.cols}), signs).to(ct).contiguous();
@@ -300,6 +305,10 @@ bool grad_input_fused(const PackedShape& s, const pvq::PackedLayer& layer, const
 at::Tensor matmul_grad_input_cpu(const at::Tensor& grad, const at::Tensor& codes, const at::Tensor& row_scale,
                                  const at::Tensor& levels, const std::optional<at::Tensor>& signs, int64_t in_features,
                                  int64_t D, int64_t K, int64_t scale_bits) {
+  // pvq_matmul is differentiable through its registered autograd formula: below it, the kernel's
+  // own views and in-place writes must not be tracked (an input view made under no_grad, as in
+  // activation checkpointing, would otherwise be refused).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const PackedShape s = check_matmul_grad_args(grad, codes, row_scale, levels, signs, in_features, D, K, scale_bits);
   const at::ScalarType ct = compute_type(grad);
   const at::Tensor g2 = grad.reshape({-1, s.rows}).to(ct).contiguous();

@@ -1,6 +1,7 @@
 // CUDA glue of packed-layer ops: pvq_dequantize and pvq_matmul (fused GEMV for batches up to 16,
 // dequantized tiles through cuBLAS above that).
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -32,6 +33,10 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
                        const at::Tensor& levels, const std::optional<at::Tensor>& signs,
                        const std::optional<at::Tensor>& bias, int64_t out_features, int64_t D, int64_t K,
                        int64_t scale_bits) {
+  // pvq_matmul is differentiable through its registered autograd formula: below it, the kernel's
+  // own views and in-place writes must not be tracked (an input view made under no_grad, as in
+  // activation checkpointing, would otherwise be refused).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const PackedShape s = check_matmul_args(x, codes, row_scale, levels, signs, bias, out_features, D, K, scale_bits);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor x2 = rotate_input(x.reshape({-1, s.cols}), signs).contiguous();

@@ -5,6 +5,7 @@
     pvq-cuda eval       held-out perplexity of a model or a quantized directory (last line: `perplexity: <value>`)
     pvq-cuda compare    the full table and plot (fp32; RTN, GPTQ, rotated GPTQ INT4/3/2; PVQ 2.25/3.25/4.25
                         data-free and Hessian-aware) into bench/results/
+    pvq-cuda generate   text from a model, streamed, with tokens/s (the chat template when the tokenizer has one)
     pvq-cuda setup      fetch the default corpus and convert the default model into the cache
     pvq-cuda demo       PVQ of a random Gaussian matrix beside INT3/INT4 round-to-nearest
 """
@@ -79,6 +80,7 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import generate as generation
     from . import jobs
 
     parser = argparse.ArgumentParser(prog="pvq-cuda", description="Pyramid Vector Quantization for LLMs",
@@ -105,6 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     _quant_options(c)
     c.add_argument("--config", help="comma-separated PVQ presets (default pvq-2.25,pvq-3.25,pvq-4.25)")
     c.set_defaults(run=jobs.cmd_compare)
+
+    g = sub.add_parser("generate", help="generate text from a model (streamed), then tokens/s")
+    g.add_argument("--model", help="a directory written by pvq-cuda quantize, an HF directory, a .gguf file "
+                                   "(default: SmolLM2-135M-Instruct)")
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--max-new-tokens", type=_positive, default=128, help="tokens to generate at most (default 128)")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the tokenizer's chat template (default: when it has one)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    g.set_defaults(run=generation.cmd_generate)
 
     s = sub.add_parser("setup", help="fetch the default corpus (apt-get download jargon-text) and convert the "
                                      "default model into the cache")

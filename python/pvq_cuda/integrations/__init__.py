@@ -7,9 +7,17 @@ sit above.
 
 import importlib.util
 
+import wrapt
+
 
 def register_all() -> None:
-    """Register pvq_cuda with the frameworks that are installed (called by ``import pvq_cuda``)."""
+    """Register pvq_cuda with the frameworks that are installed (called by ``import pvq_cuda``).
+
+    transformers is registered with at once (its registry must know "pvq" before from_pretrained
+    reads a config); PEFT when it is first imported, so that ``import pvq_cuda`` does not pay for
+    importing it: the hook runs at once if it is already imported."""
+    if importlib.util.find_spec("peft") is not None:
+        wrapt.register_post_import_hook("pvq_cuda.integrations.peft_lora:install", "peft")
     if importlib.util.find_spec("transformers") is not None:
         import transformers.quantizers
 
