@@ -2,7 +2,8 @@
 
     pvq-cuda quantize   quantize a model with PVQ (default: SmolLM2-135M-Instruct at pvq-3.25), save it, and
                         print held-out perplexity and time beside fp32 and the RTN/GPTQ INT4/INT3 g128 baselines
-    pvq-cuda eval       held-out perplexity of a model or a quantized directory (last line: `perplexity: <value>`)
+    pvq-cuda eval       held-out perplexity of a model or a quantized directory (last line: `perplexity: <value>`);
+                        with --tasks, lm-evaluation-harness tasks from local files (pvq_heldout ships)
     pvq-cuda compare    the full table and plot (fp32; RTN, GPTQ, rotated GPTQ INT4/3/2; PVQ 2.25/3.25/4.25
                         data-free and Hessian-aware) into bench/results/
     pvq-cuda generate   text from a model, streamed, with tokens/s (the chat template when the tokenizer has one)
@@ -81,7 +82,7 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from . import generate as generation
-    from . import jobs
+    from . import jobs, tasks
 
     parser = argparse.ArgumentParser(prog="pvq-cuda", description="Pyramid Vector Quantization for LLMs",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -97,10 +98,16 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default {','.join(jobs.QUANTIZE_BASELINES)})")
     q.set_defaults(run=jobs.cmd_quantize)
 
-    e = sub.add_parser("eval", help="held-out perplexity; last line `perplexity: <value>`")
+    e = sub.add_parser("eval", help="held-out perplexity (last line `perplexity: <value>`), or lm-eval tasks")
     _data_options(e, calibration=False)
     e.add_argument("--json", action="store_true", help="print one JSON object instead")
-    e.set_defaults(run=jobs.cmd_eval)
+    e.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks instead of the perplexity: "
+                                   "'pvq_heldout' (word/byte perplexity and bits per byte of the held-out text) or "
+                                   "any task whose YAML is in a --task-dir and whose data is local")
+    e.add_argument("--task-dir", action="append", metavar="DIR", help="a folder of lm-eval task YAMLs (repeatable)")
+    e.add_argument("--limit", type=_positive, help="lm-eval: at most this many documents per task")
+    e.add_argument("--batch-size", type=_positive, default=1, help="lm-eval batch size (default 1)")
+    e.set_defaults(run=lambda a: tasks.cmd_eval_tasks(a) if a.tasks else jobs.cmd_eval(a))
 
     c = sub.add_parser("compare", help="full table and plot into bench/results/")
     _data_options(c, nsamples=64)

@@ -205,7 +205,14 @@ def read_quantization_config(directory: str | os.PathLike) -> dict:
 def _shard_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"load_quantized: {str(index)!r} is not a valid shard index: {e!r}") from None
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"load_quantized: {str(path)!r} lacks shard(s) {missing} that {INDEX_FILE} lists "
+                                    f"(an incomplete copy or download)")
         return [path / f for f in files]
     single = path / SINGLE_SHARD
     if not single.is_file():

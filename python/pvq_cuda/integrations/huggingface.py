@@ -54,6 +54,18 @@ class _LoadedPVQLinear(PVQLinear):
 
     get_extra_state = nn.Module.get_extra_state
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.restore_signs()  # derived, never loaded: made on the CPU, not left on the meta device
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # transformers 4.x hands every float tensor over in the loading dtype (float32 here, see
+        # update_torch_dtype): the packed buffers go back to their own dtypes, exactly.
+        for name, dtype in (("row_scale", torch.float16), ("levels", torch.float32)):
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = state_dict[prefix + name].to(dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class PVQHfQuantizer(HfQuantizer):
     """Loads pvq_cuda checkpoints (pre-quantized only: ``requires_calibration``)."""
@@ -76,8 +88,10 @@ class PVQHfQuantizer(HfQuantizer):
             set_submodule(model, name, layer)
         # The placeholder that makes a load without pvq_cuda fail is not a tensor of this model.
         self._placeholder = placeholder_key(names)
-        ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-        model._keys_to_ignore_on_load_unexpected = ignore | {f"^{re.escape(self._placeholder)}$"}
+        pattern = f"^{re.escape(self._placeholder)}$"
+        ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None)  # 5.x: a set; 4.x: a list
+        model._keys_to_ignore_on_load_unexpected = (ignore | {pattern} if isinstance(ignore, set)
+                                                    else [*(ignore or []), pattern])
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -88,10 +102,14 @@ class PVQHfQuantizer(HfQuantizer):
                     module.weight._validate()  # index < V(D, K) everywhere: the codes fit the config
                 except ValueError as e:
                     raise ValueError(f"from_pretrained: PVQ layer {name!r}: {e}") from None
+        requested = getattr(self, "_requested_dtype", None)
+        if requested is not None and requested != torch.float32:
+            model.to(requested)
+            model.config.torch_dtype = requested
         make_save_pretrained_atomic(model)
         return model
 
-    def get_state_dict_and_metadata(self, model):
+    def get_state_dict_and_metadata(self, model, *args, **kwargs):  # 4.x passes safe_serialization
         """save_pretrained (transformers 5.x): the model's tensors plus the placeholder."""
         state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         pvq = [n for n, m in model.named_modules() if isinstance(m, PVQLinear)]
@@ -99,15 +117,13 @@ class PVQHfQuantizer(HfQuantizer):
             state[placeholder_key(pvq)] = torch.empty(0)
         return state, {}
 
-    # transformers 4.x reports these; 5.x reads the model's _keys_to_ignore_on_load_unexpected.
-    def update_unexpected_keys(self, model, unexpected_keys: list[str], prefix: str = "") -> list[str]:
-        return [k for k in unexpected_keys if k != getattr(self, "_placeholder", None)]
-
-    def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
-        return [k for k in missing_keys if not k.endswith("_extra_state")]
-
-    def update_torch_dtype(self, dtype):  # transformers 4.x's name of update_dtype
-        return dtype
+    def update_torch_dtype(self, dtype):
+        # transformers 4.x casts every float tensor of a quantized model to this dtype while loading,
+        # the float16 row scales included (lossy for bfloat16). So load in float32, exact for them,
+        # and cast the model to the requested dtype afterwards: PVQLinear keeps its packed buffers'
+        # dtypes through .to(). (5.x keeps each tensor's declared dtype and never calls this.)
+        self._requested_dtype = dtype
+        return torch.float32
 
     def is_serializable(self, safe_serialization=None) -> bool:
         return True

@@ -107,7 +107,8 @@ class PVQLinear(nn.Module):
         derived state, not saved; a loader that allocates non-persistent buffers without filling
         them (transformers' from_pretrained does) calls this afterwards."""
         if self.config.rotate:
-            self.signs = rotation_signs(self.in_features, self.config.seed).to(self.codes.device)
+            device = self.codes.device if self.codes.device.type != "meta" else "cpu"
+            self.signs = rotation_signs(self.in_features, self.config.seed).to(device)
 
     def enable_decoded_cache(self) -> None:
         self._decoded = self.weight.dequantize()
