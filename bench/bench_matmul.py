@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -79,6 +80,35 @@ def _time_cuda_graph(fn, n_buffers: int, repeats: int) -> tuple[float, int]:
         times.append(start.elapsed_time(end) * 1e3 / burst)
     del graph
     return statistics.median(times), burst
+
+
+def _time_cuda_eager(fn, n_buffers: int, repeats: int) -> tuple[float, int]:
+    """The same burst launched eagerly between two events (no host sync inside a burst)."""
+    burst = n_buffers * -(-BURST_MIN // n_buffers)
+    for i in range(n_buffers):
+        fn(i)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for j in range(burst):
+            fn(j % n_buffers)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / burst)
+    return statistics.median(times), burst
+
+
+def _time_cuda(fn, n_buffers: int, repeats: int) -> tuple[float, int, str]:
+    """CUDA-graph timing; if the capture fails, eager timing (said so in the row and on stderr)
+    rather than no number at all."""
+    try:
+        return (*_time_cuda_graph(fn, n_buffers, repeats), "graph")
+    except RuntimeError as e:
+        print(f"bench_matmul: CUDA-graph capture failed, timing eagerly: {e}", file=sys.stderr, flush=True)
+        torch.cuda.synchronize()
+        return (*_time_cuda_eager(fn, n_buffers, repeats), "eager")
 
 
 def _time_cpu(fn, repeats: int) -> float:
@@ -153,12 +183,12 @@ def run(device: str, shapes: list[str], batches: list[int], preset: str, repeats
         for M in batches:
             x = torch.randn(M, k_in, generator=gen).to(device, dense_dtype)
             err = _checked_call(x, q, q_cpu)
-            bursts = {}
+            bursts, timing = {}, {}
             if device == "cuda":
-                t_pvq, bursts["pvq"] = _time_cuda_graph(lambda i: pvq_cuda.pvq_matmul(x, pvq_copies[i]),
-                                                        len(pvq_copies), repeats)
-                t_dense, bursts["dense"] = _time_cuda_graph(lambda i: torch.matmul(x, dense_copies[i].T),
-                                                            len(dense_copies), repeats)
+                t_pvq, bursts["pvq"], timing["pvq"] = _time_cuda(lambda i: pvq_cuda.pvq_matmul(x, pvq_copies[i]),
+                                                                 len(pvq_copies), repeats)
+                t_dense, bursts["dense"], timing["dense"] = _time_cuda(lambda i: torch.matmul(x, dense_copies[i].T),
+                                                                       len(dense_copies), repeats)
             else:
                 t_pvq = _time_cpu(lambda i: pvq_cuda.pvq_matmul(x, q), repeats)
                 t_dense = _time_cpu(lambda i: x @ dense_copies[0].T, repeats)
@@ -167,9 +197,10 @@ def run(device: str, shapes: list[str], batches: list[int], preset: str, repeats
                          "pvq_gbps": (pvq_bytes + io_bytes) / t_pvq / 1e3,
                          "dense_gbps": (dense_bytes + io_bytes) / t_dense / 1e3,
                          "speedup": t_dense / t_pvq, "check_error": err, "check_ok": err <= CHECK_TOL[device],
-                         "pvq_copies": len(pvq_copies), "dense_copies": len(dense_copies), "bursts": bursts})
+                         "pvq_copies": len(pvq_copies), "dense_copies": len(dense_copies), "bursts": bursts,
+                         "timing": timing})
             print(f"{shape:>11} M={M:<4} pvq {t_pvq:9.1f} us  dense {t_dense:9.1f} us  x{t_dense / t_pvq:5.2f}  "
-                  f"check {err:.1e}", flush=True)
+                  f"check {err:.1e}" + "".join(f"  ({k}: {v})" for k, v in timing.items() if v != "graph"), flush=True)
         del pvq_copies, dense_copies
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -191,6 +222,9 @@ def report(rows: list[dict], device_name: str, device: str, header: str, copy: f
         if copy:
             line += f" {100 * r['pvq_gbps'] / copy:.0f} % |"
         line += f" {r['check_error']:.1e}{'' if r['check_ok'] else ' FAILED'} |"
+        eager = [k for k, v in r.get("timing", {}).items() if v != "graph"]
+        if eager:
+            line += f" timed eagerly: {', '.join(eager)} (graph capture failed) |"
         lines.append(line)
     if peak:
         lines += ["", f"Peak bandwidth used for %: {peak} GB/s (spec sheet of {device_name})."]
