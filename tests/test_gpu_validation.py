@@ -49,7 +49,7 @@ def rehearsal(tmp_path_factory):
 def _steps(summary: str) -> dict[str, str]:
     """step -> status, read back from the printed summary's steps table."""
     found = {}
-    for line in summary[:summary.index("\nheadline")].splitlines():
+    for line in summary.split("\nheadline")[0].split("\n(no benchmark results)")[0].splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0] in STEPS:
             found[parts[0]] = parts[1]
@@ -123,6 +123,22 @@ def test_broken_build_stops_at_once(tmp_path):
     assert "bench-matmul" not in proc.stdout
     summary = next(out.rglob("summary.txt")).read_text()
     assert "gpu_summary.py failed" in summary and re.search(r"^build\tFAIL\(rc=1\)", summary, re.M)
+
+
+@needs_bash
+def test_refusing_sanitizer_is_passed_over(tmp_path):
+    """On gVisor compute-sanitizer refuses the device: memcheck is REFUSED (not a failure) and
+    racecheck is not tried again. Also the rerun form: only the steps named in PVQ_GPU_STEPS run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = _run(out, tmp_path, PVQ_GPU_REHEARSAL="1", PVQ_REHEARSAL_SANITIZER="refuse",
+                PVQ_GPU_STEPS="sanitizer-memcheck sanitizer-racecheck")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    summary = proc.stdout[proc.stdout.rindex("== pvq_cuda GPU validation"):]
+    assert _steps(summary) == {"environment": "ok", "build": "ok", "gate": "ok", "sanitizer-memcheck": "REFUSED",
+                               "sanitizer-racecheck": "REFUSED"}
+    assert "as memcheck was" in summary
+    assert next(out.rglob("sanitizer.log")).read_text().count("Device not supported") == 1
 
 
 def _matmul(speedup1: float, ok: bool = True) -> dict:
