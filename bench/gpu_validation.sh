@@ -4,18 +4,20 @@
 # quantization, run the CUDA tests and compute-sanitizer, all within 8 minutes by its own clock,
 # and leave at most 8 files, one folder down, in $OUT/<device>-<date>/.
 #
-# THE CALL (device tool `run`, from the session's checkout, which must hold this script; build/
-# and other ignored paths do not travel, and nothing needs carrying):
-#     command:   PVQ_COMMIT=<git rev-parse --short HEAD, written out> bash bench/gpu_validation.sh
+# THE CALL (device tool `run`, from the session's checkout, which must hold this script and the
+# code to measure, committed; build/ and other ignored paths do not travel, nothing needs carry):
+#     command:   PVQ_COMMIT=<git rev-parse --short HEAD, written out, e.g. a720ddb> bash bench/gpu_validation.sh
 #     timeout_s: 540
 # The script ends itself by 480 s (PVQ_GPU_BUDGET_S); 540 leaves a minute for a hung step's kill.
 # With the machine's start (1-2 min) and 30 s warm, one call costs about 10 of the session's
-# 15 device minutes. Rerun only at once, while the machine is warm (build/ is still there, so
-# the build is incremental), and only the steps that need it, e.g.
-#     command:   PVQ_COMMIT=<hash> PVQ_GPU_BUDGET_S=200 PVQ_GPU_STEPS="tests sanitizer-memcheck" bash bench/gpu_validation.sh
-#     timeout_s: 240
+# 15 device minutes. Rerun only at once, within the 30 s the machine stays warm (build/ is still
+# there, so the build is incremental), only the steps that need it, and within status's
+# budget_left_s less 30 s, e.g.
+#     command:   PVQ_COMMIT=<hash> PVQ_GPU_BUDGET_S=180 PVQ_GPU_STEPS="tests sanitizer-memcheck" bash bench/gpu_validation.sh
+#     timeout_s: 210
 # else call give_back. The files come back under files_at/<device>-<date>/ (e.g.
-# NVIDIA_H200-2026-12-01/); commit them as bench/results/<device>-<date>/ with the commit measured.
+# NVIDIA_H200-2026-12-01/); commit them as bench/results/<device>-<date>/, saying which commit
+# they measured.
 #
 # Rehearsal on any machine without a GPU (tests/test_gpu_validation.py runs it):
 #     OUT=$(mktemp -d) PVQ_GPU_REHEARSAL=1 bash bench/gpu_validation.sh
