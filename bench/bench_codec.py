@@ -19,7 +19,7 @@ import time
 import torch
 
 import pvq_cuda
-from bench_common import emit, git_commit
+from bench_common import append_json, emit, git_commit
 
 CONFIGS = [(8, 6), (8, 16), (8, 36), (16, 30), (32, 21), (4, 11)]
 
@@ -54,7 +54,8 @@ def _copy_bandwidth(nbytes: int, repeats: int) -> float:
     return 2 * nbytes / _median_cuda(lambda: dst.copy_(src), repeats)
 
 
-def bench(device: str, groups: int, repeats: int) -> list[str]:
+def bench(device: str, groups: int, repeats: int, records: list[dict]) -> list[str]:
+    """The report's lines; one dict per configuration is appended to ``records``."""
     timer = _median_cuda if device == "cuda" else _median_cpu
     rows = []
     copy_bw = _copy_bandwidth(groups * 16, repeats) if device == "cuda" else None
@@ -78,6 +79,9 @@ def bench(device: str, groups: int, repeats: int) -> list[str]:
         if copy_bw:
             line += f" {100 * (n * (8 + D) / t_dec) / copy_bw:.0f} % |"
         rows.append(line)
+        records.append({"device": device, "D": D, "K": K, "decode_mws": w / t_dec / 1e6, "encode_mws": w / t_enc / 1e6,
+                        "search_mws": w / t_srch / 1e6, "copy_gbps": copy_bw / 1e9 if copy_bw else None,
+                        "decode_of_bound": (n * (8 + D) / t_dec) / copy_bw if copy_bw else None})
         assert V > 0
     return rows
 
@@ -89,7 +93,9 @@ def main() -> None:
     parser.add_argument("--cuda-groups", type=int, default=1 << 25)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", help="also write the report (markdown) to this file")
+    parser.add_argument("--json", help="append the rows as one JSON line to this file")
     args = parser.parse_args()
+    records: list[dict] = []
 
     commit = git_commit()
     report = [f"# bench_codec ({datetime.date.today()}, commit {commit}, torch {torch.__version__})", ""]
@@ -97,14 +103,15 @@ def main() -> None:
         torch.set_num_threads(1)
         report += [f"## CPU, 1 thread: {platform.processor() or platform.machine()}; "
                    f"{args.cpu_groups * 8:,} weights per call, median of {args.repeats} (thread CPU time)", ""]
-        report += bench("cpu", args.cpu_groups, args.repeats) + [""]
+        report += bench("cpu", args.cpu_groups, args.repeats, records) + [""]
     if args.device in ("cuda", "all") and torch.cuda.is_available() and pvq_cuda.cuda_built():
         report += [f"## CUDA: {torch.cuda.get_device_name()}; {args.cuda_groups * 8:,} weights per call, "
                    f"median of {args.repeats} (CUDA events)", ""]
-        report += bench("cuda", args.cuda_groups, args.repeats) + [""]
+        report += bench("cuda", args.cuda_groups, args.repeats, records) + [""]
     elif args.device == "cuda":
         raise SystemExit("bench_codec: no CUDA device or pvq_cuda built without CUDA")
     emit(report, args.out)
+    append_json(args.json, {"bench": "codec", "commit": commit, "rows": records})
 
 
 if __name__ == "__main__":

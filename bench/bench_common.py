@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 
 
 def git_commit() -> str:
-    """Short hash of HEAD, or 'unknown' outside a git checkout."""
+    """$PVQ_COMMIT if set (a copy of the tree without .git, e.g. on the GPU machine), else the
+    short hash of HEAD, else 'unknown'."""
+    if os.environ.get("PVQ_COMMIT"):
+        return os.environ["PVQ_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -21,3 +26,11 @@ def emit(lines: list[str], out: str | None) -> None:
     if out:
         with open(out, "w") as f:
             f.write(text + "\n")
+
+
+def append_json(path: str | None, record: dict) -> None:
+    """Append ``record`` as one JSON line to ``path`` (nothing without a path): every bench of a
+    gpu_validation.sh run adds its numbers to one results file that gpu_summary.py reads."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -17,7 +17,7 @@ import time
 import torch
 
 import pvq_cuda
-from bench_common import emit, git_commit
+from bench_common import append_json, emit, git_commit
 
 
 def _median(fn, device: str, repeats: int) -> float:
@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out")
+    parser.add_argument("--out", help="also write the report (markdown) to this file")
+    parser.add_argument("--json", help="append the rows as one JSON line to this file")
     args = parser.parse_args()
     device = args.device
     sizes = args.n or ([1024, 2048, 4096, 8192] if device == "cuda" else [576, 1024])
@@ -55,6 +56,7 @@ def main() -> None:
     lines = [f"# hessian_accumulate_ vs torch addmm_ (fp32, TF32 off) on {name}, {datetime.date.today()}, "
              f"commit {commit}, {tokens} {args.dtype} tokens, median of {args.repeats}", "",
              "| n | pvq ms | torch ms | speedup | pvq rel. error | torch rel. error |", "|---|---|---|---|---|---|"]
+    records = []
     for n in sizes:
         x = torch.randn(tokens, n, device=device).to(dtype)
         H = torch.zeros(n, n, device=device)
@@ -67,7 +69,10 @@ def main() -> None:
         lines.append(f"| {n} | {t_pvq * 1e3:.2f} | {t_torch * 1e3:.2f} | {t_torch / t_pvq:.2f}x | {err(Hp):.1e} "
                      f"| {err(Ht):.1e} |")
         print(lines[-1], flush=True)
+        records.append({"n": n, "tokens": tokens, "dtype": args.dtype, "pvq_ms": t_pvq * 1e3, "torch_ms": t_torch * 1e3,
+                        "speedup": t_torch / t_pvq, "pvq_rel_error": err(Hp), "torch_rel_error": err(Ht)})
     emit(lines, args.out)
+    append_json(args.json, {"bench": "hessian", "device": name, "commit": commit, "rows": records})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from conftest import requires_cuda
 
 pytestmark = requires_cuda
 
-CASES = [(D, K) for D in pvq_cuda.SUPPORTED_D for K in sorted({1, 2, 5, 6, 11, 12, 16, 36, 127, pvq_cuda.max_pulses(D)})
+CASES = [(D, K) for D in pvq_cuda.SUPPORTED_D for K in sorted({1, 2, 5, 6, 11, 12, 16, 30, 36, 127, pvq_cuda.max_pulses(D)})
          if K <= pvq_cuda.max_pulses(D)]
 
 
