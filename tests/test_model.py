@@ -1,7 +1,6 @@
 """quantize_model, save_quantized and load_quantized on a tiny random Llama (CPU, no network)."""
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -11,23 +10,19 @@ pytest.importorskip("transformers")
 
 import pvq_cuda  # noqa: E402
 from pvq_cuda.quantization.methods import h_loss, parse_method  # noqa: E402
-from tiny_llama import VOCAB, tiny_model  # noqa: E402
+from tiny_llama import VOCAB, logits, quantize_quietly, random_ids, tiny_model  # noqa: E402
 
 
 
 def _calib(n=6, seqlen=24, seed=1):
-    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+    return random_ids(n, seqlen, seed)
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+_logits = logits
 
 
 def _quantize(model, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the data-free fallback warning, where it applies
-        return pvq_cuda.quantize_model(model, _calib(), "pvq-3.25", progress=False, batch_size=4, **kw)
+    return quantize_quietly(model, _calib(), **kw)
 
 
 @pytest.fixture(scope="module")

@@ -30,21 +30,51 @@ def tiny_model(seed: int = 0):
     return LlamaForCausalLM(tiny_config()).eval()
 
 
-def tiny_tokenizer():
-    """Characters 32..126 and newline, one token each (ids < VOCAB)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+def random_ids(n: int, seqlen: int, seed: int, vocab: int = VOCAB) -> torch.Tensor:
+    """Seeded random token ids [n, seqlen]: calibration and test inputs of the tiny models."""
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def quantize_quietly(model, calibration, config="pvq-3.25", **kw) -> dict:
+    """quantize_model without a progress bar, 4 windows a forward, the data-free fallback warning
+    (where it applies) silenced; returns the log."""
+    import warnings
+
+    import pvq_cuda
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return pvq_cuda.quantize_model(model, calibration, config, progress=False, batch_size=4, **kw)
+
+
+def tiny_tokenizer(bos: str | None = None):
+    """Characters 32..126 and newline, one token each (ids < VOCAB). ``bos="added"``: a "<bos>"
+    token (id 97) starts every encoded text, as with Gemma's tokenizer; ``bos="unused"``: "<bos>"
+    is the BOS token but never added, as SmolLM2's <|im_start|>; None: no BOS token."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0}
     for i in range(32, 127):
         vocab[chr(i)] = len(vocab)
     vocab["\n"] = len(vocab)
+    if bos is not None:
+        vocab["<bos>"] = len(vocab)
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    if bos == "added":
+        tk.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                          special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>",
+                                   **({"bos_token": "<bos>"} if bos is not None else {}))
 
 
-def write_tiny_model_dir(path) -> None:
+def write_tiny_model_dir(path, bos: str | None = None) -> None:
     model = tiny_model()
     model.save_pretrained(str(path))
-    tiny_tokenizer().save_pretrained(str(path))
+    tiny_tokenizer(bos).save_pretrained(str(path))

@@ -14,10 +14,42 @@ def decoder_layers(model: nn.Module, fn: str = "quantize_model") -> nn.ModuleLis
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if head is None or not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise TypeError(f"{fn}: model must be a Llama-family causal LM (model.model.layers decoder blocks and an "
-                        f"lm_head), got {type(model).__name__}; a base model without an LM head or an encoder "
-                        f"model cannot be quantized by this pipeline")
+        raise TypeError(f"{fn}: model must be a decoder-only causal LM whose blocks are model.model.layers, with an "
+                        f"lm_head ({SUPPORTED_ARCHITECTURES}), got {type(model).__name__}; a base model without an "
+                        f"LM head, an encoder model, or one whose blocks live elsewhere (e.g. GPT-2's "
+                        f"transformer.h) cannot be quantized by this pipeline")
     return layers
+
+
+#: The architectures whose tiny random models the tests quantize, save and load (tests/test_architectures.py).
+SUPPORTED_ARCHITECTURES = "Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, OLMo-2"
+
+
+def check_dense_blocks(layers: nn.ModuleList, prefix: str = "model.layers", fn: str = "quantize_model") -> None:
+    """Raise ValueError, naming the module or parameter, if a decoder block holds weights that are
+    not nn.Linear layers: mixture-of-experts layers (experts as 3-D parameters ``[experts, out,
+    in]``, as transformers 5 fuses them, or as a list of expert MLPs, as 4.x keeps them, and their
+    routers) or any other weight matrix. Such weights would otherwise stay in full precision
+    unnoticed, or, for experts, get Hessians from only the tokens routed to them."""
+    for i, block in enumerate(layers):
+        # An MoE layer holds its experts as a submodule named "experts" (transformers 4.x and 5.x).
+        moe = [n for n, m in block.named_modules() if isinstance(getattr(m, "experts", None), nn.Module)]
+        if moe:
+            raise ValueError(f"{fn}: mixture-of-experts layers are not supported: "
+                             f"{'.'.join(filter(None, (f'{prefix}.{i}', moe[0])))} is a "
+                             f"{type(block.get_submodule(moe[0])).__name__} with experts; this pipeline quantizes "
+                             f"dense decoder blocks of nn.Linear layers ({SUPPORTED_ARCHITECTURES})")
+        linear_weights = {id(m.weight) for m in block.modules() if isinstance(m, nn.Linear)}
+        for n, p in block.named_parameters():
+            if p.dim() >= 3:
+                raise ValueError(f"{fn}: fused expert weights are not supported: {prefix}.{i}.{n} is a "
+                                 f"{p.dim()}-D parameter {list(p.shape)} (mixture-of-experts layers are not "
+                                 f"supported); this pipeline quantizes dense decoder blocks of nn.Linear layers "
+                                 f"({SUPPORTED_ARCHITECTURES})")
+            if p.dim() == 2 and id(p) not in linear_weights:
+                raise ValueError(f"{fn}: {prefix}.{i}.{n} is a weight matrix {list(p.shape)} outside any nn.Linear "
+                                 f"(in a {type(block.get_submodule(n.rpartition('.')[0])).__name__}); this "
+                                 f"pipeline quantizes nn.Linear layers only and would leave it unquantized")
 
 
 def linears(module: nn.Module) -> dict[str, nn.Linear]:

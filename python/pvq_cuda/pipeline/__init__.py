@@ -1,18 +1,21 @@
 """Layer 5 of pvq_cuda: quantize_model / quantize_models, block-by-block (GPTQ-style) quantization
-of Llama-family causal LMs. Imports the layers below (quantization, layers, format, ops).
+of decoder-only causal LMs with dense blocks (Llama, Mistral, Qwen2/3, Phi-3, Gemma-2/3, OLMo-2).
+Imports the layers below (quantization, layers, format, ops).
 
 The pipeline (paper.md §6, the order GPTQ uses):
 
 1. Run the calibration tokens through the embeddings and catch the inputs of decoder block 0
-   (hidden states plus the keyword arguments the model passes its blocks: position embeddings,
-   attention mask, ...), with a forward pre-hook that stops the forward there.
-2. For each block, for each sequential group of its linears (q/k/v → o → gate/up → down): make
-   the group's inputs on every calibration chunk, with the group's earlier layers already
-   quantized, accumulate the group's Hessian from them and quantize each layer of the group.
-   Later groups therefore see the already quantized earlier ones. A Llama-style block is run in
-   stages (``llama.LlamaFlow``) so that nothing is computed twice; any other block is run up to
-   the group with a HessianCollector on it, the forward stopping as soon as every layer of the
-   group has seen its input.
+   (hidden states) and every block's other arguments (position embeddings, attention mask, ...:
+   blocks of another layer type, e.g. Gemma's sliding-window ones, get their own), with every
+   block standing in as a stub for that one forward (``capture.block_inputs``).
+2. For each block, for each sequential group of its linears (q/k/v → o → gate/up → down, in the
+   order its forward calls them): make the group's inputs on every calibration chunk, with the
+   group's earlier layers already quantized, accumulate the group's Hessian from them and
+   quantize each layer of the group. Later groups therefore see the already quantized earlier
+   ones. A Llama-style block (one that passes ``llama.LlamaFlow.probe``, checked once per kind of
+   block) is run in stages so that nothing is computed twice; any other block is run up to the
+   group with a HessianCollector on it, the forward stopping as soon as every layer of the group
+   has seen its input.
 3. The finished block's outputs on its inputs are the next block's inputs. Only one block's
    activations (and its intermediate ones) are held at a time.
 

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from ..format.config import DEFAULT_PRESET, PVQConfig
-from ..layers.decoder import decoder_layers, linears
+from ..layers.decoder import check_dense_blocks, decoder_layers, linears
 from ..quantization.hessian import DEFAULT_DAMP
-from ..quantization.methods import parse_method
+from ..quantization.methods import parse_method, width_problem
 from ..quantization.quantize import check_refine_passes
 from .calibration import calibration_chunks, calibration_digest
 from .resume import Resume, fingerprint
-from .run import LOSS_DEFINITION, Run, progress_bar
+from .run import LOSS_DEFINITION, Run, config_for, progress_bar
 from .stream import execute
 
 
@@ -35,6 +35,26 @@ def compile_overrides(overrides) -> list[tuple[re.Pattern, PVQConfig]]:
     return out
 
 
+def kept_in_full_precision(model: nn.Module, in_blocks: set[str], ignore_re) -> dict[str, str]:
+    """Every linear and embedding that the run leaves in full precision, with the reason: the
+    log's answer to "was anything skipped?"."""
+    owner: dict[int, str] = {}  # a parameter's first module, to name tied weights (Gemma's lm_head)
+    for name, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            owner.setdefault(id(p), name)
+    kept = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            kept[name] = "embedding (never quantized)"
+        elif isinstance(mod, nn.Linear) and name not in in_blocks:
+            tied = owner[id(mod.weight)]
+            kept[name] = ("outside the decoder blocks (lm_head and embeddings always stay)"
+                          + (f"; its weight is tied to {tied}'s" if tied != name else ""))
+        elif isinstance(mod, nn.Linear) and ignore_re is not None and ignore_re.search(name):
+            kept[name] = f"matches ignore={ignore_re.pattern!r}"
+    return kept
+
+
 def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str | None = None, *,
                    ignore: str | None = None, device=None, offload: bool = False, act_order: bool = False,
                    resume_dir: str | os.PathLike | None = None, progress: bool = True, method: str = "pvq",
@@ -42,10 +62,14 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
                    batch_size: int = 8, seed: int = 0, log_path: str | os.PathLike | None = None,
                    calibration_info: Mapping | None = None, metric_search: bool = False,
                    fp_targets: bool = False, refine_passes: int = 0) -> dict:
-    """Quantize the decoder linears of a Llama-family causal LM in place, block by block.
+    """Quantize the decoder linears of a causal LM in place, block by block.
 
     Args:
-        model: a transformers causal LM with ``model.model.layers`` (Llama, Mistral, Qwen2, SmolLM...).
+        model: a transformers causal LM with ``model.model.layers`` dense decoder blocks: tested on
+            Llama (SmolLM2), Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3 and OLMo-2. Mixture-of-
+            experts blocks, weight matrices outside nn.Linear layers and linears whose input width
+            the method cannot take (``in_features`` a multiple of D; with the rotation a Hadamard
+            size m·2^k, m in {1, 12, 20, 28, 36, 52, 60}) raise ValueError naming them, before any work.
         calibration: token ids, int64 ``[nsamples, seqlen]`` or a list of 1-D tensors; required by
             the methods that use Hessians (``pvq``, ``gptq-*``), ignored by the data-free ones.
         config: a :class:`PVQConfig` or a preset name (default ``pvq-3.25``), for ``method="pvq"``.
@@ -77,9 +101,11 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
             ``quantization_config`` (e.g. ``{"source": ..., "nsamples": ..., "seqlen": ...}``).
 
     Returns:
-        The log: ``{"method", "label", "config", "loss_definition", "device", "layers": [{"name",
-        "block", "loss", "loss_kind", "bpw", "seconds", "hessian_seconds", ...}], "seconds", "bpw"}``,
-        where ``bpw`` is the parameter-weighted mean over the quantized linears.
+        The log: ``{"method", "label", "config", "loss_definition", "device", "kept", "layers":
+        [{"name", "block", "loss", "loss_kind", "bpw", "seconds", "hessian_seconds", "path", ...}],
+        "seconds", "bpw"}``, where ``bpw`` is the parameter-weighted mean over the quantized
+        linears, ``kept`` names every linear and embedding left in full precision with the reason,
+        and ``path`` says how a calibrated layer's block ran (``"staged"`` or ``"generic"``).
     """
     run = prepare(model, calibration, config, ignore=ignore, device=device, offload=offload, act_order=act_order,
                    resume_dir=resume_dir, progress=progress, method=method, overrides=overrides, damp=damp,
@@ -158,6 +184,7 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
              refine_passes) -> Run:
     """Check quantize_model's arguments and set up its run (nothing is quantized yet)."""
     layers = decoder_layers(model)
+    check_dense_blocks(layers)
     m = parse_method(method)
     if config is None:
         config = PVQConfig.preset(DEFAULT_PRESET)
@@ -182,11 +209,16 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     chunks = calibration_chunks(calibration, batch_size, vocab) if m.hessian else None
 
-    prefix_of = {id(b): f"model.layers.{i}." for i, b in enumerate(layers)}
-    todo = [f"{prefix_of[id(b)]}{rel}" for b in layers for rel in linears(b)]
-    todo = [n for n in todo if ignore_re is None or not ignore_re.search(n)]
+    in_blocks = {f"model.layers.{i}.{rel}": lin for i, b in enumerate(layers) for rel, lin in linears(b).items()}
+    todo = [n for n in in_blocks if ignore_re is None or not ignore_re.search(n)]
     if not todo:
         raise ValueError("quantize_model: no linear layer is left to quantize (ignore matches all of them)")
+    problems = [f"{n} ({why})" for n in todo
+                if (why := width_problem(m, config_for(n, config, overrides_c), in_blocks[n].in_features))]
+    if problems:
+        raise ValueError(f"quantize_model: {m.name} cannot quantize {len(problems)} linear(s): "
+                         f"{'; '.join(problems[:4])}{'; ...' if len(problems) > 4 else ''}. Keep them in full "
+                         f"precision with ignore=, or give them a config that fits (e.g. one with rotate=False) with overrides=")
 
     model.eval()
     if not offload:
@@ -201,6 +233,7 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
                "fp_targets": run.fp_targets,
                "damp": damp if m.hessian else None, "device": str(dev), "offload": offload,
                "loss_definition": LOSS_DEFINITION, "calibration": dict(calibration_info or {}),
+               "kept": kept_in_full_precision(model, set(in_blocks), ignore_re),
                "layers": [], "seconds": None, "bpw": None}
     if chunks is not None:
         run.log["calibration"].update(nsamples=sum(c.shape[0] for c in chunks),

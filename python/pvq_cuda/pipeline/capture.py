@@ -13,16 +13,21 @@ class Stop(Exception):
     """Raised by our hooks to end a forward pass early (the rest of it is not needed)."""
 
 
-def to_device(obj, device):
-    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+def to_device(obj, device, memo: dict | None = None):
+    """Move every tensor inside nested tuples/lists/dicts to ``device``. With ``memo`` (a dict kept
+    across calls), a tensor met again is moved once and shared, as it was before the move."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the original is kept so that its id stays unique
+        return memo[id(obj)][1]
     if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
+        return tuple(to_device(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
+        return [to_device(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -70,6 +75,63 @@ def catch_inputs(module: nn.Module, run: Callable[[], object]) -> tuple[tuple, d
     if not caught:
         raise RuntimeError(f"quantize_model: the forward pass never reached {type(module).__name__}")
     return caught[0]
+
+
+def block_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Block 0's hidden states and every block's other arguments ``(args, kwargs)`` (attention
+    mask, position embeddings, ...) in ``model``'s forward on ``input_ids``, without running a block.
+
+    Block 0's arguments are not every block's: models with sliding-window layers (Gemma-2/3,
+    Qwen2/3, ...) pass each block the mask of its layer type, and Gemma-3 also the rotary
+    embedding of that type. So for this forward every block is a stub that records its arguments
+    and hands its input on unchanged (the model computes the masks and embeddings before its
+    loop over the blocks); the last one stops the forward before the final norm and lm_head."""
+    caught: list[tuple[tuple, dict]] = []
+
+    def stub(*args, **kwargs):
+        caught.append((args, kwargs))
+        if len(caught) == len(layers):
+            raise Stop
+        return args[0] if args else kwargs["hidden_states"]
+
+    own = [b.__dict__.get("forward") for b in layers]  # instance-level forwards (e.g. accelerate hooks)
+    for b in layers:
+        b.forward = stub
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except Stop:
+        pass
+    finally:
+        for b, f in zip(layers, own):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
+    if len(caught) != len(layers):
+        raise RuntimeError(f"quantize_model: {type(model).__name__}'s forward called its decoder blocks "
+                           f"{len(caught)} times, not once each ({len(layers)} blocks)")
+    args, kwargs = caught[0]
+    hidden = args[0] if args else kwargs["hidden_states"]
+    extras = []
+    for args, kwargs in caught:
+        kwargs = dict(kwargs)
+        kwargs.pop("hidden_states", None)
+        extras.append((tuple(args[1:]), kwargs))
+    return hidden, extras
+
+
+def first_inputs(modules: dict[str, nn.Module], run: Callable[[], object]) -> tuple[dict[str, torch.Tensor], object]:
+    """Call ``run`` and return the input each of ``modules`` got on its first call, by name in the
+    order of those calls (a module never called is missing), and what ``run`` returned."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, args[0]))
+               for n, m in modules.items()]
+    try:
+        out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, out
 
 
 class ShiftCollector:

@@ -8,15 +8,16 @@ from torch import nn
 
 from ..quantization.hessian import HessianCollector
 from .capture import ShiftCollector, Stop, StopWhenSeen, catch_inputs
-from .groups import groups, kept
+from .groups import kept
 from .run import Run
 
 
 def generic_block(run: Run, block: nn.Module, prefix: str, i: int, n_chunks: int, block_forward,
-                   fp_inputs) -> None:
-    """Quantize any block group by group, running it up to each group on every chunk."""
+                   fp_inputs, groups: list[list[str]]) -> None:
+    """Quantize any block group by group (``groups``: groups.call_order_groups), running it up to
+    each group on every chunk (``block_forward(c)`` runs it on chunk ``c``)."""
     mlp_in: list | None = None
-    for group in groups(block):
+    for group in groups:
         names = kept(group, prefix, run.ignore)
         if not names:
             continue
@@ -24,7 +25,7 @@ def generic_block(run: Run, block: nn.Module, prefix: str, i: int, n_chunks: int
         in_mlp = all(n.startswith("mlp.") for n in names) and hasattr(block, "mlp")
         t0 = time.perf_counter()
         if in_mlp and mlp_in is None:  # the MLP's inputs, with the attention already quantized
-            mlp_in = [catch_inputs(block.mlp, lambda c=c: block_forward(block, c)) for c in range(n_chunks)]
+            mlp_in = [catch_inputs(block.mlp, lambda c=c: block_forward(c)) for c in range(n_chunks)]
         hc = HessianCollector(mods, run.damp)
         shift = ShiftCollector(mods[names[0]], fp_inputs[names[0]]) if fp_inputs is not None else None
         stopper = StopWhenSeen(list(mods.values()))
@@ -39,7 +40,7 @@ def generic_block(run: Run, block: nn.Module, prefix: str, i: int, n_chunks: int
                         a, kw = mlp_in[c]
                         block.mlp(*a, **kw)
                     else:
-                        block_forward(block, c)
+                        block_forward(c)
                 except Stop:
                     pass
         finally:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..layers.decoder import linears
 from ..quantization.hessian import HessianCollector
-from .capture import ShiftCollector, catch_inputs, first
+from .capture import ShiftCollector, catch_inputs, first, first_inputs
 from .groups import SEQUENTIAL_GROUPS, kept
 from .run import Run
 
@@ -28,9 +28,14 @@ class LlamaFlow:
 
     The generic path (the block run up to each group) computes, per token, q/k/v/o and attention
     twice, gate and up twice, and q and k once more: 16.3 against 10.7 units of a q_proj-sized
-    GEMM at SmolLM2's shapes, and two attentions against one. :meth:`probe` checks once per run,
-    on the unquantized block, that every stage equals the block's own forward bit for bit; a block
-    that fails it (another residual layout, extra norms, other linears) takes the generic path."""
+    GEMM at SmolLM2's shapes, and two attentions against one. :meth:`probe` checks, on the first
+    unquantized block of each structure (pipeline.groups.block_structure: once per run when all
+    blocks are alike), that every stage equals the block's own forward bit for bit; a block that
+    fails it (another residual layout, extra norms, other linears) takes the generic path. Of the
+    architectures tested (tests/test_architectures.py), Llama, Mistral, Qwen2 and Qwen3 (whose q/k
+    norms sit inside the attention, which the stages run as the block does) pass; Phi-3 (fused
+    qkv_proj, gate_up_proj), Gemma-2/3 (norms after the attention and the MLP) and OLMo-2 (no
+    input norms) fail it."""
 
     QKV, O, GATE_UP, DOWN = SEQUENTIAL_GROUPS
 
@@ -46,14 +51,8 @@ class LlamaFlow:
         for norm in ("input_layernorm", "post_attention_layernorm"):
             if not isinstance(getattr(block, norm, None), nn.Module):
                 return False
-        seen: dict[str, torch.Tensor] = {}
-        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, args[0]))
-                   for n, m in present.items()]
-        try:
-            out = first(forward())
-        finally:
-            for hd in handles:
-                hd.remove()
+        seen, out = first_inputs(present, forward)
+        out = first(out)
         if len(seen) != len(present):  # a linear the forward never calls
             return False
         flow = cls(block)
@@ -89,7 +88,8 @@ class LlamaFlow:
 
 def staged_block(run: Run, block: nn.Module, prefix: str, i: int, hidden: list[torch.Tensor], block_forward,
                   fp_inputs, store) -> list[torch.Tensor]:
-    """Quantize a block that passed :meth:`LlamaFlow.probe`, group by group; returns its outputs."""
+    """Quantize a block that passed :meth:`LlamaFlow.probe`, group by group; returns its outputs.
+    ``block_forward(c)`` runs the block on calibration chunk ``c``."""
     flow, dev = LlamaFlow(block), run.device
 
     def quantize(group, inputs: list[torch.Tensor], t0: float) -> None:
@@ -112,7 +112,7 @@ def staged_block(run: Run, block: nn.Module, prefix: str, i: int, hidden: list[t
     t0 = time.perf_counter()
     quantize(LlamaFlow.QKV, [flow.attn_input(hidden[c].to(dev)) for c in chunks], t0)
     t0 = time.perf_counter()
-    a = [flow.o_input(lambda c=c: block_forward(block, c)).to(store) for c in chunks]
+    a = [flow.o_input(lambda c=c: block_forward(c)).to(store) for c in chunks]
     quantize(LlamaFlow.O, a, t0)
     r = [flow.residual(hidden[c].to(dev), a[c].to(dev)).to(store) for c in chunks]
     del a

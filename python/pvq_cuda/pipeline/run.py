@@ -27,6 +27,14 @@ def progress_bar(total: int, desc: str):
     return tqdm(total=total, unit="layer", desc=desc, dynamic_ncols=True)
 
 
+def config_for(name: str, config: PVQConfig, overrides) -> PVQConfig:
+    """The config of module ``name``: that of the first override (regex, config) it matches, else ``config``."""
+    for pattern, cfg in overrides:
+        if pattern.search(name):
+            return cfg
+    return config
+
+
 class Run:
     """State of one quantize_model call."""
 
@@ -48,10 +56,7 @@ class Run:
         self.bar = progress_bar(total_layers, method.name) if progress else None
 
     def config_for(self, name: str) -> PVQConfig:
-        for pattern, cfg in self.overrides:
-            if pattern.search(name):
-                return cfg
-        return self.config
+        return config_for(name, self.config, self.overrides)
 
     def record(self, entry: dict) -> None:
         self.log["layers"].append(entry)

@@ -4,20 +4,23 @@ runs on copies of one model that share the fp model's pass."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..layers.decoder import linears
-from .capture import catch_inputs, first, to_device
+from .capture import block_inputs, first, to_device
 from .generic import generic_block
+from .groups import block_structure, call_order_groups
 from .llama import LlamaFlow, staged_block
 from .run import Run, block_to, decoded_cache, finish
 
 
 def fp_block_pass(block: nn.Module, fp_hidden: list[torch.Tensor], extra, dev, store):
-    """Run the still unquantized ``block`` on the fp stream: every linear's input per chunk, and
-    the block's outputs (the fp stream's next activations)."""
+    """Run the still unquantized ``block`` on the fp stream (``extra[c]``: its other arguments on
+    chunk c): every linear's input per chunk, and the block's outputs (the fp stream's next
+    activations)."""
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in linears(block)}
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs[n].append(args[0].detach().to(store)))
                for n, m in linears(block).items()]
@@ -123,6 +126,15 @@ def data_free(run: Run) -> None:
         run.write_log()
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How a kind of block is quantized: ``staged`` (llama.staged_block), or generic with its
+    linears in ``groups`` (groups.call_order_groups)."""
+
+    staged: bool
+    groups: list[list[str]] | None
+
+
 class Stream:
     """One run's calibration activations, carried through its model block by block (steps 1-3 of
     the module docstring). :meth:`fp_pass` runs the unquantized block on the fp model's stream
@@ -135,33 +147,48 @@ class Stream:
         self.dev = dev
         self.store = torch.device("cpu") if run.offload else dev  # where activations wait between forwards
 
-        # 1. inputs of block 0. With offload, the small non-block modules (embeddings, rotary
-        # embedding, final norm) visit the device for this step only.
+        # 1. inputs of block 0, and every block's other arguments (extra[c][i]: chunk c, block i;
+        # blocks of one layer type share the same tensors). With offload, the small non-block
+        # modules (embeddings, rotary embedding, final norm) visit the device for this step only.
         others = [c for n, c in model.model.named_children() if n != "layers"]
         if run.offload:
             for c in others:
                 c.to(dev)
         self.hidden, self.extra = [], []
         for ids in self.chunks:
-            args, kwargs = catch_inputs(layers[0], lambda: model(input_ids=ids.to(dev), use_cache=False))
-            hs = args[0] if args else kwargs.pop("hidden_states")
+            hs, extras = block_inputs(model, layers, ids.to(dev))
             self.hidden.append(hs.to(self.store))
-            self.extra.append((to_device(tuple(args[1:]), self.store), to_device(kwargs, self.store)))
+            self.extra.append(to_device(extras, self.store, memo={}))
         if run.offload:
             for c in others:
                 c.to("cpu")
         # With fp targets, the unquantized model's activations travel beside the quantized ones.
         self.fp_hidden = list(self.hidden) if run.fp_targets else None
-        self.staged: bool | None = None  # blocks run as a LlamaFlow? Probed on the first block quantized
+        # How each kind of block is quantized (block_structure -> Plan), decided on its first block.
+        self.plans: dict[tuple, Plan] = {}
         self.start = self._resume() if run.resume is not None else 0
 
-    def forward(self, block: nn.Module, c: int):
-        a, kw = self.extra[c]
-        return block(self.hidden[c].to(self.dev), *to_device(a, self.dev), **to_device(kw, self.dev))
+    def forward(self, i: int, c: int):
+        """Block ``i`` on calibration chunk ``c`` of the quantized stream."""
+        a, kw = self.extra[c][i]
+        return self.layers[i](self.hidden[c].to(self.dev), *to_device(a, self.dev), **to_device(kw, self.dev))
 
-    def outputs(self, block: nn.Module) -> list[torch.Tensor]:
-        """The block run in full on every chunk: the next block's inputs."""
-        return [first(self.forward(block, c)).to(self.store) for c in range(len(self.chunks))]
+    def outputs(self, i: int) -> list[torch.Tensor]:
+        """Block ``i`` run in full on every chunk: the next block's inputs."""
+        return [first(self.forward(i, c)).to(self.store) for c in range(len(self.chunks))]
+
+    def plan(self, i: int) -> "Plan":
+        """How block ``i`` (still unquantized) is quantized: staged where its kind of block passes
+        LlamaFlow's probe, else generic in the order its forward calls its linears."""
+        block = self.layers[i]
+        key = block_structure(block)
+        if key not in self.plans:
+            forward = lambda: self.forward(i, 0)  # noqa: E731
+            if LlamaFlow.probe(block, self.hidden[0].to(self.dev), forward):
+                self.plans[key] = Plan(staged=True, groups=None)
+            else:
+                self.plans[key] = Plan(staged=False, groups=call_order_groups(block, forward, f"model.layers.{i}."))
+        return self.plans[key]
 
     def _resume(self) -> int:
         """Install the finished blocks and take the activations after the last of them."""
@@ -185,7 +212,7 @@ class Stream:
                 for i in range(start):
                     block_to(layers[i], run, self.dev)
                     decoded_cache(layers[i], True)  # the same arithmetic as the first run
-                    self.hidden = self.outputs(layers[i])
+                    self.hidden = self.outputs(i)
                     decoded_cache(layers[i], False)
                     block_to(layers[i], run, "cpu")
         return start
@@ -195,20 +222,23 @@ class Stream:
         stream moves past the block). The block stays on the device for :meth:`quantize_block`."""
         block = self.layers[i]
         block_to(block, self.run, self.dev)
-        fp_inputs, self.fp_hidden = fp_block_pass(block, self.fp_hidden, self.extra, self.dev, self.store)
+        extra = [e[i] for e in self.extra]
+        fp_inputs, self.fp_hidden = fp_block_pass(block, self.fp_hidden, extra, self.dev, self.store)
         return fp_inputs
 
     def quantize_block(self, i: int, fp_inputs: dict[str, list[torch.Tensor]] | None) -> None:
         run, block, prefix = self.run, self.layers[i], f"model.layers.{i}."
         block_to(block, run, self.dev)
         entries_from = len(run.log["layers"])
-        if self.staged is None:
-            self.staged = LlamaFlow.probe(block, self.hidden[0].to(self.dev), lambda: self.forward(block, 0))
-        if self.staged:
-            self.hidden = staged_block(run, block, prefix, i, self.hidden, self.forward, fp_inputs, self.store)
+        plan = self.plan(i)
+        forward = lambda c: self.forward(i, c)  # noqa: E731
+        if plan.staged:
+            self.hidden = staged_block(run, block, prefix, i, self.hidden, forward, fp_inputs, self.store)
         else:
-            generic_block(run, block, prefix, i, len(self.chunks), self.forward, fp_inputs)
-            self.hidden = self.outputs(block)
+            generic_block(run, block, prefix, i, len(self.chunks), forward, fp_inputs, plan.groups)
+            self.hidden = self.outputs(i)
+        for e in run.log["layers"][entries_from:]:
+            e["path"] = "staged" if plan.staged else "generic"
         decoded_cache(block, False)
         if run.resume is not None:
             run.resume.save_block(i, block, prefix, run.log["layers"][entries_from:])

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..format.config import PVQConfig
 from ..layers.linear import PVQLinear
+from ..ops import HADAMARD_BASES, HADAMARD_MAX_N, hadamard_split
 from .baselines import gptq_quantize, rtn_quantize
 from .quantize import quantize_weight
 
@@ -86,6 +87,20 @@ def parse_method(name: str) -> Method:
     canonical = f"{kind}-int{m['bits']}" + ("" if group == BASELINE_GROUP else f"-g{group}")
     return Method(canonical, "gptq" if kind.startswith("gptq") else "rtn", hessian=kind.startswith("gptq"),
                   bits=int(m["bits"]), group=group, rotate=kind == "gptq-rot")
+
+
+def width_problem(method: Method, config: PVQConfig, in_features: int) -> str | None:
+    """Why ``method`` (with ``config`` for PVQ) cannot quantize a linear of ``in_features`` inputs,
+    or None when it can. PVQ codes groups of D inputs; PVQ with its rotation and rotated GPTQ take
+    the Hadamard transform over all inputs, whose sizes are n = m·2^k (ops.hadamard_split)."""
+    if method.kind == "pvq" and in_features % config.D:
+        return f"in_features {in_features} is not a multiple of the group size D={config.D}"
+    rotated = config.rotate if method.kind == "pvq" else method.rotate
+    if rotated and hadamard_split(in_features) is None:
+        return (f"in_features {in_features} is not a Hadamard size n = m·2^k with m in "
+                f"{{{', '.join(map(str, HADAMARD_BASES))}}} and n <= {HADAMARD_MAX_N}, which the rotation needs "
+                f"(e.g. 640 = 20·32 is one, 176 = 11·16 is not)")
+    return None
 
 
 def h_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
