@@ -59,3 +59,56 @@ def test_read_text_formats(tmp_path):
         read_text(tmp_path / "e.txt", "--eval")
     with pytest.raises(FileNotFoundError, match="--calib: no such file"):
         read_text(tmp_path / "missing.txt")
+
+
+def test_windows_start_with_bos_when_given_one():
+    """With bos_token_id every calibration and evaluation window starts with it, in place of its
+    first text token (context only, never scored): the windows are cut at the same places and the
+    scored tokens are the same; without it the windows are exact slices of the text."""
+    ids = torch.randint(3, 500, (4000,), generator=torch.Generator().manual_seed(4))
+    plain = make_windows(ids, nsamples=6, seqlen=32, eval_windows=4, seed=2)
+    bos = make_windows(ids, nsamples=6, seqlen=32, eval_windows=4, seed=2, bos_token_id=1)
+    for a, b in ((plain.calibration, bos.calibration), (plain.evaluation, bos.evaluation)):
+        assert (b[:, 0] == 1).all() and (a[:, 0] != 1).all()
+        assert torch.equal(a[:, 1:], b[:, 1:])
+    assert bos.info["bos_token_id"] == 1 and "bos_token_id" not in plain.info
+    assert int(ids.min()) >= 3  # the BOS went into the windows only, not into the caller's tokens
+    _positions(plain.evaluation, ids)
+
+
+def test_leading_bos_follows_what_the_tokenizer_does():
+    """A tokenizer that starts every text with BOS (Gemma's) gives its id; one whose BOS token is
+    defined but not added (SmolLM2's <|im_start|>) or that has none gives None."""
+    pytest.importorskip("transformers")
+    from pvq_cuda.apps.corpus import leading_bos
+    from tiny_llama import tiny_tokenizer
+
+    adds = tiny_tokenizer(bos="added")
+    assert adds("ab")["input_ids"][0] == adds.bos_token_id == 97
+    assert leading_bos(adds) == 97
+    assert leading_bos(tiny_tokenizer(bos="unused")) is None
+    assert leading_bos(tiny_tokenizer()) is None
+
+
+@pytest.mark.parametrize("bos", ["added", None])
+def test_job_windows_start_the_way_the_model_expects(tmp_path, bos):
+    """pvq-cuda's jobs cut their windows from the model's tokenizer: with one that adds BOS every
+    window starts with it; with one that does not (the default model's case) the windows are the
+    plain slices of the text, as before."""
+    pytest.importorskip("transformers")
+    import argparse
+
+    from pvq_cuda.apps.corpus import tokenize
+    from pvq_cuda.apps.jobs import prepare
+    from tiny_llama import TEXT, tiny_tokenizer, write_tiny_model_dir
+
+    write_tiny_model_dir(tmp_path / "model", bos=bos)
+    (tmp_path / "text.txt").write_text(TEXT)
+    args = argparse.Namespace(model=str(tmp_path / "model"), calib=str(tmp_path / "text.txt"), eval=None,
+                              nsamples=4, seqlen=32, eval_windows=3, eval_seqlen=None, seed=0, device="cpu")
+    job = prepare(args)
+    plain = make_windows(tokenize(tiny_tokenizer(bos), TEXT), nsamples=4, seqlen=32, eval_windows=3, seed=0)
+    for got, text_only in ((job.calibration, plain.calibration), (job.evaluation, plain.evaluation)):
+        assert torch.equal(got[:, 1:], text_only[:, 1:])
+        assert torch.equal(got[:, 0], torch.full_like(got[:, 0], 97) if bos else text_only[:, 0])
+    assert job.data_info.get("bos_token_id") == (97 if bos else None)

@@ -127,6 +127,19 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS token id that ``tokenizer`` puts before every text it encodes (Gemma's and
+    Llama-2's do), or None where it adds none (SmolLM2's, Qwen's; a BOS token that is defined but
+    not added, as SmolLM2's <|im_start|>, does not count). Windows for a model whose tokenizer adds
+    one must start with it: :func:`make_windows` (``bos_token_id``)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos if ids[:1] == [bos] and plain[:1] != [bos] else None
+
+
 @dataclass
 class Windows:
     """Calibration windows ``[nsamples, seqlen]`` and evaluation windows ``[m, eval_seqlen]``."""
@@ -138,13 +151,19 @@ class Windows:
 
 def make_windows(calib_ids: torch.Tensor, eval_ids: torch.Tensor | None = None, *, nsamples: int = 64,
                  seqlen: int = 512, eval_windows: int | None = 16, eval_seqlen: int | None = None, seed: int = 0,
-                 holdout: float = DEFAULT_HOLDOUT) -> Windows:
+                 holdout: float = DEFAULT_HOLDOUT, bos_token_id: int | None = None) -> Windows:
     """Cut calibration and held-out evaluation windows.
 
     ``eval_ids=None``: both come from ``calib_ids``, calibration from its first ``1 - holdout`` of
     tokens, evaluation from the rest. Calibration windows start at seeded random offsets (they may
     overlap each other, never the evaluation part); evaluation windows are the first
     ``eval_windows`` consecutive, non-overlapping ones of the evaluation part (None: all of them).
+
+    ``bos_token_id`` (:func:`leading_bos` of the model's tokenizer; None where it adds no BOS):
+    every window, calibration and evaluation, starts with this token, as every text did in the
+    model's training (issue 18: Gemma-family models score 2-3x worse on windows without it). It takes the
+    place of the window's first text token, which is context only, never scored (as llama.cpp's
+    perplexity does): windows are cut at the same places and score the same tokens either way.
     """
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"make_windows: nsamples must be >= 1 and seqlen >= 2, got {nsamples}, {seqlen}")
@@ -170,7 +189,11 @@ def make_windows(calib_ids: torch.Tensor, eval_ids: torch.Tensor | None = None, 
     m = len(eval_part) // eval_seqlen
     if eval_windows is not None:
         m = min(m, eval_windows)
-    evaluation = eval_part[: m * eval_seqlen].reshape(m, eval_seqlen)
+    evaluation = eval_part[: m * eval_seqlen].reshape(m, eval_seqlen).clone()  # not a view of eval_ids
     info = {"nsamples": nsamples, "seqlen": seqlen, "seed": seed, "eval_windows": m, "eval_seqlen": eval_seqlen,
             **regions}
+    if bos_token_id is not None:
+        calibration[:, 0] = bos_token_id
+        evaluation[:, 0] = bos_token_id
+        info["bos_token_id"] = bos_token_id
     return Windows(calibration, evaluation, info)

@@ -21,7 +21,7 @@ import torch
 from ..format.config import DEFAULT_PRESET, PRESETS
 from ..pipeline import PER_RUN_OPTIONS, quantize_model, quantize_models, uses_fp_targets
 from ..quantization.methods import parse_method
-from .corpus import make_windows, read_text, tokenize
+from .corpus import leading_bos, make_windows, read_text, tokenize
 from .evaluate import perplexity, ratio_standard_error
 from .loading import LoadedModel, load_model
 from .report import Row, markdown_table, plot, write_json, write_text
@@ -61,7 +61,8 @@ def _device(args) -> torch.device:
 
 
 def prepare(args, need_calibration: bool = True) -> Job:
-    """Load the model and cut the windows (calibration and evaluation never overlap)."""
+    """Load the model and cut the windows (calibration and evaluation never overlap; each starts
+    with the BOS token where the model's tokenizer adds one)."""
     t0 = time.perf_counter()
     lm = load_model(args.model)
     eval_ids = None
@@ -80,7 +81,7 @@ def prepare(args, need_calibration: bool = True) -> Job:
         seqlen = min(seqlen, len(calib_ids) // 2)
     windows = make_windows(calib_ids, eval_ids, nsamples=args.nsamples, seqlen=max(seqlen, 2),
                            eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen or args.seqlen,
-                           seed=args.seed)
+                           seed=args.seed, bos_token_id=leading_bos(lm.tokenizer))
     info = {"model": lm.name, "calibration_source": calib_name, "evaluation_source": eval_name, **windows.info}
     _say(f"pvq-cuda: {lm.name}; {len(calib_ids)} tokens of {calib_name}; load {time.perf_counter() - t0:.1f} s")
     return Job(lm, windows.calibration, windows.evaluation, info, _device(args), args)
