@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 import pvq_cuda  # noqa: E402
 from pvq_cuda.layers import set_submodule  # noqa: E402
-from pvq_cuda.pipeline.capture import block_inputs  # noqa: E402
+from pvq_cuda.pipeline.capture import block_inputs, first  # noqa: E402
 from pvq_cuda.pipeline.llama import LlamaFlow  # noqa: E402
 from tiny_arches import ARCHITECTURES, SEQLEN, VOCAB, staged_by_probe, tiny_arch_model  # noqa: E402
 from tiny_llama import logits, quantize_quietly, random_ids, tiny_model  # noqa: E402
@@ -122,7 +122,7 @@ def test_logits_equal_the_dense_dequantized_twin(quantized):
     assert not torch.equal(expected, logits(tiny_arch_model(quantized[0]), ids))  # quantization did something
 
 
-def test_save_load_and_from_pretrained_give_the_samelogits(quantized, tmp_path):
+def test_save_load_and_from_pretrained_give_the_same_logits(quantized, tmp_path):
     from transformers import AutoModelForCausalLM
 
     name, model, _, _ = quantized
@@ -152,11 +152,27 @@ def test_each_block_gets_its_own_mask_and_rotary_embedding(name):
         h, extras = block_inputs(model, model.model.layers, ids)
         reference = model(input_ids=ids, output_hidden_states=True).hidden_states
         assert torch.equal(h, reference[0])
-        out0 = model.model.layers[0](h, *extras[0][0], **extras[0][1])
+        out0 = first(model.model.layers[0](h, *extras[0][0], **extras[0][1]))  # transformers 4.x: a tuple
         assert torch.equal(out0, reference[1])
         b1 = model.model.layers[1]
-        assert torch.equal(model.model.norm(b1(out0, *extras[1][0], **extras[1][1])), reference[2])
-        assert not torch.equal(model.model.norm(b1(out0, *extras[0][0], **extras[0][1])), reference[2])
+        assert torch.equal(model.model.norm(first(b1(out0, *extras[1][0], **extras[1][1]))), reference[2])
+        assert not torch.equal(model.model.norm(first(b1(out0, *extras[0][0], **extras[0][1]))), reference[2])
+
+
+def test_the_pipeline_carries_the_models_own_activations(tmp_path):
+    """Through Gemma-3's sliding and full blocks, the fp stream that quantize_model carries (saved
+    with resume_dir after the last block) is the unquantized model's own last hidden state on each
+    calibration chunk, bit for bit: each block ran with its own mask and rotary embedding."""
+    from safetensors.torch import load_file
+
+    model, reference = tiny_arch_model("gemma3"), tiny_arch_model("gemma3")
+    _quantize(model, fp_targets=True, resume_dir=tmp_path / "r")
+    saved = load_file(tmp_path / "r" / "activations.safetensors")
+    calibration = _ids(8, 1)
+    with torch.no_grad():
+        for c in range(2):  # batch_size 4
+            states = reference(input_ids=calibration[4 * c:4 * c + 4], output_hidden_states=True).hidden_states
+            assert torch.equal(reference.model.norm(saved[f"f.{c}"]), states[-1])
 
 
 def test_blocks_of_another_structure_are_probed_again():
@@ -209,9 +225,9 @@ def test_widths_the_codes_cannot_take_are_named_before_any_work():
 
 
 @pytest.mark.parametrize("arch,where", [
-    ("Mixtral", "model.layers.0.mlp is a MixtralSparseMoeBlock"),
-    ("Qwen2Moe", "model.layers.0.mlp is a Qwen2MoeSparseMoeBlock"),
-    ("Qwen3Moe", "model.layers.0.mlp is a Qwen3MoeSparseMoeBlock"),
+    ("Mixtral", r"model\.layers\.0\.(mlp|block_sparse_moe) is a MixtralSparseMoeBlock"),  # 4.x: block_sparse_moe
+    ("Qwen2Moe", r"model\.layers\.0\.mlp is a Qwen2MoeSparseMoeBlock"),
+    ("Qwen3Moe", r"model\.layers\.0\.mlp is a Qwen3MoeSparseMoeBlock"),
 ])
 def test_mixture_of_experts_is_refused_by_name(arch, where):
     import transformers
@@ -230,13 +246,13 @@ def test_mixture_of_experts_is_refused_by_name(arch, where):
 def test_fused_expert_parameters_and_stray_matrices_are_refused_by_name():
     model = tiny_model()
     model.model.layers[1].mlp.register_parameter("stacked", nn.Parameter(torch.zeros(4, 128, 64)))
-    with pytest.raises(ValueError, match=r"fused expert weights are not supported: model\.layers\.1\.mlp\.stacked "
-                                         r"is a 3-D parameter \[4, 128, 64\]"):
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.stacked is a 3-D parameter \[4, 128, 64\] of a "
+                                         r"LlamaMLP, not an nn\.Linear weight: fused mixture-of-experts weights"):
         _quantize(model)
     model = tiny_model()
     model.model.layers[0].self_attn.register_parameter("mix", nn.Parameter(torch.zeros(8, 64)))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.mix is a weight matrix \[8, 64\] outside any "
-                                         r"nn\.Linear"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.mix is a 2-D parameter \[8, 64\] of a "
+                                         r"LlamaAttention, not an nn\.Linear weight: .* would leave it unquantized"):
         _quantize(model)
 
 

@@ -41,15 +41,16 @@ def check_dense_blocks(layers: nn.ModuleList, prefix: str = "model.layers", fn: 
                              f"dense decoder blocks of nn.Linear layers ({SUPPORTED_ARCHITECTURES})")
         linear_weights = {id(m.weight) for m in block.modules() if isinstance(m, nn.Linear)}
         for n, p in block.named_parameters():
+            if p.dim() < 2 or id(p) in linear_weights:
+                continue
+            where = (f"{prefix}.{i}.{n} is a {p.dim()}-D parameter {list(p.shape)} of a "
+                     f"{type(block.get_submodule(n.rpartition('.')[0])).__name__}, not an nn.Linear weight")
             if p.dim() >= 3:
-                raise ValueError(f"{fn}: fused expert weights are not supported: {prefix}.{i}.{n} is a "
-                                 f"{p.dim()}-D parameter {list(p.shape)} (mixture-of-experts layers are not "
-                                 f"supported); this pipeline quantizes dense decoder blocks of nn.Linear layers "
-                                 f"({SUPPORTED_ARCHITECTURES})")
-            if p.dim() == 2 and id(p) not in linear_weights:
-                raise ValueError(f"{fn}: {prefix}.{i}.{n} is a weight matrix {list(p.shape)} outside any nn.Linear "
-                                 f"(in a {type(block.get_submodule(n.rpartition('.')[0])).__name__}); this "
-                                 f"pipeline quantizes nn.Linear layers only and would leave it unquantized")
+                raise ValueError(f"{fn}: {where}: fused mixture-of-experts weights (or any weight of more than two "
+                                 f"dimensions) are not supported; this pipeline quantizes dense decoder blocks of "
+                                 f"nn.Linear layers ({SUPPORTED_ARCHITECTURES})")
+            raise ValueError(f"{fn}: {where}: this pipeline quantizes nn.Linear layers only and would leave it "
+                             f"unquantized")
 
 
 def linears(module: nn.Module) -> dict[str, nn.Linear]:

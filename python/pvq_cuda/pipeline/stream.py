@@ -177,7 +177,7 @@ class Stream:
         """Block ``i`` run in full on every chunk: the next block's inputs."""
         return [first(self.forward(i, c)).to(self.store) for c in range(len(self.chunks))]
 
-    def plan(self, i: int) -> "Plan":
+    def plan(self, i: int) -> Plan:
         """How block ``i`` (still unquantized) is quantized: staged where its kind of block passes
         LlamaFlow's probe, else generic in the order its forward calls its linears."""
         block = self.layers[i]
