@@ -34,7 +34,8 @@ def test_quantize_then_eval(tiny, capsys):
     run = log["runs"]["pvq:pvq-3.25"]
     assert len(run["layers"]) == 14 and all("loss" in e and "seconds" in e for e in run["layers"])
     assert run["fp_targets"] is True  # the CLI default
-    assert log["data"]["nsamples"] == 4 and log["data"]["calibration_tokens"][1] <= log["data"]["evaluation_tokens"][0]
+    text = log["data"]["sources"][str(tiny / "text.txt")]
+    assert log["data"]["nsamples"] == 4 and text["calibration_tokens"][1] <= text["evaluation_tokens"][0]
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
 
     rc = main(["eval", "--model", str(out), "--calib", str(tiny / "text.txt"), *SMALL[2:]])

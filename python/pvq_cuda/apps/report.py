@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
+
+from ..format import atomic
 
 
 @dataclass
@@ -19,40 +20,64 @@ class Row:
     seconds: float | None  # quantization time (Hessians included); None for fp32
     note: str = ""
     ratio_se: float | None = None  # one standard error of ratio (evaluate.ratio_standard_error)
+    # per evaluation domain: {"perplexity", "ratio", "ratio_se"}; then perplexity and ratio above are
+    # the geometric means over the domains and ratio_se the standard error of that mean
+    domains: dict[str, dict] = field(default_factory=dict)
+
+
+def domain_summary(evals: dict[str, dict], reference: dict[str, dict] | None) -> tuple[float, float, float | None,
+                                                                                      dict[str, dict]]:
+    """(geometric-mean perplexity, geometric-mean ratio, its standard error, per-domain results) of
+    a model's :func:`~pvq_cuda.apps.evaluate.perplexity` results per domain against ``reference``'s
+    (fp32's; None: this is the reference). The domains are independent texts, so the log-ratio
+    standard errors add in quadrature: se(log R) = sqrt(sum se_d^2 / r_d^2) / n."""
+    from .evaluate import ratio_standard_error
+
+    per = {}
+    for name, ev in evals.items():
+        ref = reference[name] if reference is not None else ev
+        se = ratio_standard_error(ev["window_nll"], ref["window_nll"]) if reference is not None else None
+        per[name] = {"perplexity": ev["perplexity"], "ratio": ev["perplexity"] / ref["perplexity"], "ratio_se": se}
+    n = len(per)
+    ppl = math.exp(math.fsum(math.log(d["perplexity"]) for d in per.values()) / n)
+    ratio = math.exp(math.fsum(math.log(d["ratio"]) for d in per.values()) / n)
+    ses = [d["ratio_se"] for d in per.values()]
+    se = None if any(x is None for x in ses) else ratio * math.sqrt(math.fsum((x / d["ratio"]) ** 2 for x, d in
+                                                                             zip(ses, per.values()))) / n
+    return ppl, ratio, se, per
+
+
+def _ratio(ratio: float, se: float | None) -> str:
+    return f"{ratio:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| method | bpw | perplexity | × fp32 | quantization s |", "| --- | ---: | ---: | ---: | ---: |"]
+    """One line per row. With several evaluation domains: each domain's ratio to fp32 (fp32's row:
+    its perplexity), then the geometric means over the domains."""
+    domains = list(rows[0].domains) if rows and rows[0].domains else []
+    if len(domains) < 2:
+        lines = ["| method | bpw | perplexity | × fp32 | quantization s |", "| --- | ---: | ---: | ---: | ---: |"]
+    else:
+        lines = ["| method | bpw | " + " | ".join(domains) + " | perplexity (geo. mean) | × fp32 (geo. mean) | "
+                 "quantization s |", "| --- | ---: | " + "---: | " * len(domains) + "---: | ---: | ---: |"]
     for r in rows:
         secs = "" if r.seconds is None else f"{r.seconds:.1f}"
         label = r.label + (f" ({r.note})" if r.note else "")
-        ratio = f"{r.ratio:.3f}" + ("" if r.ratio_se is None else f" ± {r.ratio_se:.3f}")
-        lines.append(f"| {label} | {r.bpw:.3f} | {r.perplexity:.3f} | {ratio} | {secs} |")
+        cells = []
+        if len(domains) >= 2:
+            cells = [f"{r.domains[d]['perplexity']:.2f}" if r.method == "fp32" else
+                     _ratio(r.domains[d]["ratio"], r.domains[d]["ratio_se"]) for d in domains]
+        lines.append("| " + " | ".join([label, f"{r.bpw:.3f}", *cells, f"{r.perplexity:.3f}",
+                                        _ratio(r.ratio, r.ratio_se), secs]) + " |")
     return "\n".join(lines)
 
 
-def _atomic(path: str | os.PathLike, write) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``path`` (parents created), then rename it over
-    ``path``: a reader never sees half a file, even when a long job is stopped mid-write."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}{p.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON, atomically."""
-    text = json.dumps(obj, indent=1, default=lambda o: asdict(o) if isinstance(o, Row) else str(o)) + "\n"
-    _atomic(path, lambda tmp: tmp.write_text(text))
+    """Write ``obj`` (Rows included) as JSON, atomically."""
+    atomic.write_json(path, obj, default=lambda o: asdict(o) if isinstance(o, Row) else str(o))
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file, atomically."""
-    _atomic(path, lambda tmp: tmp.write_text(text))
+write_text = atomic.write_text
 
 
 def plot(rows: list[Row], path: str | os.PathLike, title: str) -> None:
@@ -77,12 +102,12 @@ def plot(rows: list[Row], path: str | os.PathLike, title: str) -> None:
         ax.axhline(fp32.perplexity, color="k", linestyle="--", linewidth=1, label=f"fp32 ({fp32.perplexity:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (decoder linears, everything stored)")
-    ax.set_ylabel("held-out perplexity")
+    ax.set_ylabel("held-out perplexity" + (" (geometric mean over the domains)" if fp32 and fp32.domains else ""))
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
+        atomic.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), make_parents=True)
     finally:
         plt.close(fig)

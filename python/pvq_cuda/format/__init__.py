@@ -8,8 +8,8 @@ the ops layer.
 from .config import DEFAULT_PRESET, PRESETS, PVQConfig
 from .container import FORMAT_VERSION, FormatError, load, read_metadata, register_serializable, save
 from .gain import beta_gain_levels
-from .weight import TILE_ROWS, PVQWeight, pvq_matmul, rotation_signs
+from .weight import TILE_ROWS, PVQWeight, pvq_matmul, rotation_signs, stored_bits
 
 __all__ = ["DEFAULT_PRESET", "FORMAT_VERSION", "FormatError", "PRESETS", "PVQConfig", "PVQWeight", "TILE_ROWS",
            "beta_gain_levels", "load", "pvq_matmul", "read_metadata", "register_serializable", "rotation_signs",
-           "save"]
+           "save", "stored_bits"]

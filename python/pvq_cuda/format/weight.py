@@ -30,6 +30,14 @@ def rotation_signs(n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.where(z >> np.uint64(63), -1.0, 1.0).astype(np.float32))
 
 
+def stored_bits(config: PVQConfig, out_features: int, in_features: int) -> int:
+    """Every bit a layer of this shape stores under ``config``: the group codes of whole 32-row
+    tiles, an fp16 scale per row, the fp32 level table and the 64-bit rotation seed."""
+    tiles = -(-out_features // TILE_ROWS)
+    codes = tiles * TILE_ROWS * (in_features // config.D) * config.code_bits
+    return codes + 16 * out_features + 32 * (1 << config.scale_bits) + (64 if config.rotate else 0)
+
+
 class PVQWeight:
     """A linear layer's weight ``[out_features, in_features]``, PVQ-coded and packed.
 
@@ -82,9 +90,7 @@ class PVQWeight:
     @property
     def bpw(self) -> float:
         """Bits per weight over everything stored: codes (with tile padding), row scales, levels, seed."""
-        bits = self.codes.numel() * 32 + self.row_scale.numel() * 16 + self.levels.numel() * 32
-        bits += 64 if self.config.rotate else 0
-        return bits / (self.out_features * self.in_features)
+        return stored_bits(self.config, self.out_features, self.in_features) / (self.out_features * self.in_features)
 
     def _validate(self) -> None:
         c, n, N = self.config, self.in_features, self.out_features

@@ -14,6 +14,8 @@ would need quantizing again (``pvq_cuda.quantize_model`` on the merged dense mod
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft.tuners.lora import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
@@ -30,7 +32,11 @@ class PVQLoraLinear(nn.Module, LoraLayer):
         if config.use_dora:
             raise ValueError("LoRA on PVQ layers: DoRA is not supported (it needs the dense weight); set use_dora=False")
         super().__init__()
-        LoraLayer.__init__(self, base_layer)
+        with warnings.catch_warnings():
+            # PEFT warns "Unsupported layer type ... proceed at your own risk" for every layer type
+            # outside its own list, then reads in/out_features from it, which PVQLinear has.
+            warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+            LoraLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
