@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pvq_cuda.apps.corpus import make_windows, read_text
+from pvq_cuda.apps.corpus import make_domain_windows, make_windows, read_text
 
 
 def _positions(windows, ids):
@@ -74,6 +74,11 @@ def test_windows_start_with_bos_when_given_one():
     assert bos.info["bos_token_id"] == 1 and "bos_token_id" not in plain.info
     assert int(ids.min()) >= 3  # the BOS went into the windows only, not into the caller's tokens
     _positions(plain.evaluation, ids)
+    other = torch.randint(3, 500, (2000,), generator=torch.Generator().manual_seed(5))
+    mixed = make_domain_windows({"a": ids, "b": other}, {"a": ids, "b": other, "c": other[:500]}, nsamples=5,
+                                seqlen=32, eval_windows=3, whole=frozenset({"c"}), bos_token_id=1)
+    assert all((w[:, 0] == 1).all() for w in (mixed.calibration, *mixed.evaluation.values()))
+    assert int(other.min()) >= 3
 
 
 def test_leading_bos_follows_what_the_tokenizer_does():
