@@ -1,0 +1,389 @@
+// Threads, barriers and warp collectives of one emulated block (see block_runner.h).
+//
+// All synchronization of a block goes through one mutex. That is slow next to a GPU but simple to
+// get right, and it lets every wait check the whole block's state: a thread that blocks when no
+// other thread of the block is still running completes nothing ever again, so that is reported as a
+// deadlock at once (with where every thread waits) instead of after a timeout.
+#include "block_runner.h"
+
+#include <pthread.h>
+
+#include <condition_variable>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace pvq_emulation {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+constexpr int kWarpLanes = 32;
+constexpr size_t kWarpScratchBytes = 16 * 1024;  // WMMA: A, B and C tiles of up to 32 x 32 floats
+
+enum class State { kRunning, kAtBarrier, kInCollective, kExited };
+
+// One warp collective in progress: the lanes of `mask` that have arrived and what they brought.
+struct Pending {
+  Collective kind;
+  const char* name;
+  unsigned mask;
+  int width;
+  Where where;  // of the first lane to arrive
+  unsigned arrived = 0;
+  bool complete = false;
+  int collected = 0;  // lanes that have taken their result since `complete`
+  uint64_t value[kWarpLanes] = {};
+  int arg[kWarpLanes] = {};
+  uint64_t result[kWarpLanes] = {};
+};
+
+struct Warp {
+  std::condition_variable cv;
+  std::list<Pending> pending;  // at most one per disjoint mask; list: pointers stay valid
+  std::vector<unsigned char> scratch = std::vector<unsigned char>(kWarpScratchBytes);
+};
+
+struct Block {
+  std::mutex mutex;
+  int threads = 0;
+  int running = 0;
+  int exited = 0;
+  int first_exited = -1;
+  State state[kMaxThreads];
+  Where where[kMaxThreads];
+  const char* waiting_in[kMaxThreads];
+  void* dynamic_smem = nullptr;
+  // __syncthreads
+  std::condition_variable barrier_cv;
+  int barrier_arrived = 0;
+  unsigned long barrier_generation = 0;
+  Where barrier_where;
+  Warp warps[kMaxThreads / kWarpLanes];
+};
+
+Block& the_block() {
+  static Block* block = new Block;  // never destroyed: pool threads may still be parked on its condvars
+  return *block;
+}
+
+struct ThreadContext {
+  int tid = -1;
+};
+thread_local ThreadContext current;
+
+bool same_place(const Where& a, const Where& b) {
+  return a.line() == b.line() && a.column() == b.column() && std::strcmp(a.file_name(), b.file_name()) == 0;
+}
+
+std::string place(const Where& w) { return std::string(w.file_name()) + ":" + std::to_string(w.line()); }
+
+// Called with the block's mutex held, when no thread can run any more.
+[[noreturn]] void report_deadlock(Block& b, const Where& where) {
+  std::map<std::string, int> groups;
+  for (int t = 0; t < b.threads; ++t) {
+    switch (b.state[t]) {
+      case State::kAtBarrier: ++groups["__syncthreads at " + place(b.where[t])]; break;
+      case State::kInCollective:
+        ++groups[std::string(b.waiting_in[t]) + " at " + place(b.where[t]) + " (warp " + std::to_string(t / 32) + ")"];
+        break;
+      case State::kExited: ++groups["exited"]; break;
+      case State::kRunning: ++groups["running"]; break;
+    }
+  }
+  std::string detail;
+  for (const auto& [what, count] : groups) detail += "\n  " + std::to_string(count) + " thread(s): " + what;
+  fail(where, "deadlock in block (%u,%u,%u): no thread can continue.%s", blockIdx.x, blockIdx.y, blockIdx.z,
+       detail.c_str());
+}
+
+// The calling thread stops running until `done` holds; reports a deadlock if it was the last one.
+template <typename Done>
+void block_until(Block& b, std::unique_lock<std::mutex>& lock, std::condition_variable& cv, const Where& where,
+                 Done done) {
+  if (--b.running == 0) report_deadlock(b, where);
+  cv.wait(lock, done);
+}
+
+void on_thread_exit(Block& b, int tid) {
+  std::lock_guard<std::mutex> lock(b.mutex);
+  b.state[tid] = State::kExited;
+  if (b.exited++ == 0) b.first_exited = tid;
+  --b.running;
+  if (b.barrier_arrived > 0)
+    fail(b.barrier_where, "divergent __syncthreads: thread %d returned from the kernel while %d thread(s) wait here",
+         tid, b.barrier_arrived);
+  const int lane = tid % kWarpLanes;
+  for (const Pending& p : b.warps[tid / kWarpLanes].pending)
+    if (!p.complete && (p.mask >> lane & 1u) && !(p.arrived >> lane & 1u))
+      fail(p.where, "%s: lane %d is in the mask 0x%08x but returned from the kernel while lanes 0x%08x wait here",
+           p.name, lane, p.mask, p.arrived);
+  if (b.running == 0 && b.exited < b.threads) report_deadlock(b, b.where[tid]);
+}
+
+// ----- The pool: worker i runs CUDA thread i of every block -------------------------------------------
+class Pool {
+ public:
+  void run(int threads, const std::function<void(int)>& job) {
+    while (int(workers_.size()) < threads) start_worker();
+    {
+      std::lock_guard<std::mutex> lock(done_mutex_);
+      remaining_ = threads;
+    }
+    for (int i = 0; i < threads; ++i) {
+      Worker& w = *workers_[i];
+      std::lock_guard<std::mutex> lock(w.mutex);
+      w.job = &job;
+      w.go = true;
+      w.cv.notify_one();
+    }
+    std::unique_lock<std::mutex> lock(done_mutex_);
+    done_cv_.wait(lock, [&] { return remaining_ == 0; });
+  }
+
+ private:
+  struct Worker {
+    Pool* pool;
+    int index;
+    std::mutex mutex;
+    std::condition_variable cv;
+    bool go = false;
+    const std::function<void(int)>* job = nullptr;
+  };
+
+  static void* main(void* arg) {
+    Worker& w = *static_cast<Worker*>(arg);
+    for (;;) {
+      const std::function<void(int)>* job;
+      {
+        std::unique_lock<std::mutex> lock(w.mutex);
+        w.cv.wait(lock, [&] { return w.go; });
+        w.go = false;
+        job = w.job;
+      }
+      (*job)(w.index);
+      std::lock_guard<std::mutex> lock(w.pool->done_mutex_);
+      if (--w.pool->remaining_ == 0) w.pool->done_cv_.notify_one();
+    }
+    return nullptr;
+  }
+
+  void start_worker() {
+    auto w = std::make_unique<Worker>();
+    w->pool = this;
+    w->index = int(workers_.size());
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 4 << 20);  // kernels keep small frames; sanitizers add to them
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t thread;
+    if (pthread_create(&thread, &attr, &Pool::main, w.get()) != 0) {
+      std::fprintf(stderr, "pvq-emulation: cannot start thread %zu\n", workers_.size());
+      std::_Exit(70);
+    }
+    pthread_attr_destroy(&attr);
+    workers_.push_back(std::move(w));
+  }
+
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::mutex done_mutex_;
+  std::condition_variable done_cv_;
+  int remaining_ = 0;
+};
+
+Pool& the_pool() {
+  static Pool* pool = new Pool;  // workers never exit; the process ends with them parked
+  return *pool;
+}
+
+// The source lane of a shuffle, as the hardware computes it (PTX shfl.sync): within segments of
+// `width` lanes; idx wraps modulo width, and up/down/xor lanes past the segment read their own value
+// (xor may read an earlier segment).
+int shuffle_source(Collective kind, int lane, int arg, int width) {
+  const int first = lane & ~(width - 1), last = first + width - 1;
+  switch (kind) {
+    case Collective::kShflIdx: return first + (arg & (width - 1));
+    case Collective::kShflUp: return lane - (arg & 31) >= first ? lane - (arg & 31) : lane;
+    case Collective::kShflDown: return lane + (arg & 31) <= last ? lane + (arg & 31) : lane;
+    case Collective::kShflXor: return (lane ^ (arg & 31)) <= last ? lane ^ (arg & 31) : lane;
+    default: return lane;
+  }
+}
+
+bool is_shuffle(Collective kind) {
+  return kind == Collective::kShflIdx || kind == Collective::kShflUp || kind == Collective::kShflDown ||
+         kind == Collective::kShflXor;
+}
+
+// Every lane of p has arrived: compute what each receives.
+void complete(Pending& p) {
+  uint64_t ballot = 0;
+  for (int l = 0; l < kWarpLanes; ++l)
+    if ((p.mask >> l & 1u) && p.value[l] != 0) ballot |= uint64_t(1) << l;
+  for (int l = 0; l < kWarpLanes; ++l) {
+    if (!(p.mask >> l & 1u)) continue;
+    switch (p.kind) {
+      case Collective::kSync: p.result[l] = 0; break;
+      case Collective::kBallot: p.result[l] = ballot; break;
+      case Collective::kAny: p.result[l] = ballot != 0; break;
+      case Collective::kAll: p.result[l] = ballot == p.mask; break;
+      case Collective::kUniform:
+        if (p.value[l] != p.value[__builtin_ctz(p.mask)])
+          fail(p.where, "%s: lanes pass different values (lane %d: 0x%llx, lane %d: 0x%llx); all must pass the same",
+               p.name, __builtin_ctz(p.mask), (unsigned long long)p.value[__builtin_ctz(p.mask)], l,
+               (unsigned long long)p.value[l]);
+        p.result[l] = p.value[l];
+        break;
+      default: {
+        const int src = shuffle_source(p.kind, l, p.arg[l], p.width);
+        if (!(p.mask >> src & 1u))
+          fail(p.where, "%s: lane %d reads lane %d, which is not in the mask 0x%08x (undefined on a GPU)", p.name, l,
+               src, p.mask);
+        p.result[l] = p.value[src];
+      }
+    }
+  }
+  p.complete = true;
+}
+
+}  // namespace
+
+void fail(const Where& where, const char* fmt, ...) {
+  char message[4096];
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(message, sizeof message, fmt, args);
+  va_end(args);
+  std::fprintf(stderr, "pvq-emulation error at %s:%u (%s), block (%u,%u,%u) thread (%u,%u,%u): %s\n",
+               where.file_name(), where.line(), where.function_name(), blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x,
+               threadIdx.y, threadIdx.z, message);
+  std::fflush(stderr);
+  std::_Exit(70);
+}
+
+int lane_id() { return current.tid % kWarpLanes; }
+
+void* dynamic_shared_memory() { return the_block().dynamic_smem; }
+
+void* warp_scratch(size_t bytes) {
+  if (bytes > kWarpScratchBytes)
+    fail(Where::current(), "warp scratch of %zu bytes asked, %zu available", bytes, kWarpScratchBytes);
+  return the_block().warps[current.tid / kWarpLanes].scratch.data();
+}
+
+void sync_block(const Where& where) {
+  Block& b = the_block();
+  const int tid = current.tid;
+  std::unique_lock<std::mutex> lock(b.mutex);
+  if (b.exited > 0)
+    fail(where, "divergent __syncthreads: thread %d arrives after thread %d (and %d in all) returned from the kernel",
+         tid, b.first_exited, b.exited);
+  if (b.barrier_arrived == 0) {
+    b.barrier_where = where;
+  } else if (!same_place(where, b.barrier_where)) {
+    fail(where, "divergent __syncthreads: thread %d waits here while %d thread(s) wait at %s", tid, b.barrier_arrived,
+         place(b.barrier_where).c_str());
+  }
+  if (++b.barrier_arrived == b.threads) {  // the last one releases the others
+    b.barrier_arrived = 0;
+    ++b.barrier_generation;
+    b.running += b.threads - 1;
+    b.barrier_cv.notify_all();
+    return;
+  }
+  b.state[tid] = State::kAtBarrier;
+  b.where[tid] = where;
+  const unsigned long generation = b.barrier_generation;
+  block_until(b, lock, b.barrier_cv, where, [&] { return b.barrier_generation != generation; });
+  b.state[tid] = State::kRunning;
+}
+
+uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int lane_arg, int width, const char* name,
+                         const Where& where) {
+  Block& b = the_block();
+  const int tid = current.tid;
+  const int lane = tid % kWarpLanes, warp_first = tid - lane;
+  const unsigned bit = 1u << lane;
+  if (!(mask & bit)) fail(where, "%s: lane %d calls it with mask 0x%08x, which does not name the lane", name, lane, mask);
+  if (is_shuffle(kind) && (width < 1 || width > kWarpLanes || (width & (width - 1)) != 0))
+    fail(where, "%s: width %d is not a power of two in [1, 32]", name, width);
+  const int lanes_here = b.threads - warp_first < kWarpLanes ? b.threads - warp_first : kWarpLanes;
+  const unsigned existing = lanes_here == kWarpLanes ? ~0u : (1u << lanes_here) - 1;
+  if (mask & ~existing)
+    fail(where, "%s: mask 0x%08x names lanes that do not exist (this warp has %d)", name, mask, lanes_here);
+
+  Warp& w = b.warps[tid / kWarpLanes];
+  std::unique_lock<std::mutex> lock(b.mutex);
+  for (int l = 0; l < kWarpLanes; ++l)
+    if ((mask >> l & 1u) && b.state[warp_first + l] == State::kExited)
+      fail(where, "%s: lane %d is in the mask 0x%08x but has returned from the kernel", name, l, mask);
+  Pending* p = nullptr;
+  for (Pending& q : w.pending) {
+    if (q.complete || !(q.mask & mask)) continue;
+    if (q.mask != mask || q.kind != kind || q.width != width)
+      fail(where, "%s with mask 0x%08x meets %s with mask 0x%08x (from %s) in the same warp: lanes of one "
+           "collective must all pass the same mask", name, mask, q.name, q.mask, place(q.where).c_str());
+    if (q.arrived & bit) continue;  // cannot happen: the lane is still waiting in q
+    p = &q;
+  }
+  if (p == nullptr) {
+    w.pending.emplace_back();
+    p = &w.pending.back();
+    p->kind = kind;
+    p->name = name;
+    p->mask = mask;
+    p->width = width;
+    p->where = where;
+  }
+  p->value[lane] = value;
+  p->arg[lane] = lane_arg;
+  p->arrived |= bit;
+  if (p->arrived == mask) {
+    complete(*p);
+    b.running += __builtin_popcount(mask) - 1;
+    w.cv.notify_all();
+  } else {
+    b.state[tid] = State::kInCollective;
+    b.where[tid] = where;
+    b.waiting_in[tid] = name;
+    block_until(b, lock, w.cv, where, [&] { return p->complete; });
+    b.state[tid] = State::kRunning;
+  }
+  const uint64_t result = p->result[lane];
+  if (++p->collected == __builtin_popcount(mask))
+    w.pending.remove_if([&](const Pending& q) { return &q == p; });
+  return result;
+}
+
+void run_block(dim3 grid, dim3 block, uint3 block_index, void* dynamic_smem, const std::function<void()>& body) {
+  Block& b = the_block();
+  const int threads = int(block.x * block.y * block.z);
+  {
+    std::lock_guard<std::mutex> lock(b.mutex);
+    b.threads = threads;
+    b.running = threads;
+    b.exited = 0;
+    b.first_exited = -1;
+    b.barrier_arrived = 0;
+    b.dynamic_smem = dynamic_smem;
+    for (int t = 0; t < threads; ++t) b.state[t] = State::kRunning;
+    for (Warp& w : b.warps) w.pending.clear();
+  }
+  the_pool().run(threads, [&](int tid) {
+    current.tid = tid;
+    threadIdx = uint3{unsigned(tid) % block.x, unsigned(tid) / block.x % block.y, unsigned(tid) / (block.x * block.y)};
+    blockIdx = block_index;
+    blockDim = block;
+    gridDim = grid;
+    body();
+    on_thread_exit(b, tid);
+  });
+}
+
+}  // namespace pvq_emulation
