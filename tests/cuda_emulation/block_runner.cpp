@@ -1,14 +1,16 @@
 // Threads, barriers and warp collectives of one emulated block (see block_runner.h).
 //
-// All synchronization of a block goes through one mutex. That is slow next to a GPU but simple to
-// get right, and it lets every wait check the whole block's state: a thread that blocks when no
-// other thread of the block is still running completes nothing ever again, so that is reported as a
-// deadlock at once (with where every thread waits) instead of after a timeout.
+// The block's state is guarded by one mutex, so every wait can check the whole block: a thread that
+// blocks when no other thread of the block is still running completes nothing ever again, so that
+// is reported as a deadlock at once (with where every thread waits) instead of after a timeout.
+// Waiting threads sleep on their own semaphore, and whoever completes a barrier wakes exactly the
+// threads it releases, handing each its result: a condition variable would wake them all to fight
+// over the mutex, and thread switches are what the emulation spends most of its time on.
 #include "block_runner.h"
 
 #include <pthread.h>
+#include <semaphore.h>
 
-#include <condition_variable>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
@@ -25,7 +27,6 @@ namespace {
 
 constexpr int kMaxThreads = 1024;
 constexpr int kWarpLanes = 32;
-constexpr size_t kWarpScratchBytes = 16 * 1024;  // WMMA: A, B and C tiles of up to 32 x 32 floats
 
 enum class State { kRunning, kAtBarrier, kInCollective, kExited };
 
@@ -35,19 +36,15 @@ struct Pending {
   const char* name;
   unsigned mask;
   int width;
+  const std::function<void(void* const*)>* apply = nullptr;  // warp_apply's body
   Where where;  // of the first lane to arrive
   unsigned arrived = 0;
-  bool complete = false;
-  int collected = 0;  // lanes that have taken their result since `complete`
   uint64_t value[kWarpLanes] = {};
   int arg[kWarpLanes] = {};
-  uint64_t result[kWarpLanes] = {};
 };
 
 struct Warp {
-  std::condition_variable cv;
-  std::list<Pending> pending;  // at most one per disjoint mask; list: pointers stay valid
-  std::vector<unsigned char> scratch = std::vector<unsigned char>(kWarpScratchBytes);
+  std::list<Pending> pending;  // at most one per disjoint mask
 };
 
 struct Block {
@@ -59,13 +56,17 @@ struct Block {
   State state[kMaxThreads];
   Where where[kMaxThreads];
   const char* waiting_in[kMaxThreads];
+  uint64_t result[kMaxThreads];  // a collective's result, handed over before the wake-up
+  sem_t wake[kMaxThreads];        // a blocked thread sleeps on its own
   void* dynamic_smem = nullptr;
   // __syncthreads
-  std::condition_variable barrier_cv;
   int barrier_arrived = 0;
-  unsigned long barrier_generation = 0;
   Where barrier_where;
   Warp warps[kMaxThreads / kWarpLanes];
+
+  Block() {
+    for (sem_t& s : wake) sem_init(&s, 0, 0);
+  }
 };
 
 Block& the_block() {
@@ -103,12 +104,22 @@ std::string place(const Where& w) { return std::string(w.file_name()) + ":" + st
        detail.c_str());
 }
 
-// The calling thread stops running until `done` holds; reports a deadlock if it was the last one.
-template <typename Done>
-void block_until(Block& b, std::unique_lock<std::mutex>& lock, std::condition_variable& cv, const Where& where,
-                 Done done) {
+// The calling thread (holding the lock) stops running until another thread wakes it; reports a
+// deadlock if it was the last one running.
+void block(Block& b, std::unique_lock<std::mutex>& lock, int tid, State state, const Where& where) {
+  b.state[tid] = state;
+  b.where[tid] = where;
   if (--b.running == 0) report_deadlock(b, where);
-  cv.wait(lock, done);
+  lock.unlock();
+  while (sem_wait(&b.wake[tid]) != 0) {
+  }
+}
+
+// Lets a blocked thread run again (the caller holds the lock).
+void release(Block& b, int tid) {
+  b.state[tid] = State::kRunning;
+  ++b.running;
+  sem_post(&b.wake[tid]);
 }
 
 void on_thread_exit(Block& b, int tid) {
@@ -121,7 +132,7 @@ void on_thread_exit(Block& b, int tid) {
          tid, b.barrier_arrived);
   const int lane = tid % kWarpLanes;
   for (const Pending& p : b.warps[tid / kWarpLanes].pending)
-    if (!p.complete && (p.mask >> lane & 1u) && !(p.arrived >> lane & 1u))
+    if ((p.mask >> lane & 1u) && !(p.arrived >> lane & 1u))
       fail(p.where, "%s: lane %d is in the mask 0x%08x but returned from the kernel while lanes 0x%08x wait here",
            p.name, lane, p.mask, p.arrived);
   if (b.running == 0 && b.exited < b.threads) report_deadlock(b, b.where[tid]);
@@ -130,46 +141,31 @@ void on_thread_exit(Block& b, int tid) {
 // ----- The pool: worker i runs CUDA thread i of every block -------------------------------------------
 class Pool {
  public:
+  Pool() { sem_init(&done_, 0, 0); }
+
   void run(int threads, const std::function<void(int)>& job) {
     while (int(workers_.size()) < threads) start_worker();
-    {
-      std::lock_guard<std::mutex> lock(done_mutex_);
-      remaining_ = threads;
+    job_ = &job;
+    remaining_.store(threads);
+    for (int i = 0; i < threads; ++i) sem_post(&workers_[i]->start);
+    while (sem_wait(&done_) != 0) {
     }
-    for (int i = 0; i < threads; ++i) {
-      Worker& w = *workers_[i];
-      std::lock_guard<std::mutex> lock(w.mutex);
-      w.job = &job;
-      w.go = true;
-      w.cv.notify_one();
-    }
-    std::unique_lock<std::mutex> lock(done_mutex_);
-    done_cv_.wait(lock, [&] { return remaining_ == 0; });
   }
 
  private:
   struct Worker {
     Pool* pool;
     int index;
-    std::mutex mutex;
-    std::condition_variable cv;
-    bool go = false;
-    const std::function<void(int)>* job = nullptr;
+    sem_t start;
   };
 
   static void* main(void* arg) {
     Worker& w = *static_cast<Worker*>(arg);
     for (;;) {
-      const std::function<void(int)>* job;
-      {
-        std::unique_lock<std::mutex> lock(w.mutex);
-        w.cv.wait(lock, [&] { return w.go; });
-        w.go = false;
-        job = w.job;
+      while (sem_wait(&w.start) != 0) {
       }
-      (*job)(w.index);
-      std::lock_guard<std::mutex> lock(w.pool->done_mutex_);
-      if (--w.pool->remaining_ == 0) w.pool->done_cv_.notify_one();
+      (*w.pool->job_)(w.index);
+      if (w.pool->remaining_.fetch_sub(1) == 1) sem_post(&w.pool->done_);
     }
     return nullptr;
   }
@@ -178,6 +174,7 @@ class Pool {
     auto w = std::make_unique<Worker>();
     w->pool = this;
     w->index = int(workers_.size());
+    sem_init(&w->start, 0, 0);
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, 4 << 20);  // kernels keep small frames; sanitizers add to them
@@ -192,9 +189,9 @@ class Pool {
   }
 
   std::vector<std::unique_ptr<Worker>> workers_;
-  std::mutex done_mutex_;
-  std::condition_variable done_cv_;
-  int remaining_ = 0;
+  const std::function<void(int)>* job_ = nullptr;  // written before the workers' start semaphores
+  std::atomic<int> remaining_{0};
+  sem_t done_;
 };
 
 Pool& the_pool() {
@@ -221,35 +218,35 @@ bool is_shuffle(Collective kind) {
          kind == Collective::kShflXor;
 }
 
-// Every lane of p has arrived: compute what each receives.
-void complete(Pending& p) {
+// Every lane of p has arrived: what lane l receives goes to result[l].
+void complete(const Pending& p, uint64_t* result) {
   uint64_t ballot = 0;
   for (int l = 0; l < kWarpLanes; ++l)
     if ((p.mask >> l & 1u) && p.value[l] != 0) ballot |= uint64_t(1) << l;
+  const int first = __builtin_ctz(p.mask);
   for (int l = 0; l < kWarpLanes; ++l) {
     if (!(p.mask >> l & 1u)) continue;
     switch (p.kind) {
-      case Collective::kSync: p.result[l] = 0; break;
-      case Collective::kBallot: p.result[l] = ballot; break;
-      case Collective::kAny: p.result[l] = ballot != 0; break;
-      case Collective::kAll: p.result[l] = ballot == p.mask; break;
+      case Collective::kSync: result[l] = 0; break;
+      case Collective::kBallot: result[l] = ballot; break;
+      case Collective::kAny: result[l] = ballot != 0; break;
+      case Collective::kAll: result[l] = ballot == p.mask; break;
       case Collective::kUniform:
-        if (p.value[l] != p.value[__builtin_ctz(p.mask)])
-          fail(p.where, "%s: lanes pass different values (lane %d: 0x%llx, lane %d: 0x%llx); all must pass the same",
-               p.name, __builtin_ctz(p.mask), (unsigned long long)p.value[__builtin_ctz(p.mask)], l,
-               (unsigned long long)p.value[l]);
-        p.result[l] = p.value[l];
+        if (p.value[l] != p.value[first] || p.arg[l] != p.arg[first])
+          fail(p.where, "%s: lanes pass different operands (lane %d: 0x%llx, %d; lane %d: 0x%llx, %d); all must "
+               "pass the same", p.name, first, (unsigned long long)p.value[first], p.arg[first], l,
+               (unsigned long long)p.value[l], p.arg[l]);
+        result[l] = p.value[l];
         break;
       default: {
         const int src = shuffle_source(p.kind, l, p.arg[l], p.width);
         if (!(p.mask >> src & 1u))
           fail(p.where, "%s: lane %d reads lane %d, which is not in the mask 0x%08x (undefined on a GPU)", p.name, l,
                src, p.mask);
-        p.result[l] = p.value[src];
+        result[l] = p.value[src];
       }
     }
   }
-  p.complete = true;
 }
 
 }  // namespace
@@ -271,12 +268,6 @@ int lane_id() { return current.tid % kWarpLanes; }
 
 void* dynamic_shared_memory() { return the_block().dynamic_smem; }
 
-void* warp_scratch(size_t bytes) {
-  if (bytes > kWarpScratchBytes)
-    fail(Where::current(), "warp scratch of %zu bytes asked, %zu available", bytes, kWarpScratchBytes);
-  return the_block().warps[current.tid / kWarpLanes].scratch.data();
-}
-
 void sync_block(const Where& where) {
   Block& b = the_block();
   const int tid = current.tid;
@@ -290,22 +281,19 @@ void sync_block(const Where& where) {
     fail(where, "divergent __syncthreads: thread %d waits here while %d thread(s) wait at %s", tid, b.barrier_arrived,
          place(b.barrier_where).c_str());
   }
-  if (++b.barrier_arrived == b.threads) {  // the last one releases the others
-    b.barrier_arrived = 0;
-    ++b.barrier_generation;
-    b.running += b.threads - 1;
-    b.barrier_cv.notify_all();
+  if (++b.barrier_arrived < b.threads) {
+    block(b, lock, tid, State::kAtBarrier, where);
     return;
   }
-  b.state[tid] = State::kAtBarrier;
-  b.where[tid] = where;
-  const unsigned long generation = b.barrier_generation;
-  block_until(b, lock, b.barrier_cv, where, [&] { return b.barrier_generation != generation; });
-  b.state[tid] = State::kRunning;
+  b.barrier_arrived = 0;  // the last one releases the others
+  for (int t = 0; t < b.threads; ++t)
+    if (t != tid) release(b, t);
 }
 
-uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int lane_arg, int width, const char* name,
-                         const Where& where) {
+namespace {
+
+uint64_t collective(Collective kind, unsigned mask, uint64_t value, int lane_arg, int width, const char* name,
+                    const Where& where, const std::function<void(void* const*)>* apply) {
   Block& b = the_block();
   const int tid = current.tid;
   const int lane = tid % kWarpLanes, warp_first = tid - lane;
@@ -323,42 +311,59 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int lan
   for (int l = 0; l < kWarpLanes; ++l)
     if ((mask >> l & 1u) && b.state[warp_first + l] == State::kExited)
       fail(where, "%s: lane %d is in the mask 0x%08x but has returned from the kernel", name, l, mask);
-  Pending* p = nullptr;
-  for (Pending& q : w.pending) {
-    if (q.complete || !(q.mask & mask)) continue;
-    if (q.mask != mask || q.kind != kind || q.width != width)
+  auto p = w.pending.end();
+  for (auto q = w.pending.begin(); q != w.pending.end(); ++q) {
+    if (!(q->mask & mask)) continue;
+    if (q->mask != mask || q->kind != kind || q->width != width || (q->apply == nullptr) != (apply == nullptr))
       fail(where, "%s with mask 0x%08x meets %s with mask 0x%08x (from %s) in the same warp: lanes of one "
-           "collective must all pass the same mask", name, mask, q.name, q.mask, place(q.where).c_str());
-    if (q.arrived & bit) continue;  // cannot happen: the lane is still waiting in q
-    p = &q;
+           "collective must all pass the same mask", name, mask, q->name, q->mask, place(q->where).c_str());
+    p = q;
   }
-  if (p == nullptr) {
+  if (p == w.pending.end()) {
     w.pending.emplace_back();
-    p = &w.pending.back();
+    p = std::prev(w.pending.end());
     p->kind = kind;
     p->name = name;
     p->mask = mask;
     p->width = width;
     p->where = where;
+    p->apply = apply;
   }
   p->value[lane] = value;
   p->arg[lane] = lane_arg;
   p->arrived |= bit;
-  if (p->arrived == mask) {
-    complete(*p);
-    b.running += __builtin_popcount(mask) - 1;
-    w.cv.notify_all();
-  } else {
-    b.state[tid] = State::kInCollective;
-    b.where[tid] = where;
+  if (p->arrived != mask) {
     b.waiting_in[tid] = name;
-    block_until(b, lock, w.cv, where, [&] { return p->complete; });
-    b.state[tid] = State::kRunning;
+    block(b, lock, tid, State::kInCollective, where);
+    return b.result[tid];  // written by the lane that completed the collective, before waking this one
   }
-  const uint64_t result = p->result[lane];
-  if (++p->collected == __builtin_popcount(mask))
-    w.pending.remove_if([&](const Pending& q) { return &q == p; });
-  return result;
+  uint64_t result[kWarpLanes];
+  if (p->apply != nullptr) {
+    void* lane_data[kWarpLanes];
+    for (int l = 0; l < kWarpLanes; ++l) lane_data[l] = reinterpret_cast<void*>(uintptr_t(p->value[l]));
+    (*p->apply)(lane_data);
+    for (uint64_t& r : result) r = 0;
+  } else {
+    complete(*p, result);
+  }
+  w.pending.erase(p);
+  for (int l = 0; l < kWarpLanes; ++l) {
+    if (!(mask >> l & 1u) || l == lane) continue;
+    b.result[warp_first + l] = result[l];
+    release(b, warp_first + l);
+  }
+  return result[lane];
+}
+
+}  // namespace
+
+uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int lane_arg, int width, const char* name,
+                         const Where& where) {
+  return collective(kind, mask, value, lane_arg, width, name, where, nullptr);
+}
+
+void warp_apply(void* data, const std::function<void(void* const*)>& body, const char* name, const Where& where) {
+  collective(Collective::kSync, 0xffffffffu, reinterpret_cast<uintptr_t>(data), 0, kWarpLanes, name, where, &body);
 }
 
 void run_block(dim3 grid, dim3 block, uint3 block_index, void* dynamic_smem, const std::function<void()>& body) {

@@ -68,17 +68,21 @@ void sync_block(const Where& where);
 // The warp collectives. `mask` is checked: the calling lane must be in it, every lane in it must
 // arrive at a collective of the same kind and mask (or the block deadlocks, which is reported), and
 // a shuffle must not read a lane outside the mask.
+// kUniform checks that all lanes pass the same value and the same lane_arg (the WMMA operands).
 enum class Collective { kSync, kBallot, kAny, kAll, kShflIdx, kShflUp, kShflDown, kShflXor, kUniform };
 uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int lane_arg, int width,
                          const char* name, const Where& where);
 
+// A collective of the whole warp whose completion runs `body` once, on the last lane to arrive,
+// with every lane's `data` pointer while the others wait (the WMMA emulation's mma_sync: one
+// collective that reads all lanes' fragments and writes each lane's result). body must not
+// synchronize.
+void warp_apply(void* data, const std::function<void(void* const* lane_data)>& body, const char* name,
+                const Where& where);
+
 // The calling thread's lane (0..31) and the block's dynamic shared memory.
 int lane_id();
 void* dynamic_shared_memory();
-
-// Per-warp scratch for the WMMA emulation (include/mma.h): `bytes` of storage that every lane of the
-// calling warp sees at the same address, valid until the warp's next collective that asks for it.
-void* warp_scratch(size_t bytes);
 
 // Reports a violation of the programming model and ends the process (exit status 70).
 [[noreturn]] void fail(const Where& where, const char* fmt, ...) __attribute__((format(printf, 2, 3)));

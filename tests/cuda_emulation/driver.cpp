@@ -12,6 +12,7 @@
 //   tables id=            upload the split tables (device_split_tables) and compare with the host's
 //   decode|encode|search|dequantize|gemv|tiled_matmul|hadamard|hessian id= ...   (see run_* below)
 //   occupancy id= gpu=<a100|h100> threads= registers= static_smem= dynamic_smem= max_dynamic_smem=
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -342,8 +343,10 @@ int main(int argc, char** argv) {
     // Which case a crash or a sanitizer report belongs to.
     std::fprintf(stderr, "pvq-emulation case %s\n", arg(args, "id").c_str());
     if (launch_log != nullptr) std::fprintf(launch_log, "case\t%s\n", arg(args, "id").c_str());
+    const auto began = std::chrono::steady_clock::now();
     const std::string out = command->second(args);
-    std::fprintf(results, "%s %s\n", arg(args, "id").c_str(), out.c_str());
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+    std::fprintf(results, "%s %s seconds=%.4f\n", arg(args, "id").c_str(), out.c_str(), seconds);
     std::fflush(results);
   }
   std::fclose(results);

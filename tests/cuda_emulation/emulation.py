@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,73 +106,83 @@ def _headers_digest(overrides: dict[str, str]) -> str:
 class Build:
     variant: str
     executable: Path
-    compile_seconds: float = 0.0  # spent compiling in this call (0 when everything was cached)
+    compile_seconds: float = 0.0  # compiling and linking in this call (0 when everything was cached)
 
 
-def build(variant: str, overrides: dict[str, str] | None = None, jobs: int | None = None) -> Build:
-    """Compiles (or finds in the cache) the emulation executable of one variant.
+@dataclass
+class _BuildPlan:
+    variant: str
+    compiles: list[tuple[Path, list[str]]]  # object, command (writes object + ".tmp")
+    link: list[str]
+    executable: Path
+    shadow: Path | None
 
-    overrides maps repository paths (e.g. "csrc/packed/gemv.cu") to replacement text: the mutation
-    tests' planted bugs. Only the objects whose inputs change are rebuilt.
-    """
-    import time
 
+def _plan(variant: str, overrides: dict[str, str]) -> _BuildPlan:
     tc = toolchain()
     if isinstance(tc, str):
         raise RuntimeError(tc)
     gxx, cuda_include = tc
-    overrides = overrides or {}
     flags = COMMON_FLAGS + VARIANTS[variant]
     headers = _headers_digest(overrides)
     outdir = CACHE / variant
     outdir.mkdir(parents=True, exist_ok=True)
     # Mutated files live in a private tree that shadows csrc/ on the include path.
     shadow = Path(tempfile.mkdtemp(prefix="pvq-emulation-src-")) if overrides else None
-    if shadow:
-        for rel, text in overrides.items():
-            target = shadow / Path(rel).relative_to("csrc")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+    for rel, text in overrides.items():
+        target = shadow / Path(rel).relative_to("csrc")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
     includes = ([f"-I{shadow}"] if shadow else []) + [f"-I{HARNESS / 'include'}", f"-I{HARNESS}", f"-I{CSRC}",
                                                       f"-isystem{cuda_include}"]
     force = ["-include", str(HARNESS / "cuda_emulation.h")]
+    compiles = []
+    for repo_rel in [f"csrc/{r}" for r in KERNEL_SOURCES + HOST_SOURCES] + \
+                    [str((HARNESS / r).relative_to(REPO)) for r in HARNESS_SOURCES]:
+        text = overrides.get(repo_rel, (REPO / repo_rel).read_text())
+        src = shadow / Path(repo_rel).relative_to("csrc") if repo_rel in overrides else REPO / repo_rel
+        obj = outdir / f"{Path(repo_rel).name}-{_digest(gxx, ' '.join(flags), headers, repo_rel, text)}.o"
+        lang = ["-x", "c++"] if repo_rel.endswith(".cu") else []
+        compiles.append((obj, [gxx, *flags, *force, *includes, *lang, "-c", str(src), "-o", f"{obj}.tmp"]))
+    exe = outdir / f"emulator-{_digest(*(str(obj) for obj, _ in compiles))}"
+    link = [gxx, *flags, *(str(obj) for obj, _ in compiles), "-o", f"{exe}.tmp"]
+    return _BuildPlan(variant, compiles, link, exe, shadow)
 
-    jobs_list = []
-    for rel in KERNEL_SOURCES + HOST_SOURCES + HARNESS_SOURCES:
-        repo_rel = f"csrc/{rel}" if rel in KERNEL_SOURCES + HOST_SOURCES else str((HARNESS / rel).relative_to(REPO))
-        path = REPO / repo_rel
-        text = overrides.get(repo_rel, path.read_text())
-        src = (shadow / Path(repo_rel).relative_to("csrc")) if shadow and repo_rel in overrides else path
-        key = _digest(gxx, " ".join(flags), headers, repo_rel, text)
-        obj = outdir / f"{Path(rel).name}-{key}.o"
-        lang = ["-x", "c++"] if rel.endswith(".cu") else []
-        cmd = [gxx, *flags, *force, *includes, *lang, "-c", str(src), "-o", str(obj) + ".tmp"]
-        jobs_list.append((obj, cmd))
 
+def _run_tool(cmd: list[str], output: Path, what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
+    os.replace(f"{output}.tmp", output)
+
+
+def build_all(variants, overrides: dict[str, str] | None = None) -> dict[str, Build]:
+    """Compiles (or finds in the cache) the emulation executable of each variant, all compiles of all
+    variants sharing one pool of os.cpu_count() jobs.
+
+    overrides maps repository paths (e.g. "csrc/packed/gemv.cu") to replacement text: the mutation
+    tests' planted bugs. Only the objects whose inputs change are rebuilt.
+    """
     start = time.monotonic()
-    todo = [(obj, cmd) for obj, cmd in jobs_list if not obj.exists()]
+    plans = [_plan(v, overrides or {}) for v in variants]
+    todo = [(obj, cmd, p.variant) for p in plans for obj, cmd in p.compiles if not obj.exists()]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            for f in [pool.submit(_run_tool, cmd, obj, f"emulation compile ({variant})") for obj, cmd, variant in todo]:
+                f.result()
+        for p in plans:
+            if not p.executable.exists():
+                _run_tool(p.link, p.executable, f"emulation link ({p.variant})")
+    finally:
+        for p in plans:
+            if p.shadow:
+                shutil.rmtree(p.shadow, ignore_errors=True)
+    seconds = time.monotonic() - start if todo else 0.0
+    return {p.variant: Build(p.variant, p.executable, seconds) for p in plans}
 
-    def compile_one(item):
-        obj, cmd = item
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"emulation build ({variant}) failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
-        os.replace(str(obj) + ".tmp", obj)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:
-        for f in [pool.submit(compile_one, item) for item in todo]:
-            f.result()
-    objects = [obj for obj, _ in jobs_list]
-    exe = outdir / f"emulator-{_digest(*map(str, objects))}"
-    if not exe.exists():
-        cmd = [gxx, *flags, *map(str, objects), "-o", str(exe) + ".tmp"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"emulation link ({variant}) failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
-        os.replace(str(exe) + ".tmp", exe)
-    if shadow:
-        shutil.rmtree(shadow, ignore_errors=True)
-    return Build(variant, exe, time.monotonic() - start if todo else 0.0)
+def build(variant: str, overrides: dict[str, str] | None = None) -> Build:
+    return build_all([variant], overrides)[variant]
 
 
 # ----- Cases --------------------------------------------------------------------------------------------
@@ -192,6 +203,7 @@ class Run:
     results: dict[str, dict[str, str]]
     launches: dict[str, list[dict]]  # case id -> its launches (kernel, grid, block, smem, ...)
     workdir: Path
+    seconds: float  # the process's wall time
 
     def output(self, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
         """An output file the driver wrote, as a tensor."""
@@ -225,12 +237,27 @@ class Manifest:
         self.lines.append(" ".join([name] + [f"{k}={v}" for k, v in args.items()]))
 
 
-def run(build_: Build, manifest: Manifest, timeout: float = 900) -> Run:
+def start(build_: Build, manifest: Manifest) -> tuple[subprocess.Popen, Manifest, float]:
+    """Starts the emulator on a manifest (see finish)."""
     (manifest.workdir / "manifest.txt").write_text("\n".join(manifest.lines) + "\n")
-    results_path, log_path = manifest.workdir / "results.txt", manifest.workdir / "launches.tsv"
     env = dict(os.environ, **SANITIZER_ENV)
-    proc = subprocess.run([str(build_.executable), str(manifest.workdir / "manifest.txt"), str(results_path),
-                           str(log_path)], capture_output=True, text=True, env=env, timeout=timeout)
+    stderr = open(manifest.workdir / "stderr.txt", "w")
+    proc = subprocess.Popen([str(build_.executable), str(manifest.workdir / "manifest.txt"),
+                             str(manifest.workdir / "results.txt"), str(manifest.workdir / "launches.tsv")],
+                            stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    stderr.close()
+    return proc, manifest, time.monotonic()
+
+
+def finish(started: tuple[subprocess.Popen, Manifest, float], timeout: float = 1200) -> Run:
+    """Waits for the emulator and reads what it wrote."""
+    proc, manifest, began = started
+    try:
+        returncode = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        returncode = proc.wait()
+    results_path, log_path = manifest.workdir / "results.txt", manifest.workdir / "launches.tsv"
     results = {}
     if results_path.exists():
         for line in results_path.read_text().splitlines():
@@ -249,4 +276,10 @@ def run(build_: Build, manifest: Manifest, timeout: float = 900) -> Run:
                     "kernel": cols[1], "grid": tuple(map(int, cols[2].split(","))),
                     "block": tuple(map(int, cols[3].split(","))), "dynamic_smem": int(cols[4]),
                     "static_smem": int(cols[5]), "sms": int(cols[6]), "error": cols[7]})
-    return Run(proc.returncode, proc.stderr, results, launches, manifest.workdir)
+    seconds = time.monotonic() - began
+    stderr = (manifest.workdir / "stderr.txt").read_text(errors="replace")
+    return Run(returncode, stderr, results, launches, manifest.workdir, seconds)
+
+
+def run(build_: Build, manifest: Manifest, timeout: float = 1200) -> Run:
+    return finish(start(build_, manifest), timeout)

@@ -66,13 +66,12 @@ constexpr int tile_index(int lane, int e) {
   return int((uint32_t(lane * per_lane + e) * (2u * Shape::scramble + 1u) + Shape::scramble) % uint32_t(slots));
 }
 
-// All lanes must pass one pointer and one stride, 256-bit aligned and a multiple of 16 bytes.
+// All lanes must pass one pointer and one stride (one collective checks both), 256-bit aligned and
+// a multiple of 16 bytes.
 inline void check_operands(const void* ptr, unsigned ldm, size_t element_bytes, const char* name,
                            const pvq_emulation::Where& where) {
-  using pvq_emulation::Collective;
-  pvq_emulation::warp_collective(Collective::kUniform, 0xffffffffu, reinterpret_cast<uintptr_t>(ptr), 0, 32, name,
-                                 where);
-  pvq_emulation::warp_collective(Collective::kUniform, 0xffffffffu, ldm, 0, 32, name, where);
+  pvq_emulation::warp_collective(pvq_emulation::Collective::kUniform, 0xffffffffu, reinterpret_cast<uintptr_t>(ptr),
+                                 int(ldm), 32, name, where);
   if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0)
     pvq_emulation::fail(where, "%s: pointer %p is not 256-bit aligned", name, ptr);
   if (ldm * element_bytes % 16 != 0)
@@ -134,30 +133,42 @@ inline void store_matrix_sync(T* ptr, const fragment<accumulator, M, N, K, T>& f
   }
 }
 
-// d = a b + c for the warp: the lanes pool their fragments in the warp's scratch as float tiles,
-// then each computes its own elements of d (d may be c).
+// d = a b + c for the warp, as one collective: the last lane to arrive gathers every lane's a, b
+// and c into tiles, then writes every lane's elements of d (d may be c).
 template <int M, int N, int K, typename Tab, typename LayoutA, typename LayoutB, typename Tc>
 inline void mma_sync(fragment<accumulator, M, N, K, Tc>& d, const fragment<matrix_a, M, N, K, Tab, LayoutA>& a,
                      const fragment<matrix_b, M, N, K, Tab, LayoutB>& b, const fragment<accumulator, M, N, K, Tc>& c,
                      pvq_emulation::Where where = pvq_emulation::Where::current()) {
-  using ShapeA = typename fragment<matrix_a, M, N, K, Tab, LayoutA>::Shape;
-  using ShapeB = typename fragment<matrix_b, M, N, K, Tab, LayoutB>::Shape;
-  using ShapeC = typename fragment<accumulator, M, N, K, Tc>::Shape;
-  float* const A = static_cast<float*>(pvq_emulation::warp_scratch(sizeof(float) * (M * K + K * N + M * N)));
-  float* const B = A + M * K;
-  float* const C = B + K * N;
-  const int lane = pvq_emulation::lane_id();
-  __syncwarp(0xffffffffu, where);  // the previous mma_sync of this warp has read the scratch
-  for (int e = 0; e < a.num_elements; ++e) A[detail::tile_index<ShapeA>(lane, e)] = detail::to_float(a.x[e]);
-  for (int e = 0; e < b.num_elements; ++e) B[detail::tile_index<ShapeB>(lane, e)] = detail::to_float(b.x[e]);
-  for (int e = 0; e < c.num_elements; ++e) C[detail::tile_index<ShapeC>(lane, e)] = detail::to_float(c.x[e]);
-  __syncwarp(0xffffffffu, where);
-  for (int e = 0; e < d.num_elements; ++e) {
-    const int t = detail::tile_index<ShapeC>(lane, e), r = t / N, col = t % N;
-    float acc = C[t];
-    for (int k = 0; k < K; ++k) acc += A[r * K + k] * B[k * N + col];
-    d.x[e] = detail::from_float<Tc>(acc);
-  }
+  using FragA = fragment<matrix_a, M, N, K, Tab, LayoutA>;
+  using FragB = fragment<matrix_b, M, N, K, Tab, LayoutB>;
+  using FragC = fragment<accumulator, M, N, K, Tc>;
+  struct Operands {
+    const FragA* a;
+    const FragB* b;
+    const FragC* c;
+    FragC* d;
+  } mine{&a, &b, &c, &d};
+  pvq_emulation::warp_apply(&mine, [](void* const* lanes) {
+    float A[M * K], B[K * N], C[M * N];
+    for (int l = 0; l < 32; ++l) {
+      const Operands& o = *static_cast<const Operands*>(lanes[l]);
+      for (int e = 0; e < FragA::num_elements; ++e)
+        A[detail::tile_index<typename FragA::Shape>(l, e)] = detail::to_float(o.a->x[e]);
+      for (int e = 0; e < FragB::num_elements; ++e)
+        B[detail::tile_index<typename FragB::Shape>(l, e)] = detail::to_float(o.b->x[e]);
+      for (int e = 0; e < FragC::num_elements; ++e)
+        C[detail::tile_index<typename FragC::Shape>(l, e)] = detail::to_float(o.c->x[e]);
+    }
+    for (int l = 0; l < 32; ++l) {
+      const Operands& o = *static_cast<const Operands*>(lanes[l]);
+      for (int e = 0; e < FragC::num_elements; ++e) {
+        const int t = detail::tile_index<typename FragC::Shape>(l, e), r = t / N, col = t % N;
+        float acc = C[t];
+        for (int k = 0; k < K; ++k) acc += A[r * K + k] * B[k * N + col];
+        o.d->x[e] = detail::from_float<Tc>(acc);
+      }
+    }
+  }, "wmma::mma_sync", where);
 }
 
 }  // namespace wmma

@@ -1,0 +1,527 @@
+"""Every CUDA kernel, executed on the CPU by the emulation harness (tests/cuda_emulation), against the
+CPU ops: codes bit for bit, floats within the tolerances the GPU tests state.
+
+Three builds run the same launchers: plain (-O1), AddressSanitizer + UBSan, ThreadSanitizer. Each
+runs one emulator process for all its cases, at emulated SM counts 1 and 2 (every grid-stride loop of
+a persistent grid wraps) and 132 (an H100). The plain build runs every case; the sanitizer builds,
+up to 10x slower, run a subset that still reaches every kernel instance kind. Inputs are fresh random
+numbers each session; PVQ_EMULATION_SEED=<n> repeats a session's inputs (every failure names its seed).
+
+Adding a kernel or a case: README.md in tests/cuda_emulation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+import pvq_cuda
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
+import emulation  # noqa: E402
+from test_matmul import TOL as MATMUL_TOL  # noqa: E402  (the GPU tests' tolerances, reused)
+
+VARIANTS = list(emulation.VARIANTS)
+SEED = int(os.environ.get("PVQ_EMULATION_SEED", random.SystemRandom().randrange(2**31)))
+SMS = (1, 2, 132)
+HESSIAN_REL_TOL = 1e-6  # tests/test_hessian.py: relative Frobenius error against fp64
+# dequantize_kernel's fp32 output is the CPU's bit for bit (tests/test_matmul.py::test_cuda_matmul_matches_cpu);
+# fp16/bf16 outputs are that float rounded once.
+
+
+def require_toolchain():
+    tc = emulation.toolchain()
+    if isinstance(tc, str):
+        if os.environ.get("PVQ_REQUIRE_EMULATION") == "1":
+            pytest.fail(f"PVQ_REQUIRE_EMULATION=1 but the CUDA emulation cannot be built: {tc}")
+        pytest.skip(f"CUDA emulation needs g++ and the CUDA headers: {tc}")
+
+
+# ----- Cases ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    id: str
+    family: str
+    sms: int
+    check: Callable[[emulation.Run, dict], None]  # (run, this case's results) -> raises AssertionError
+
+
+@dataclass
+class Plan:
+    """The commands of one emulator process and how to check each case."""
+
+    manifest: emulation.Manifest
+    variant: str
+    gen: torch.Generator
+    cases: list[Case] = field(default_factory=list)
+    _sms: int | None = None
+    _count: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.variant == "plain"
+
+    def new_id(self, family: str) -> str:
+        self._count += 1
+        return f"{family}{self._count}"
+
+    def at_sms(self, sms: int) -> None:
+        if sms != self._sms:
+            self.manifest.command("sms", n=sms)
+            self._sms = sms
+
+    def add(self, family: str, sms: int, command: str, check, **args) -> str:
+        case_id = args.pop("id")
+        self.at_sms(sms)
+        self.manifest.command(command, id=case_id, **args)
+        self.cases.append(Case(case_id, family, sms, check))
+        return case_id
+
+    def cycle_sms(self, i: int) -> int:
+        return SMS[i % len(SMS)] if self.full else 2
+
+
+def _rand_index(gen, V: int, n: int) -> torch.Tensor:
+    """Uniform indices in [0, V), both ends included, for any V < 2^63."""
+    if V < 2**62:
+        idx = torch.randint(0, V, (n,), generator=gen, dtype=torch.int64)
+    else:
+        idx = (torch.rand(n, generator=gen, dtype=torch.float64) * float(V)).long().clamp_(0, V - 1)
+    idx[0], idx[-1] = 0, V - 1
+    return idx
+
+
+def codec_cases(plan: Plan) -> None:
+    """decode and encode for every D and K up to max_pulses(D); search for every D, several K, all dtypes."""
+    g = plan.gen
+    i = 0
+    for D in pvq_cuda.SUPPORTED_D:
+        top = pvq_cuda.max_pulses(D)
+        # 11 and 12: the last leaf size the decoder stages in shared memory and the first it splits.
+        ks = sorted({k for k in (1, 5, 11, 12, 36, top) if k <= top})
+        if not plan.full:
+            ks = [k for k in ks if k in (5, top)] if plan.variant == "asan" else [top]
+        for K in ks:
+            i += 1
+            sms = plan.cycle_sms(i)
+            V = pvq_cuda.pyramid_size(D, K)
+            groups = 3001 if plan.variant != "tsan" else 700  # odd: the last warp is partial
+            index = _rand_index(g, V, groups)
+            bad = int(torch.randint(1, groups - 1, (1,), generator=g)) | 1  # an odd lane: the shuffle reduction
+            with_bad = i % 2 == 0
+            sent = index.clone()
+            if with_bad:
+                sent[bad] = -1 - int(torch.randint(0, 5, (1,), generator=g))  # negative: wraps above V
+            want = torch.ops.pvq_cuda.decode(index, D, K)
+            if with_bad:
+                want[bad] = 0
+            cid = plan.new_id("decode")
+
+            def check_decode(run, res, cid=cid, want=want, D=D, K=K, groups=groups, with_bad=with_bad):
+                got = run.output(f"{cid}.y", torch.int8, (groups, D))
+                status = int(run.output(f"{cid}.status", torch.int32, (1,)))
+                assert torch.equal(got, want), f"D={D} K={K}: {(got != want).any(1).sum()} groups differ"
+                assert status == int(with_bad), f"D={D} K={K}: status {status}, bad data: {with_bad}"
+
+            m = plan.manifest
+            plan.add("decode", sms, "decode", check_decode, id=cid, D=D, K=K, V=V, groups=groups,
+                     index=m.tensor(sent), out=m.out(cid, "y"), status=m.out(cid, "status"))
+
+            pulses = torch.ops.pvq_cuda.decode(index, D, K)
+            if with_bad:
+                pulses[bad, 0] += 1 if pulses[bad, 0] >= 0 else -1  # sum |y| = K + 1
+            want_index = index.clone()
+            if with_bad:
+                want_index[bad] = -1
+            cid = plan.new_id("encode")
+
+            def check_encode(run, res, cid=cid, want=want_index, D=D, K=K, groups=groups, with_bad=with_bad):
+                got = run.output(f"{cid}.index", torch.int64, (groups,))
+                status = int(run.output(f"{cid}.status", torch.int32, (1,)))
+                assert torch.equal(got, want), f"D={D} K={K}: {(got != want).sum()} indices differ"
+                assert status == int(with_bad), f"D={D} K={K}: status {status}, bad data: {with_bad}"
+
+            plan.add("encode", plan.cycle_sms(i + 1), "encode", check_encode, id=cid, D=D, K=K, groups=groups,
+                     pulses=m.tensor(pulses), out=m.out(cid, "index"), status=m.out(cid, "status"))
+
+    for D in pvq_cuda.SUPPORTED_D:
+        top = pvq_cuda.max_pulses(D)
+        ks = sorted({1, 5, 16, top} & set(range(1, top + 1)))
+        dtypes = [torch.float32, torch.float16, torch.bfloat16]
+        if plan.variant == "asan":
+            ks = [16 if top >= 16 else top, top]
+        elif plan.variant == "tsan":
+            ks, dtypes = [min(16, top)], [dtypes[D.bit_length() % 3]]
+        for K in ks:
+            for dtype in dtypes:
+                i += 1
+                groups = 1501 if plan.variant != "tsan" else 300
+                x = torch.randn(groups, D, generator=g)
+                x[::7] *= torch.rand(x[::7].shape, generator=g) ** 4  # uneven magnitudes
+                x[5] = 0
+                x = x.to(dtype)
+                with_bad = i % 3 == 0
+                if with_bad:
+                    x[2 * (groups // 3) + 1, D // 2] = float("nan")
+                want = torch.ops.pvq_cuda.search(torch.nan_to_num(x, nan=0.0), K)
+                if with_bad:
+                    want[2 * (groups // 3) + 1] = 0
+                cid = plan.new_id("search")
+
+                def check_search(run, res, cid=cid, want=want, D=D, K=K, dtype=dtype, groups=groups,
+                                 with_bad=with_bad):
+                    got = run.output(f"{cid}.y", torch.int8, (groups, D))
+                    status = int(run.output(f"{cid}.status", torch.int32, (1,)))
+                    assert torch.equal(got, want), f"D={D} K={K} {dtype}: {(got != want).any(1).sum()} groups differ"
+                    assert status == int(with_bad), f"D={D} K={K} {dtype}: status {status}, bad data: {with_bad}"
+
+                m = plan.manifest
+                plan.add("search", plan.cycle_sms(i), "search", check_search, id=cid, D=D, K=K,
+                         kind=emulation.kind(dtype), groups=groups, x=m.tensor(x), out=m.out(cid, "y"),
+                         status=m.out(cid, "status"))
+
+
+# ----- Packed layers --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layer:
+    codes: torch.Tensor
+    row_scale: torch.Tensor
+    levels: torch.Tensor
+    rows: int
+    cols: int
+    D: int
+    K: int
+    scale_bits: int
+
+    @property
+    def groups(self) -> int:
+        return self.cols // self.D
+
+    def args(self, m: emulation.Manifest) -> dict:
+        V = pvq_cuda.pyramid_size(self.D, self.K)
+        ib = pvq_cuda.index_bits(self.D, self.K)
+        return dict(codes=m.tensor(self.codes), row_scale=m.tensor(self.row_scale), levels=m.tensor(self.levels),
+                    rows=self.rows, groups=self.groups, D=self.D, K=self.K, bits=ib + self.scale_bits,
+                    index_bits=ib, count=V)
+
+    def cpu_args(self):
+        return (self.codes, self.row_scale, self.levels)
+
+    def dequantized(self) -> torch.Tensor:
+        return torch.ops.pvq_cuda.pvq_dequantize(*self.cpu_args(), self.rows, self.cols, self.D, self.K,
+                                                 self.scale_bits)
+
+
+def random_layer(gen, rows: int, cols: int, D: int, K: int, scale_bits: int = 2) -> Layer:
+    """Uniformly random codes (every index and gain equally likely), packed by the CPU op."""
+    V = pvq_cuda.pyramid_size(D, K)
+    ib = pvq_cuda.index_bits(D, K)
+    scale_bits = min(scale_bits, 64 - ib)
+    index = _rand_index(gen, V, rows * (cols // D)).reshape(rows, cols // D)
+    gain = torch.randint(0, 2**scale_bits, index.shape, generator=gen)
+    codes = torch.ops.pvq_cuda._pack_codes(index, gain, ib, scale_bits)
+    sign = torch.where(torch.rand(rows, generator=gen) < 0.5, -1.0, 1.0)
+    row_scale = (sign * (0.05 + torch.rand(rows, generator=gen))).half()
+    levels = torch.sort(0.5 + torch.rand(2**scale_bits, generator=gen)).values
+    return Layer(codes, row_scale, levels, rows, cols, D, K, scale_bits)
+
+
+def quantized_layer(gen, rows: int, cols: int, preset: str) -> Layer:
+    """A layer from the project's quantizer (realistic pulses: most leaves light, a few heavy)."""
+    q = pvq_cuda.quantize_weight(torch.randn(rows, cols, generator=gen), pvq_cuda.PVQConfig.preset(preset, rotate=False))
+    c = q.config
+    return Layer(q.codes, q.row_scale, q.levels, rows, cols, c.D, c.K, c.scale_bits)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6))
+
+
+def packed_cases(plan: Plan) -> None:
+    g, m = plan.gen, plan.manifest
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    # Dequantize: every D, K up to its limit, rows not a multiple of 32, all three output types,
+    # and row ranges (the large-batch path's tiles start on 32-row boundaries).
+    shapes = [(70, 1, 37), (45, 2, 23), (100, 4, 9), (33, 8, 16), (70, 16, 30), (64, 32, 11)]
+    tops = {D: pvq_cuda.max_pulses(D) for D in pvq_cuda.SUPPORTED_D}
+    i = 0
+    for rows, D, K in shapes:
+        for k in ([K, tops[D]] if plan.variant != "tsan" else [K]):
+            layer = random_layer(g, rows, D * (11 + D % 5), D, k)
+            full = layer.dequantized()
+            for r0, r1 in ([(0, rows), (32, rows)] if rows > 32 else [(0, rows)]):
+                for dtype in (dtypes if plan.variant != "tsan" else [dtypes[i % 3]]):
+                    i += 1
+                    cid = plan.new_id("dequantize")
+                    want = full[r0:r1].to(dtype)
+
+                    def check_dequantize(run, res, cid=cid, want=want, D=D, k=k, dtype=dtype, r0=r0, r1=r1):
+                        got = run.output(f"{cid}.w", dtype, want.shape)
+                        assert torch.equal(got, want), (f"D={D} K={k} {dtype} rows [{r0}, {r1}): "
+                                                         f"{(got != want).sum()} weights differ")
+
+                    plan.add("dequantize", plan.cycle_sms(i), "dequantize", check_dequantize, id=cid,
+                             kind=emulation.kind(dtype), row_begin=r0, row_end=r1, out=m.out(cid, "w"),
+                             **layer.args(m))
+
+    # Fused GEMV and finalize: every D, batch 1, 2, 4, 5, 16, all dtypes, with and without bias.
+    # Group counts are not multiples of the 4 warps; rows not multiples of 32.
+    batches = [1, 2, 4, 5, 16]
+    gemv_layers = {D: random_layer(g, 70 + D, D * (37 + 2 * D), D, min(tops[D], 30 if D < 16 else 14))
+                   for D in pvq_cuda.SUPPORTED_D}
+    gemv_layers[16] = quantized_layer(g, 90, 16 * 41, "pvq-3.25")
+    gemv_layers[8] = quantized_layer(g, 75, 8 * 67, "pvq8-3.25")
+    for D, layer in gemv_layers.items():
+        for M in batches:
+            for dtype in dtypes:
+                i += 1
+                if plan.variant == "asan" and (M, dtype) not in ((1, dtypes[i % 3]), (5, torch.float16), (16, torch.float32)):
+                    continue
+                if plan.variant == "tsan" and (M, dtype) not in ((4, dtypes[D.bit_length() % 3]),):
+                    continue
+                bias_dtype = [None, dtype, torch.float32][i % 3]
+                _gemv_case(plan, layer, M, dtype, bias_dtype, plan.cycle_sms(i))
+    # Large layers at one SM: persistent blocks loop over many work items and the leaf table is at
+    # its largest budget (40 KB).
+    if plan.variant != "tsan":
+        big = quantized_layer(g, 640, 4096, "pvq-3.25")
+        _gemv_case(plan, big, 1, torch.float16, torch.float16, 1, expect_largest_leaf=True)
+        _gemv_case(plan, big, 16, torch.bfloat16, None, 132)
+        big8 = random_layer(g, 630, 8 * 480, 8, 16)
+        _gemv_case(plan, big8, 2, torch.float32, torch.float32, 1, expect_largest_leaf=True)
+
+    # Large-batch path: dequantized tiles into a GEMM, several tiles and a partial last one.
+    for j, (layer, M, dtype) in enumerate([(gemv_layers[16], 17, torch.float32), (gemv_layers[8], 33, torch.float16),
+                                           (random_layer(g, 150, 4 * 40, 4, 20), 20, torch.bfloat16)]):
+        if plan.variant == "tsan" and j > 0:
+            continue
+        i += 1
+        x = torch.randn(M, layer.cols, generator=g).to(dtype)
+        want = torch.ops.pvq_cuda.pvq_matmul(x, *layer.cpu_args(), None, None, layer.rows, layer.D, layer.K,
+                                             layer.scale_bits)
+        cid = plan.new_id("tiled")
+        tile_weights = 64 * layer.cols  # 64-row tiles
+
+        def check_tiled(run, res, cid=cid, want=want, dtype=dtype, layer=layer, M=M):
+            got = run.output(f"{cid}.y", dtype, want.shape)
+            err = _rel_err(got, want)
+            assert err <= MATMUL_TOL[dtype], f"M={M} {dtype}: relative error {err:.2e} > {MATMUL_TOL[dtype]:.0e}"
+            expected_tiles = math.ceil(layer.rows / 64)
+            assert int(res["tiles"]) == expected_tiles > 1, f"{res['tiles']} tiles, expected {expected_tiles}"
+
+        plan.add("tiled", plan.cycle_sms(i), "tiled_matmul", check_tiled, id=cid, kind=emulation.kind(dtype), M=M,
+                 tile_weights=tile_weights, x=m.tensor(x), out=m.out(cid, "y"), **layer.args(m))
+
+
+def _gemv_case(plan: Plan, layer: Layer, M: int, dtype, bias_dtype, sms: int, expect_largest_leaf: bool = False):
+    g, m = plan.gen, plan.manifest
+    x = torch.randn(M, layer.cols, generator=g).to(dtype)
+    bias = None if bias_dtype is None else torch.randn(layer.rows, generator=g).to(bias_dtype)
+    want = torch.ops.pvq_cuda.pvq_matmul(x, *layer.cpu_args(), None, bias, layer.rows, layer.D, layer.K,
+                                         layer.scale_bits)
+    cid = plan.new_id("gemv")
+
+    def check_gemv(run, res, cid=cid, want=want):
+        got = run.output(f"{cid}.y", dtype, want.shape)
+        err = _rel_err(got, want)
+        where = f"D={layer.D} K={layer.K} M={M} {dtype} bias={bias_dtype} plan={res}"
+        assert err <= MATMUL_TOL[dtype], f"{where}: relative error {err:.2e} > {MATMUL_TOL[dtype]:.0e}"
+        if expect_largest_leaf:
+            tiles = math.ceil(layer.rows / 32)
+            assert tiles * int(res["splits"]) > 2 * int(res["blocks"]), f"{where}: blocks do not loop over items"
+            assert int(res["smem_leaf_k"]) == LARGEST_LEAF_K[(layer.D, layer.K)], f"{where}: leaf table not largest"
+
+    args = dict(x=m.tensor(x), M=M, kind=emulation.kind(dtype), out=m.out(cid, "y"), **layer.args(m))
+    args["bias"] = "none" if bias is None else m.tensor(bias)
+    if bias is not None:
+        args["bias_kind"] = emulation.kind(bias_dtype)
+    plan.add("gemv", sms, "gemv", check_gemv, id=cid, **args)
+
+
+# leaf_prefix_k(D, K, 40960 bytes): the largest leaf prefix the GEMV's budget allows. Leaf words
+# per k are V(4, k); the prefix of k' <= k takes sum V(4, k') words.
+def _largest_leaf_k(K: int, budget: int = 40960) -> int:
+    k, total = -1, 0
+    while k < min(K, 16) and (total + pvq_cuda.pyramid_size(4, k + 1)) * 4 <= budget:
+        k += 1
+        total += pvq_cuda.pyramid_size(4, k)
+    return k
+
+
+LARGEST_LEAF_K = {(16, 30): _largest_leaf_k(30), (8, 16): _largest_leaf_k(16)}
+
+
+# ----- Hadamard and Hessian -------------------------------------------------------------------------------
+
+
+def hadamard_cases(plan: Plan) -> None:
+    g, m = plan.gen, plan.manifest
+    bases = pvq_cuda.HADAMARD_BASES
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    ns = []
+    for base in bases:
+        ps = [0, 1, 3, 5, 8] if plan.variant != "tsan" else [3]
+        ns += [base << p for p in ps if base << p <= pvq_cuda.HADAMARD_MAX_N]
+    ns += [4096, 14336, 32768] if plan.variant != "tsan" else [32768]  # 32768: 132 KB, the > 48 KB opt-in
+    i = 0
+    for j, n in enumerate(ns):
+        for dtype in dtypes:
+            i += 1
+            with_signs = (i + j) % 2 == 0  # each dtype meets both, over the sizes
+            if plan.variant == "asan" and i % 2 != 0 and n not in (32768, 14336):
+                continue
+            if plan.variant == "tsan" and dtype != dtypes[j % 3]:
+                continue
+            if True:
+                # Full tiles of ~8192 elements and a partial one (odd row counts hit partial windows).
+                rows = (max(3, 3 * 8192 // n) + 5) if plan.variant != "tsan" else max(2, 8192 // n + 3)
+                x = (torch.randn(rows, n, generator=g) * 4).to(dtype)
+                signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if with_signs else None
+                want = pvq_cuda.hadamard_transform(x, signs)
+                cid = plan.new_id("hadamard")
+
+                def check_hadamard(run, res, cid=cid, want=want, n=n, dtype=dtype, with_signs=with_signs):
+                    got = run.output(f"{cid}.y", dtype, want.shape)
+                    assert torch.equal(got, want), (f"n={n} {dtype} signs={with_signs}: "
+                                                     f"{(got != want).sum()} values differ")
+
+                plan.add("hadamard", plan.cycle_sms(i), "hadamard", check_hadamard, id=cid, kind=emulation.kind(dtype),
+                         rows=rows, n=n, x=m.tensor(x), signs="none" if signs is None else m.tensor(signs),
+                         out=m.out(cid, "y"))
+
+
+def hessian_cases(plan: Plan) -> None:
+    g, m = plan.gen, plan.manifest
+    # n = 257: a last tile one column wide; tokens past a 64-token chunk.
+    shapes = [(1, 5), (70, 300), (130, 133), (257, 70)] if plan.variant == "plain" else [(1, 5), (70, 100)]
+    for i, (n, tokens) in enumerate(shapes):
+        for dtype in (torch.float16, torch.bfloat16):
+            x = (torch.randn(tokens, n, generator=g) + 0.5).to(dtype)  # non-zero mean: large diagonals
+            H0 = torch.randn(n, n, generator=g)
+            H0 = H0 @ H0.T
+            ref = H0.double() + x.double().T @ x.double()
+            cpu = H0.clone()
+            pvq_cuda.hessian_accumulate_(cpu, x)
+            cid = plan.new_id("hessian")
+
+            def check_hessian(run, res, cid=cid, ref=ref, cpu=cpu, n=n, tokens=tokens, dtype=dtype):
+                got = run.output(f"{cid}.H", torch.float32, (n, n))
+                fp64 = float((got.double() - ref).norm() / ref.norm())
+                vs_cpu = float((got.double() - cpu.double()).norm() / cpu.double().norm())
+                where = f"n={n} tokens={tokens} {dtype}"
+                assert fp64 <= HESSIAN_REL_TOL, f"{where}: error {fp64:.2e} against fp64"
+                assert vs_cpu <= HESSIAN_REL_TOL, f"{where}: differs from the CPU op by {vs_cpu:.2e}"
+                assert torch.equal(got, got.T), f"{where}: not symmetric"
+
+            plan.add("hessian", SMS[i % 3] if plan.full else 2, "hessian", check_hessian, id=cid,
+                     kind=emulation.kind(dtype), tokens=tokens, n=n, x=m.tensor(x), H=m.tensor(H0),
+                     out=m.out(cid, "H"))
+
+
+def table_cases(plan: Plan) -> None:
+    def check_tables(run, res):
+        assert res["equal"] == "1", "the device tables differ from the host's"
+        assert res["cached"] == "1", "a second request uploaded the tables again"
+        assert res["leaf_max_k"] == "16", res
+        assert res["bad_device"] == res["past_last_device"] == "cudaErrorInvalidDevice", res
+
+    plan.add("tables", 2, "tables", check_tables, id=plan.new_id("tables"))
+
+
+FAMILIES = {"codec": codec_cases, "packed": packed_cases, "hadamard": hadamard_cases, "hessian": hessian_cases,
+            "tables": table_cases}
+
+
+# ----- Running --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def emulated(request, tmp_path_factory):
+    """The emulator run of every variant this session's tests ask for, all cases of a variant in one
+    process; the processes run side by side."""
+    require_toolchain()
+    wanted = {item.callspec.params.get("variant", "plain") if hasattr(item, "callspec") else "plain"
+              for item in request.session.items if "emulated" in getattr(item, "fixturenames", ())} or {"plain"}
+    variants = [v for v in VARIANTS if v in wanted]
+    builds = emulation.build_all(variants)
+    plans, procs = {}, {}
+    for variant in variants:
+        workdir = tmp_path_factory.mktemp(f"emulation-{variant}")
+        plan = Plan(emulation.Manifest(workdir), variant, torch.Generator().manual_seed(SEED))
+        for make in FAMILIES.values():
+            make(plan)
+        plans[variant] = plan
+        procs[variant] = emulation.start(builds[variant], plan.manifest)
+    return {v: (plans[v], emulation.finish(procs[v])) for v in variants}
+
+
+def _check_family(emulated, variant: str, family: str) -> None:
+    plan, run = emulated[variant]
+    cases = [c for c in plan.cases if c.family == family]
+    assert cases, f"no {family} case in the {variant} build"
+    failures = []
+    for case in cases:
+        res = run.results.get(case.id)
+        if res is None:
+            continue  # the process stopped before it; reported below
+        if res.get("error") != "cudaSuccess":
+            failures.append(f"{case.id} (SMs {case.sms}): launcher returned {res.get('error')}")
+            continue
+        try:
+            case.check(run, res)
+        except AssertionError as e:
+            failures.append(f"{case.id} (SMs {case.sms}): {e}")
+    missing = [c.id for c in cases if c.id not in run.results]
+    if missing or run.returncode != 0:
+        failures.append(f"{len(missing)} case(s) without a result (first: {missing[:1]}); {run.describe()}")
+    assert not failures, f"{variant} build, seed {SEED}:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("family", ["decode", "encode", "search", "dequantize", "gemv", "tiled", "hadamard",
+                                    "hessian", "tables"])
+def test_emulated_kernels_match_cpu(emulated, variant, family):
+    _check_family(emulated, variant, family)
+
+
+def test_every_sm_count_and_grid_stride_wrap(emulated):
+    """The plain build runs every persistent-grid kernel at 1, 2 and 132 SMs, and at 1 and 2 SMs its
+    grid is smaller than its work, so every block's grid-stride loop runs more than once."""
+    plan, run = emulated["plain"]
+    sms_seen = {}
+    for case in plan.cases:
+        for launch in run.launches.get(case.id, []):
+            name = launch["kernel"].split("(")[0].rsplit("::", 1)[-1].split("<")[0]
+            sms_seen.setdefault(name, set()).add(launch["sms"])
+    for kernel in ("decode_kernel", "encode_kernel", "search_kernel", "dequantize_kernel", "gemv_kernel",
+                   "finalize_kernel", "hadamard_kernel", "hessian_kernel"):
+        assert sms_seen.get(kernel) == set(SMS), f"{kernel} ran at SM counts {sms_seen.get(kernel)}"
+    # Grid-stride wrap: at 1 SM, decode's 3001 groups need 12 blocks of 256 threads; the grid is 4.
+    decode_at_1 = [launch for case in plan.cases if case.family == "decode" and case.sms == 1
+                   for launch in run.launches[case.id]]
+    assert decode_at_1 and all(launch["grid"][0] * launch["block"][0] < 3001 for launch in decode_at_1)
+
+
+def test_report_times(emulated, record_property):
+    for variant, (plan, run) in emulated.items():
+        print(f"{variant}: {len(plan.cases)} cases in {run.seconds:.1f} s")
+        fam = {}
+        for c in plan.cases:
+            r = run.results.get(c.id, {})
+            f = fam.setdefault((c.family, c.sms), [0, 0.0])
+            f[0] += 1
+            f[1] += float(r.get("seconds", 0))
+        for k, v in sorted(fam.items()):
+            print(f"   {k}: {v[0]} cases {v[1]:.2f} s")
