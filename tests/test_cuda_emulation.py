@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,7 +254,7 @@ def packed_cases(plan: Plan) -> None:
     g, m = plan.gen, plan.manifest
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
     # Dequantize: every D, K up to its limit, rows not a multiple of 32, all three output types,
-    # and row ranges (the large-batch path's tiles start on 32-row boundaries).
+    # and row ranges.
     shapes = [(70, 1, 37), (45, 2, 23), (100, 4, 9), (33, 8, 16), (70, 16, 30), (64, 32, 11)]
     tops = {D: pvq_cuda.max_pulses(D) for D in pvq_cuda.SUPPORTED_D}
     i = 0
@@ -261,7 +262,8 @@ def packed_cases(plan: Plan) -> None:
         for k in ([K, tops[D]] if plan.variant != "tsan" else [K]):
             layer = random_layer(g, rows, D * (11 + D % 5), D, k)
             full = layer.dequantized()
-            for r0, r1 in ([(0, rows), (32, rows)] if rows > 32 else [(0, rows)]):
+            # Any row range (launch_dequantize's contract), not only the 32-row tiles of the large-batch path.
+            for r0, r1 in ([(0, rows), (32, rows), (5, rows - 3), (17, 31)] if rows > 32 else [(0, rows), (3, 9)]):
                 for dtype in (dtypes if plan.variant != "tsan" else [dtypes[i % 3]]):
                     i += 1
                     cid = plan.new_id("dequantize")
@@ -503,7 +505,7 @@ def test_every_sm_count_and_grid_stride_wrap(emulated):
     sms_seen = {}
     for case in plan.cases:
         for launch in run.launches.get(case.id, []):
-            name = launch["kernel"].split("(")[0].rsplit("::", 1)[-1].split("<")[0]
+            name = re.search(r"::(\w+_kernel)\b", launch["kernel"]).group(1)
             sms_seen.setdefault(name, set()).add(launch["sms"])
     for kernel in ("decode_kernel", "encode_kernel", "search_kernel", "dequantize_kernel", "gemv_kernel",
                    "finalize_kernel", "hadamard_kernel", "hessian_kernel"):
