@@ -55,6 +55,7 @@ class Case:
     family: str
     sms: int
     check: Callable[[emulation.Run, dict], None]  # (run, this case's results) -> raises AssertionError
+    threads_needed: int | None = None  # threads for one pass over a grid-stride kernel's work
 
 
 @dataclass
@@ -81,11 +82,11 @@ class Plan:
             self.manifest.command("sms", n=sms)
             self._sms = sms
 
-    def add(self, family: str, sms: int, command: str, check, **args) -> str:
+    def add(self, family: str, sms: int, command: str, check, threads_needed: int | None = None, **args) -> str:
         case_id = args.pop("id")
         self.at_sms(sms)
         self.manifest.command(command, id=case_id, **args)
-        self.cases.append(Case(case_id, family, sms, check))
+        self.cases.append(Case(case_id, family, sms, check, threads_needed))
         return case_id
 
     def cycle_sms(self, i: int) -> int:
@@ -102,9 +103,86 @@ def _rand_index(gen, V: int, n: int) -> torch.Tensor:
     return idx
 
 
+def _codec_groups(plan: Plan, sms: int) -> int:
+    """Groups for a codec case: at 1 and 2 SMs more than the persistent grid's threads (decode: 4 x 256
+    a SM, encode 8 x 256, search 16 x 128), so every thread's grid-stride loop runs again; odd, so
+    the last warp is partial."""
+    if plan.variant == "tsan":
+        return 601
+    return 4501 if sms < 132 else 1501
+
+
+def decode_case(plan: Plan, D: int, K: int, sms: int, with_bad: bool) -> None:
+    """decode, then encode of the decoded pulses; with_bad plants one bad index (and one bad pulse
+    row) on an odd lane, which only a complete warp reduction of the status bits reports."""
+    g, m = plan.gen, plan.manifest
+    groups = _codec_groups(plan, sms)
+    V = pvq_cuda.pyramid_size(D, K)
+    index = _rand_index(g, V, groups)
+    bad = int(torch.randint(1, groups - 1, (1,), generator=g)) | 1
+    sent = index.clone()
+    if with_bad:
+        sent[bad] = -1 - int(torch.randint(0, 5, (1,), generator=g))  # negative: wraps above V
+    want = torch.ops.pvq_cuda.decode(index, D, K)
+    if with_bad:
+        want[bad] = 0
+    cid = plan.new_id("decode")
+
+    def check_decode(run, res):
+        got = run.output(f"{cid}.y", torch.int8, (groups, D))
+        status = int(run.output(f"{cid}.status", torch.int32, (1,)))
+        assert torch.equal(got, want), f"D={D} K={K}: {(got != want).any(1).sum()} groups differ"
+        assert status == int(with_bad), f"D={D} K={K}: status {status}, bad data: {with_bad}"
+
+    plan.add("decode", sms, "decode", check_decode, id=cid, threads_needed=groups, D=D, K=K, V=V, groups=groups,
+             index=m.tensor(sent), out=m.out(cid, "y"), status=m.out(cid, "status"))
+
+    pulses = torch.ops.pvq_cuda.decode(index, D, K)
+    if with_bad:
+        pulses[bad, 0] += 1 if pulses[bad, 0] >= 0 else -1  # sum |y| = K + 1
+    want_index = index.clone()
+    if with_bad:
+        want_index[bad] = -1
+    cid2 = plan.new_id("encode")
+
+    def check_encode(run, res):
+        got = run.output(f"{cid2}.index", torch.int64, (groups,))
+        status = int(run.output(f"{cid2}.status", torch.int32, (1,)))
+        assert torch.equal(got, want_index), f"D={D} K={K}: {(got != want_index).sum()} indices differ"
+        assert status == int(with_bad), f"D={D} K={K}: status {status}, bad data: {with_bad}"
+
+    plan.add("encode", sms, "encode", check_encode, id=cid2, threads_needed=groups, D=D, K=K, groups=groups,
+             pulses=m.tensor(pulses), out=m.out(cid2, "index"), status=m.out(cid2, "status"))
+
+
+def search_case(plan: Plan, D: int, K: int, dtype: torch.dtype, sms: int, with_bad: bool) -> None:
+    g, m = plan.gen, plan.manifest
+    groups = _codec_groups(plan, sms)
+    x = torch.randn(groups, D, generator=g)
+    x[::7] *= torch.rand(x[::7].shape, generator=g) ** 4  # uneven magnitudes
+    x[5] = 0
+    x = x.to(dtype)
+    bad = 2 * (groups // 3) + 1
+    if with_bad:
+        x[bad, D // 2] = float("nan")
+    want = torch.ops.pvq_cuda.search(torch.nan_to_num(x, nan=0.0), K)
+    if with_bad:
+        want[bad] = 0
+    cid = plan.new_id("search")
+
+    def check_search(run, res):
+        got = run.output(f"{cid}.y", torch.int8, (groups, D))
+        status = int(run.output(f"{cid}.status", torch.int32, (1,)))
+        assert torch.equal(got, want), f"D={D} K={K} {dtype}: {(got != want).any(1).sum()} groups differ"
+        assert status == int(with_bad), f"D={D} K={K} {dtype}: status {status}, bad data: {with_bad}"
+
+    plan.add("search", sms, "search", check_search, id=cid, threads_needed=groups, D=D, K=K,
+             kind=emulation.kind(dtype), groups=groups, x=m.tensor(x), out=m.out(cid, "y"),
+             status=m.out(cid, "status"))
+
+
 def codec_cases(plan: Plan) -> None:
     """decode and encode for every D and K up to max_pulses(D); search for every D, several K, all dtypes."""
-    g = plan.gen
     i = 0
     for D in pvq_cuda.SUPPORTED_D:
         top = pvq_cuda.max_pulses(D)
@@ -114,47 +192,7 @@ def codec_cases(plan: Plan) -> None:
             ks = [k for k in ks if k in (5, top)] if plan.variant == "asan" else [top]
         for K in ks:
             i += 1
-            sms = plan.cycle_sms(i)
-            V = pvq_cuda.pyramid_size(D, K)
-            groups = 3001 if plan.variant != "tsan" else 700  # odd: the last warp is partial
-            index = _rand_index(g, V, groups)
-            bad = int(torch.randint(1, groups - 1, (1,), generator=g)) | 1  # an odd lane: the shuffle reduction
-            with_bad = i % 2 == 0
-            sent = index.clone()
-            if with_bad:
-                sent[bad] = -1 - int(torch.randint(0, 5, (1,), generator=g))  # negative: wraps above V
-            want = torch.ops.pvq_cuda.decode(index, D, K)
-            if with_bad:
-                want[bad] = 0
-            cid = plan.new_id("decode")
-
-            def check_decode(run, res, cid=cid, want=want, D=D, K=K, groups=groups, with_bad=with_bad):
-                got = run.output(f"{cid}.y", torch.int8, (groups, D))
-                status = int(run.output(f"{cid}.status", torch.int32, (1,)))
-                assert torch.equal(got, want), f"D={D} K={K}: {(got != want).any(1).sum()} groups differ"
-                assert status == int(with_bad), f"D={D} K={K}: status {status}, bad data: {with_bad}"
-
-            m = plan.manifest
-            plan.add("decode", sms, "decode", check_decode, id=cid, D=D, K=K, V=V, groups=groups,
-                     index=m.tensor(sent), out=m.out(cid, "y"), status=m.out(cid, "status"))
-
-            pulses = torch.ops.pvq_cuda.decode(index, D, K)
-            if with_bad:
-                pulses[bad, 0] += 1 if pulses[bad, 0] >= 0 else -1  # sum |y| = K + 1
-            want_index = index.clone()
-            if with_bad:
-                want_index[bad] = -1
-            cid = plan.new_id("encode")
-
-            def check_encode(run, res, cid=cid, want=want_index, D=D, K=K, groups=groups, with_bad=with_bad):
-                got = run.output(f"{cid}.index", torch.int64, (groups,))
-                status = int(run.output(f"{cid}.status", torch.int32, (1,)))
-                assert torch.equal(got, want), f"D={D} K={K}: {(got != want).sum()} indices differ"
-                assert status == int(with_bad), f"D={D} K={K}: status {status}, bad data: {with_bad}"
-
-            plan.add("encode", plan.cycle_sms(i + 1), "encode", check_encode, id=cid, D=D, K=K, groups=groups,
-                     pulses=m.tensor(pulses), out=m.out(cid, "index"), status=m.out(cid, "status"))
-
+            decode_case(plan, D, K, plan.cycle_sms(i), with_bad=i % 2 == 0)
     for D in pvq_cuda.SUPPORTED_D:
         top = pvq_cuda.max_pulses(D)
         ks = sorted({1, 5, 16, top} & set(range(1, top + 1)))
@@ -166,30 +204,7 @@ def codec_cases(plan: Plan) -> None:
         for K in ks:
             for dtype in dtypes:
                 i += 1
-                groups = 1501 if plan.variant != "tsan" else 300
-                x = torch.randn(groups, D, generator=g)
-                x[::7] *= torch.rand(x[::7].shape, generator=g) ** 4  # uneven magnitudes
-                x[5] = 0
-                x = x.to(dtype)
-                with_bad = i % 3 == 0
-                if with_bad:
-                    x[2 * (groups // 3) + 1, D // 2] = float("nan")
-                want = torch.ops.pvq_cuda.search(torch.nan_to_num(x, nan=0.0), K)
-                if with_bad:
-                    want[2 * (groups // 3) + 1] = 0
-                cid = plan.new_id("search")
-
-                def check_search(run, res, cid=cid, want=want, D=D, K=K, dtype=dtype, groups=groups,
-                                 with_bad=with_bad):
-                    got = run.output(f"{cid}.y", torch.int8, (groups, D))
-                    status = int(run.output(f"{cid}.status", torch.int32, (1,)))
-                    assert torch.equal(got, want), f"D={D} K={K} {dtype}: {(got != want).any(1).sum()} groups differ"
-                    assert status == int(with_bad), f"D={D} K={K} {dtype}: status {status}, bad data: {with_bad}"
-
-                m = plan.manifest
-                plan.add("search", plan.cycle_sms(i), "search", check_search, id=cid, D=D, K=K,
-                         kind=emulation.kind(dtype), groups=groups, x=m.tensor(x), out=m.out(cid, "y"),
-                         status=m.out(cid, "status"))
+                search_case(plan, D, K, dtype, plan.cycle_sms(i), with_bad=i % 3 == 0)
 
 
 # ----- Packed layers --------------------------------------------------------------------------------------
@@ -266,17 +281,7 @@ def packed_cases(plan: Plan) -> None:
             for r0, r1 in ([(0, rows), (32, rows), (5, rows - 3), (17, 31)] if rows > 32 else [(0, rows), (3, 9)]):
                 for dtype in (dtypes if plan.variant != "tsan" else [dtypes[i % 3]]):
                     i += 1
-                    cid = plan.new_id("dequantize")
-                    want = full[r0:r1].to(dtype)
-
-                    def check_dequantize(run, res, cid=cid, want=want, D=D, k=k, dtype=dtype, r0=r0, r1=r1):
-                        got = run.output(f"{cid}.w", dtype, want.shape)
-                        assert torch.equal(got, want), (f"D={D} K={k} {dtype} rows [{r0}, {r1}): "
-                                                         f"{(got != want).sum()} weights differ")
-
-                    plan.add("dequantize", plan.cycle_sms(i), "dequantize", check_dequantize, id=cid,
-                             kind=emulation.kind(dtype), row_begin=r0, row_end=r1, out=m.out(cid, "w"),
-                             **layer.args(m))
+                    dequantize_case(plan, layer, r0, r1, dtype, plan.cycle_sms(i), full)
 
     # Fused GEMV and finalize: every D, batch 1, 2, 4, 5, 16, all dtypes, with and without bias.
     # Group counts are not multiples of the 4 warps; rows not multiples of 32.
@@ -294,15 +299,15 @@ def packed_cases(plan: Plan) -> None:
                 if plan.variant == "tsan" and (M, dtype) not in ((4, dtypes[D.bit_length() % 3]),):
                     continue
                 bias_dtype = [None, dtype, torch.float32][i % 3]
-                _gemv_case(plan, layer, M, dtype, bias_dtype, plan.cycle_sms(i))
+                gemv_case(plan, layer, M, dtype, bias_dtype, plan.cycle_sms(i))
     # Large layers at one SM: persistent blocks loop over many work items and the leaf table is at
     # its largest budget (40 KB).
     if plan.variant != "tsan":
         big = quantized_layer(g, 640, 4096, "pvq-3.25")
-        _gemv_case(plan, big, 1, torch.float16, torch.float16, 1, expect_largest_leaf=True)
-        _gemv_case(plan, big, 16, torch.bfloat16, None, 132)
+        gemv_case(plan, big, 1, torch.float16, torch.float16, 1, expect_largest_leaf=True)
+        gemv_case(plan, big, 16, torch.bfloat16, None, 132)
         big8 = random_layer(g, 630, 8 * 480, 8, 16)
-        _gemv_case(plan, big8, 2, torch.float32, torch.float32, 1, expect_largest_leaf=True)
+        gemv_case(plan, big8, 2, torch.float32, torch.float32, 1, expect_largest_leaf=True)
 
     # Large-batch path: dequantized tiles into a GEMM, several tiles and a partial last one.
     for j, (layer, M, dtype) in enumerate([(gemv_layers[16], 17, torch.float32), (gemv_layers[8], 33, torch.float16),
@@ -327,7 +332,24 @@ def packed_cases(plan: Plan) -> None:
                  tile_weights=tile_weights, x=m.tensor(x), out=m.out(cid, "y"), **layer.args(m))
 
 
-def _gemv_case(plan: Plan, layer: Layer, M: int, dtype, bias_dtype, sms: int, expect_largest_leaf: bool = False):
+def dequantize_case(plan: Plan, layer: Layer, r0: int, r1: int, dtype: torch.dtype, sms: int,
+                    full: torch.Tensor | None = None) -> None:
+    """Rows [r0, r1) as dtype: fp32 is the CPU op's bit for bit, fp16/bf16 that float rounded once."""
+    m = plan.manifest
+    want = (layer.dequantized() if full is None else full)[r0:r1].to(dtype)
+    cid = plan.new_id("dequantize")
+
+    def check_dequantize(run, res):
+        got = run.output(f"{cid}.w", dtype, want.shape)
+        assert torch.equal(got, want), (f"D={layer.D} K={layer.K} {dtype} rows [{r0}, {r1}): "
+                                         f"{(got != want).sum()} weights differ")
+
+    tiles = (r1 - 1) // 32 - r0 // 32 + 1
+    plan.add("dequantize", sms, "dequantize", check_dequantize, id=cid, threads_needed=tiles * layer.groups * 32,
+             kind=emulation.kind(dtype), row_begin=r0, row_end=r1, out=m.out(cid, "w"), **layer.args(m))
+
+
+def gemv_case(plan: Plan, layer: Layer, M: int, dtype, bias_dtype, sms: int, expect_largest_leaf: bool = False):
     g, m = plan.gen, plan.manifest
     x = torch.randn(M, layer.cols, generator=g).to(dtype)
     bias = None if bias_dtype is None else torch.randn(layer.rows, generator=g).to(bias_dtype)
@@ -368,15 +390,31 @@ LARGEST_LEAF_K = {(16, 30): _largest_leaf_k(30), (8, 16): _largest_leaf_k(16)}
 # ----- Hadamard and Hessian -------------------------------------------------------------------------------
 
 
-def hadamard_cases(plan: Plan) -> None:
+def hadamard_case(plan: Plan, n: int, dtype: torch.dtype, with_signs: bool, rows: int, sms: int) -> None:
+    """Bit for bit against the CPU op (both add in the same order and round once)."""
     g, m = plan.gen, plan.manifest
+    x = (torch.randn(rows, n, generator=g) * 4).to(dtype)
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if with_signs else None
+    want = pvq_cuda.hadamard_transform(x, signs)
+    cid = plan.new_id("hadamard")
+
+    def check_hadamard(run, res):
+        got = run.output(f"{cid}.y", dtype, want.shape)
+        assert torch.equal(got, want), f"n={n} {dtype} signs={with_signs}: {(got != want).sum()} values differ"
+
+    plan.add("hadamard", sms, "hadamard", check_hadamard, id=cid, kind=emulation.kind(dtype), rows=rows, n=n,
+             x=m.tensor(x), signs="none" if signs is None else m.tensor(signs), out=m.out(cid, "y"))
+
+
+def hadamard_cases(plan: Plan) -> None:
+    """Every base m, several 2^p, the largest n (132 KB of shared memory: the > 48 KB opt-in), all dtypes."""
     bases = pvq_cuda.HADAMARD_BASES
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
     ns = []
     for base in bases:
         ps = [0, 1, 3, 5, 8] if plan.variant != "tsan" else [3]
         ns += [base << p for p in ps if base << p <= pvq_cuda.HADAMARD_MAX_N]
-    ns += [4096, 14336, 32768] if plan.variant != "tsan" else [32768]  # 32768: 132 KB, the > 48 KB opt-in
+    ns += [4096, 14336, 32768] if plan.variant != "tsan" else [32768]
     i = 0
     for j, n in enumerate(ns):
         for dtype in dtypes:
@@ -386,22 +424,9 @@ def hadamard_cases(plan: Plan) -> None:
                 continue
             if plan.variant == "tsan" and dtype != dtypes[j % 3]:
                 continue
-            if True:
-                # Full tiles of ~8192 elements and a partial one (odd row counts hit partial windows).
-                rows = (max(3, 3 * 8192 // n) + 5) if plan.variant != "tsan" else max(2, 8192 // n + 3)
-                x = (torch.randn(rows, n, generator=g) * 4).to(dtype)
-                signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if with_signs else None
-                want = pvq_cuda.hadamard_transform(x, signs)
-                cid = plan.new_id("hadamard")
-
-                def check_hadamard(run, res, cid=cid, want=want, n=n, dtype=dtype, with_signs=with_signs):
-                    got = run.output(f"{cid}.y", dtype, want.shape)
-                    assert torch.equal(got, want), (f"n={n} {dtype} signs={with_signs}: "
-                                                     f"{(got != want).sum()} values differ")
-
-                plan.add("hadamard", plan.cycle_sms(i), "hadamard", check_hadamard, id=cid, kind=emulation.kind(dtype),
-                         rows=rows, n=n, x=m.tensor(x), signs="none" if signs is None else m.tensor(signs),
-                         out=m.out(cid, "y"))
+            # Full tiles of ~8192 elements and a partial one (odd row counts hit partial windows).
+            rows = (max(3, 3 * 8192 // n) + 5) if plan.variant != "tsan" else max(2, 8192 // n + 3)
+            hadamard_case(plan, n, dtype, with_signs, rows, plan.cycle_sms(i))
 
 
 def hessian_cases(plan: Plan) -> None:
@@ -499,21 +524,25 @@ def test_emulated_kernels_match_cpu(emulated, variant, family):
 
 
 def test_every_sm_count_and_grid_stride_wrap(emulated):
-    """The plain build runs every persistent-grid kernel at 1, 2 and 132 SMs, and at 1 and 2 SMs its
-    grid is smaller than its work, so every block's grid-stride loop runs more than once."""
+    """The plain build runs every kernel at 1, 2 and 132 SMs; at 1 and 2 SMs the persistent grid of
+    each grid-stride kernel is smaller than its work, so every thread's loop runs more than once (the
+    GEMV's blocks loop over work items in the large-layer cases, checked there)."""
     plan, run = emulated["plain"]
-    sms_seen = {}
+    sms_seen, wrapped = {}, {}
     for case in plan.cases:
         for launch in run.launches.get(case.id, []):
             name = re.search(r"::(\w+_kernel)\b", launch["kernel"]).group(1)
             sms_seen.setdefault(name, set()).add(launch["sms"])
+            if case.threads_needed is not None and name.startswith(case.family) and case.sms < 132:
+                threads = launch["grid"][0] * launch["block"][0]
+                wrapped.setdefault((name, case.sms), []).append(threads < case.threads_needed)
     for kernel in ("decode_kernel", "encode_kernel", "search_kernel", "dequantize_kernel", "gemv_kernel",
                    "finalize_kernel", "hadamard_kernel", "hessian_kernel"):
         assert sms_seen.get(kernel) == set(SMS), f"{kernel} ran at SM counts {sms_seen.get(kernel)}"
-    # Grid-stride wrap: at 1 SM, decode's 3001 groups need 12 blocks of 256 threads; the grid is 4.
-    decode_at_1 = [launch for case in plan.cases if case.family == "decode" and case.sms == 1
-                   for launch in run.launches[case.id]]
-    assert decode_at_1 and all(launch["grid"][0] * launch["block"][0] < 3001 for launch in decode_at_1)
+    for kernel in ("decode_kernel", "encode_kernel", "search_kernel"):
+        for sms in (1, 2):
+            assert wrapped.get((kernel, sms)) and all(wrapped[(kernel, sms)]), (kernel, sms, wrapped.get((kernel, sms)))
+    assert any(wrapped.get(("dequantize_kernel", 1), [])), "no dequantize case wraps at 1 SM"
 
 
 def test_report_times(emulated, record_property):

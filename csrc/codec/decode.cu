@@ -12,6 +12,7 @@
 #include "common/dispatch.h"
 #include "codec/launchers.h"
 #include "common/grid.cuh"
+#include "codec/status.cuh"
 #include "common/launch.h"
 #include "common/shared_memory.cuh"
 

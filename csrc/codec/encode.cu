@@ -4,6 +4,7 @@
 #include "common/dispatch.h"
 #include "codec/launchers.h"
 #include "common/grid.cuh"
+#include "codec/status.cuh"
 #include "common/launch.h"
 
 namespace pvq_cuda {

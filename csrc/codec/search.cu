@@ -10,6 +10,7 @@
 #include "codec/launchers.h"
 #include "common/float_io.cuh"
 #include "common/grid.cuh"
+#include "codec/status.cuh"
 #include "common/launch.h"
 
 namespace pvq_cuda {

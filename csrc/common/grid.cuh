@@ -1,5 +1,5 @@
-// Device helpers shared by the codec and packed-layer kernels: the shared-memory leaf table, status
-// reporting, and int8 group loads and stores.
+// Device helpers shared by the codec and packed-layer kernels: the shared-memory leaf table and int8
+// group loads and stores.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -34,16 +34,6 @@ __device__ __forceinline__ void stage_leaf_table(pvq::SplitTables& t, uint32_t* 
   }
   t.leaf = smem;
   t.leaf_max_k = k;
-}
-
-// ORs a thread's status bits into *status with at most one atomic per warp: a kernel fed all-bad
-// data would otherwise queue every thread of the grid on one address. All 32 lanes of every warp
-// call it once, after the grid-stride loop, where the warp has converged again (block sizes are
-// multiples of 32).
-__device__ __forceinline__ void report_status(int* status, int bits) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) bits |= __shfl_xor_sync(0xffffffffu, bits, offset);
-  if ((threadIdx.x & 31) == 0 && bits != 0) atomicOr(status, bits);
 }
 
 // Stores one group of D int8 pulses with the widest aligned store (rows start at g*D bytes).

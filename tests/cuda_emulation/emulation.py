@@ -91,15 +91,45 @@ def _digest(*parts: bytes | str) -> str:
     return h.hexdigest()[:20]
 
 
-def _headers_digest(overrides: dict[str, str]) -> str:
-    """Every header a source may include (csrc and the harness), with the mutated ones' text."""
-    parts = []
-    for root in (CSRC, HARNESS):
-        for path in sorted(root.rglob("*")):
-            if path.suffix in (".h", ".cuh"):
-                rel = str(path.relative_to(REPO))
-                parts += [rel, overrides.get(rel, path.read_text())]
-    return _digest(*parts)
+# The object cache. An object is named <source>-<digest of its text and flags>-<digest of the headers
+# it read>.o, next to a .deps file listing those headers (from g++ -MMD) with the digest of each. A
+# cached object is reused when every header it read still has that text, so a planted bug in a
+# header rebuilds only the objects that include it, and the unmutated objects stay cached.
+
+def _text(repo_rel: str, overrides: dict[str, str]) -> str:
+    if repo_rel in overrides:
+        return overrides[repo_rel]
+    path = REPO / repo_rel
+    return path.read_text() if path.exists() else "(missing)"
+
+
+def _cached_object(outdir: Path, stem: str, overrides: dict[str, str]) -> Path | None:
+    for deps in outdir.glob(f"{stem}-*.deps"):
+        obj = deps.with_suffix(".o")
+        entries = [line.split(" ", 1) for line in deps.read_text().splitlines() if line]
+        if obj.exists() and all(_digest(_text(rel, overrides)) == d for d, rel in entries):
+            return obj
+    return None
+
+
+def _store_object(tmp_obj: Path, depfile: Path, outdir: Path, stem: str, shadow: Path | None,
+                  overrides: dict[str, str]) -> Path:
+    """Names a fresh object after the headers it read (g++ -MMD's list, mutated copies mapped back)."""
+    words = depfile.read_text().replace("\\\n", " ").split()[2:]  # after "<object>: <source>"
+    headers = set()
+    for word in words:
+        path = Path(word).resolve()
+        if shadow is not None and path.is_relative_to(shadow.resolve()):
+            headers.add(str(Path("csrc") / path.relative_to(shadow.resolve())))
+        elif path.is_relative_to(REPO):
+            headers.add(str(path.relative_to(REPO)))
+    lines = [f"{_digest(_text(rel, overrides))} {rel}" for rel in sorted(headers)]
+    name = f"{stem}-{_digest(*lines)}"
+    obj = outdir / f"{name}.o"
+    os.replace(tmp_obj, obj)
+    (outdir / f"{name}.deps").write_text("\n".join(lines) + "\n")
+    depfile.unlink()
+    return obj
 
 
 @dataclass
@@ -110,50 +140,40 @@ class Build:
 
 
 @dataclass
-class _BuildPlan:
-    variant: str
-    compiles: list[tuple[Path, list[str]]]  # object, command (writes object + ".tmp")
-    link: list[str]
-    executable: Path
-    shadow: Path | None
+class _Source:
+    repo_rel: str
+    stem: str
+    command: list[str]  # writes <stem>.tmp.o and <stem>.tmp.d
+    cached: Path | None
 
 
-def _plan(variant: str, overrides: dict[str, str]) -> _BuildPlan:
+def _sources(variant: str, overrides: dict[str, str], shadow: Path | None) -> list[_Source]:
     tc = toolchain()
     if isinstance(tc, str):
         raise RuntimeError(tc)
     gxx, cuda_include = tc
     flags = COMMON_FLAGS + VARIANTS[variant]
-    headers = _headers_digest(overrides)
     outdir = CACHE / variant
     outdir.mkdir(parents=True, exist_ok=True)
-    # Mutated files live in a private tree that shadows csrc/ on the include path.
-    shadow = Path(tempfile.mkdtemp(prefix="pvq-emulation-src-")) if overrides else None
-    for rel, text in overrides.items():
-        target = shadow / Path(rel).relative_to("csrc")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
     includes = ([f"-I{shadow}"] if shadow else []) + [f"-I{HARNESS / 'include'}", f"-I{HARNESS}", f"-I{CSRC}",
                                                       f"-isystem{cuda_include}"]
     force = ["-include", str(HARNESS / "cuda_emulation.h")]
-    compiles = []
+    out = []
     for repo_rel in [f"csrc/{r}" for r in KERNEL_SOURCES + HOST_SOURCES] + \
                     [str((HARNESS / r).relative_to(REPO)) for r in HARNESS_SOURCES]:
-        text = overrides.get(repo_rel, (REPO / repo_rel).read_text())
         src = shadow / Path(repo_rel).relative_to("csrc") if repo_rel in overrides else REPO / repo_rel
-        obj = outdir / f"{Path(repo_rel).name}-{_digest(gxx, ' '.join(flags), headers, repo_rel, text)}.o"
+        stem = f"{Path(repo_rel).name}-{_digest(gxx, ' '.join(flags), repo_rel, _text(repo_rel, overrides))}"
         lang = ["-x", "c++"] if repo_rel.endswith(".cu") else []
-        compiles.append((obj, [gxx, *flags, *force, *includes, *lang, "-c", str(src), "-o", f"{obj}.tmp"]))
-    exe = outdir / f"emulator-{_digest(*(str(obj) for obj, _ in compiles))}"
-    link = [gxx, *flags, *(str(obj) for obj, _ in compiles), "-o", f"{exe}.tmp"]
-    return _BuildPlan(variant, compiles, link, exe, shadow)
+        tmp = outdir / f"{stem}.{os.getpid()}.tmp"
+        command = [gxx, *flags, *force, *includes, *lang, "-c", str(src), "-o", f"{tmp}.o", "-MMD", "-MF", f"{tmp}.d"]
+        out.append(_Source(repo_rel, stem, command, _cached_object(outdir, stem, overrides)))
+    return out
 
 
-def _run_tool(cmd: list[str], output: Path, what: str) -> None:
+def _run(cmd: list[str], what: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
-    os.replace(f"{output}.tmp", output)
 
 
 def build_all(variants, overrides: dict[str, str] | None = None) -> dict[str, Build]:
@@ -161,24 +181,44 @@ def build_all(variants, overrides: dict[str, str] | None = None) -> dict[str, Bu
     variants sharing one pool of os.cpu_count() jobs.
 
     overrides maps repository paths (e.g. "csrc/packed/gemv.cu") to replacement text: the mutation
-    tests' planted bugs. Only the objects whose inputs change are rebuilt.
+    tests' planted bugs. Only the objects that read a replaced file are rebuilt.
     """
+    overrides = overrides or {}
     start = time.monotonic()
-    plans = [_plan(v, overrides or {}) for v in variants]
-    todo = [(obj, cmd, p.variant) for p in plans for obj, cmd in p.compiles if not obj.exists()]
+    # Mutated files live in a private tree that shadows csrc/ on the include path.
+    shadow = Path(tempfile.mkdtemp(prefix="pvq-emulation-src-")) if overrides else None
+    for rel, text in overrides.items():
+        target = shadow / Path(rel).relative_to("csrc")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
     try:
+        sources = {v: _sources(v, overrides, shadow) for v in variants}
+        objects: dict[tuple[str, str], Path] = {(v, s.repo_rel): s.cached for v in variants for s in sources[v]}
+        todo = [(v, s) for v in variants for s in sources[v] if s.cached is None]
+
+        def compile_one(variant: str, source: _Source) -> None:
+            _run(source.command, f"emulation compile ({variant})")
+            tmp = Path(source.command[source.command.index("-o") + 1])
+            objects[(variant, source.repo_rel)] = _store_object(
+                tmp, Path(source.command[-1]), CACHE / variant, source.stem, shadow, overrides)
+
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            for f in [pool.submit(_run_tool, cmd, obj, f"emulation compile ({variant})") for obj, cmd, variant in todo]:
+            for f in [pool.submit(compile_one, v, s) for v, s in todo]:
                 f.result()
-        for p in plans:
-            if not p.executable.exists():
-                _run_tool(p.link, p.executable, f"emulation link ({p.variant})")
+        builds = {}
+        for v in variants:
+            objs = [objects[(v, s.repo_rel)] for s in sources[v]]
+            exe = CACHE / v / f"emulator-{_digest(*map(str, objs))}"
+            if not exe.exists():
+                gxx = sources[v][0].command[0]
+                _run([gxx, *COMMON_FLAGS, *VARIANTS[v], *map(str, objs), "-o", f"{exe}.{os.getpid()}.tmp"],
+                     f"emulation link ({v})")
+                os.replace(f"{exe}.{os.getpid()}.tmp", exe)
+            builds[v] = Build(v, exe, time.monotonic() - start if todo else 0.0)
+        return builds
     finally:
-        for p in plans:
-            if p.shadow:
-                shutil.rmtree(p.shadow, ignore_errors=True)
-    seconds = time.monotonic() - start if todo else 0.0
-    return {p.variant: Build(p.variant, p.executable, seconds) for p in plans}
+        if shadow:
+            shutil.rmtree(shadow, ignore_errors=True)
 
 
 def build(variant: str, overrides: dict[str, str] | None = None) -> Build:
