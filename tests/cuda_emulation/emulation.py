@@ -47,10 +47,11 @@ VARIANTS = {
     "tsan": ["-O1", "-fsanitize=thread"],
 }
 # Sanitizers stop at the first report, with an exit status that names them.
+SANITIZER_EXIT = {"asan": 66, "ubsan": 67, "tsan": 68}
 SANITIZER_ENV = {
-    "ASAN_OPTIONS": "halt_on_error=1:exitcode=66:detect_leaks=1:abort_on_error=0",
-    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=67",
-    "TSAN_OPTIONS": "halt_on_error=1:exitcode=68:report_signal_unsafe=0",
+    "ASAN_OPTIONS": f"halt_on_error=1:exitcode={SANITIZER_EXIT['asan']}:detect_leaks=1:abort_on_error=0",
+    "UBSAN_OPTIONS": f"halt_on_error=1:print_stacktrace=1:exitcode={SANITIZER_EXIT['ubsan']}",
+    "TSAN_OPTIONS": f"halt_on_error=1:exitcode={SANITIZER_EXIT['tsan']}:report_signal_unsafe=0",
 }
 HARNESS_ERROR = 70  # cuda_emulation.h's fail(): a violation of the CUDA programming model
 
