@@ -5,9 +5,10 @@
 //
 // Usage: emulator <manifest> <results> [<launch log>]
 // Each manifest line is one command: a name, then key=value arguments. Paths are raw little-endian
-// arrays. Every command that computes something writes one results line, "<id> key=value ...",
+// arrays; an input may be "zeros:<bytes>" and an output "none" (dry runs). Every command that computes something writes one results line, "<id> key=value ...",
 // with error=<cudaError name> for what the launcher returned. Commands:
-//   sms n=<SMs>            the emulated device's SM count from now on
+//   gpu name=<a100|h100>   the emulated device's limits and SM count from now on (default h100)
+//   sms n=<SMs>            its SM count from now on
 //   dry_run on=<0|1>       check and log launches without running them
 //   tables id=            upload the split tables (device_split_tables) and compare with the host's
 //   decode|encode|search|dequantize|gemv|tiled_matmul|hadamard|hessian id= ...   (see run_* below)
@@ -65,13 +66,17 @@ FloatKind kind_arg(const Args& a, const char* key) {
 
 size_t kind_bytes(FloatKind k) { return k == FloatKind::kFloat32 ? 4 : 2; }
 
+// "zeros:<bytes>" instead of a path: a zero buffer (for dry runs of large shapes).
 std::vector<char> read_file(const std::string& path) {
+  if (path.rfind("zeros:", 0) == 0) return std::vector<char>(std::stoull(path.substr(6)));
   std::ifstream in(path, std::ios::binary);
   if (!in) die("cannot read " + path);
   return std::vector<char>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
+// "none" instead of a path: the output is not wanted.
 void write_file(const std::string& path, const void* data, size_t bytes) {
+  if (path == "none") return;
   std::ofstream out(path, std::ios::binary);
   out.write(static_cast<const char*>(data), std::streamsize(bytes));
   if (!out) die("cannot write " + path);
@@ -94,6 +99,7 @@ class DeviceBuffer {
   template <typename T = void>
   T* get() const { return static_cast<T*>(ptr_); }
   void save(const std::string& path) const {
+    if (path == "none") return;
     std::vector<char> host(bytes_);
     check(cudaMemcpy(host.data(), ptr_, bytes_, cudaMemcpyDeviceToHost), "cudaMemcpy");
     write_file(path, host.data(), bytes_);
@@ -332,6 +338,10 @@ int main(int argc, char** argv) {
     }
     if (name == "sms") {
       pvq_emulation::set_sm_count(int(int_arg(args, "n")));
+      continue;
+    }
+    if (name == "gpu") {
+      pvq_emulation::set_gpu(arg(args, "name") == "a100" ? pvq_emulation::a100() : pvq_emulation::h100());
       continue;
     }
     if (name == "dry_run") {

@@ -274,8 +274,8 @@ class Manifest:
     def out(self, case_id: str, name: str) -> str:
         return str(self.workdir / f"{case_id}.{name}")
 
-    def command(self, name: str, **args) -> None:
-        self.lines.append(" ".join([name] + [f"{k}={v}" for k, v in args.items()]))
+    def command(self, command: str, /, **args) -> None:
+        self.lines.append(" ".join([command] + [f"{k}={v}" for k, v in args.items()]))
 
 
 def start(build_: Build, manifest: Manifest) -> tuple[subprocess.Popen, Manifest, float]:

@@ -2,10 +2,15 @@
 #pragma once
 #include <cstdio>
 
+#include "occupancy.h"
+
 namespace pvq_emulation {
 
+// The emulated GPU's limits (shared memory per SM and per block) and SM count; an H100 by default.
+void set_gpu(const GpuModel& gpu);
+
 // The SM count cudaDeviceGetAttribute reports: 1 or 2 make every grid-stride loop of a persistent
-// grid wrap, 132 is an H100 SXM. The rest of the device is an H100 (occupancy.h).
+// grid wrap, 132 is an H100 SXM.
 void set_sm_count(int sms);
 
 // One tab-separated line per launch: "launch", kernel, grid x,y,z, block x,y,z, dynamic and static

@@ -19,6 +19,7 @@ constexpr uint32_t kPoisonWord = 0x7fa5a5a5u;  // a signalling NaN as float; a h
 
 struct Device {
   std::mutex mutex;
+  const GpuModel* gpu = &h100();
   int sms = 132;
   std::FILE* launch_log = nullptr;
   bool dry_run = false;
@@ -28,6 +29,11 @@ struct Device {
 Device& device() {
   static Device* d = new Device;
   return *d;
+}
+
+const GpuModel& gpu() {
+  std::lock_guard<std::mutex> lock(device().mutex);
+  return *device().gpu;
 }
 
 // Sticky like the real one: set by a failed launch, returned and cleared by cudaGetLastError.
@@ -41,17 +47,17 @@ void poison(void* p, size_t bytes) {
 // The dynamic shared memory a launch of `kernel` may use: 48 KB minus its static shared memory,
 // or what cudaFuncSetAttribute allowed.
 size_t dynamic_smem_limit(const void* kernel, size_t static_smem) {
+  const size_t default_total = gpu().smem_per_block_default;
   Device& d = device();
   std::lock_guard<std::mutex> lock(d.mutex);
   const auto set = d.max_dynamic_smem.find(kernel);
   if (set != d.max_dynamic_smem.end()) return size_t(set->second);
-  const size_t default_total = h100().smem_per_block_default;
   return static_smem < default_total ? default_total - static_smem : 0;
 }
 
 // What a GPU checks at launch, with the error it reports.
 cudaError_t check_launch(const void* kernel, const KernelSymbols& k, dim3 grid, dim3 block, size_t dynamic_smem) {
-  if (k.static_smem > h100().smem_per_block_default)
+  if (k.static_smem > gpu().smem_per_block_default)
     fail(Where::current(), "%s has %zu bytes of static shared memory; ptxas refuses more than 48 KB", k.name.c_str(),
          k.static_smem);
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
@@ -61,7 +67,7 @@ cudaError_t check_launch(const void* kernel, const KernelSymbols& k, dim3 grid, 
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
     return cudaErrorInvalidConfiguration;
   if (dynamic_smem > dynamic_smem_limit(kernel, k.static_smem)) return cudaErrorInvalidValue;
-  if (k.static_smem + dynamic_smem > h100().smem_per_block_optin) return cudaErrorInvalidValue;
+  if (k.static_smem + dynamic_smem > gpu().smem_per_block_optin) return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
@@ -70,6 +76,12 @@ cudaError_t check_launch(const void* kernel, const KernelSymbols& k, dim3 grid, 
 void set_sm_count(int sms) {
   std::lock_guard<std::mutex> lock(device().mutex);
   device().sms = sms;
+}
+
+void set_gpu(const GpuModel& model) {
+  std::lock_guard<std::mutex> lock(device().mutex);
+  device().gpu = &model;
+  device().sms = model.sms;
 }
 
 void set_launch_log(std::FILE* log) {
@@ -159,7 +171,7 @@ cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }  // kernels finish b
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
   if (dev != 0) return cudaErrorInvalidDevice;
-  const pvq_emulation::GpuModel& gpu = pvq_emulation::h100();
+  const pvq_emulation::GpuModel& gpu = pvq_emulation::gpu();
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: {
       std::lock_guard<std::mutex> lock(device().mutex);
@@ -181,7 +193,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;  // carveout hints change nothing
   const size_t static_smem = pvq_emulation::kernel_symbols(func).static_smem;
-  if (value < 0 || static_smem + size_t(value) > pvq_emulation::h100().smem_per_block_optin)
+  if (value < 0 || static_smem + size_t(value) > pvq_emulation::gpu().smem_per_block_optin)
     return cudaErrorInvalidValue;
   std::lock_guard<std::mutex> lock(device().mutex);
   device().max_dynamic_smem[func] = value;
@@ -193,7 +205,7 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void* func, int block_size,
                                                                    size_t dynamic_smem, unsigned int) {
   const size_t static_smem = pvq_emulation::kernel_symbols(func).static_smem;
-  *blocks = pvq_emulation::occupancy(pvq_emulation::h100(), block_size, 0, static_smem, dynamic_smem,
+  *blocks = pvq_emulation::occupancy(pvq_emulation::gpu(), block_size, 0, static_smem, dynamic_smem,
                                      pvq_emulation::dynamic_smem_limit(func, static_smem))
                 .blocks_per_sm;
   return cudaSuccess;
