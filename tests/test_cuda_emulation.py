@@ -308,6 +308,8 @@ def packed_cases(plan: Plan) -> None:
         gemv_case(plan, big, 16, torch.bfloat16, None, 132)
         big8 = random_layer(g, 630, 8 * 480, 8, 16)
         gemv_case(plan, big8, 2, torch.float32, torch.float32, 1, expect_largest_leaf=True)
+    else:  # blocks that loop over work items reuse their cross-warp sums: the barrier TSan must see
+        gemv_case(plan, random_layer(g, 320, 16 * 64, 16, 30), 5, torch.float16, torch.float32, 1, loops=True)
 
     # Large-batch path: dequantized tiles into a GEMM, several tiles and a partial last one.
     for j, (layer, M, dtype) in enumerate([(gemv_layers[16], 17, torch.float32), (gemv_layers[8], 33, torch.float16),
@@ -349,7 +351,11 @@ def dequantize_case(plan: Plan, layer: Layer, r0: int, r1: int, dtype: torch.dty
              kind=emulation.kind(dtype), row_begin=r0, row_end=r1, out=m.out(cid, "w"), **layer.args(m))
 
 
-def gemv_case(plan: Plan, layer: Layer, M: int, dtype, bias_dtype, sms: int, expect_largest_leaf: bool = False):
+def gemv_case(plan: Plan, layer: Layer, M: int, dtype, bias_dtype, sms: int, expect_largest_leaf: bool = False,
+              loops: bool = False):
+    """The fused GEMV and its finalize against the CPU op; expect_largest_leaf also asserts that the
+    blocks loop over several work items (loops: over more than one) and stage the largest leaf
+    prefix the budget allows."""
     g, m = plan.gen, plan.manifest
     x = torch.randn(M, layer.cols, generator=g).to(dtype)
     bias = None if bias_dtype is None else torch.randn(layer.rows, generator=g).to(bias_dtype)
@@ -362,10 +368,12 @@ def gemv_case(plan: Plan, layer: Layer, M: int, dtype, bias_dtype, sms: int, exp
         err = _rel_err(got, want)
         where = f"D={layer.D} K={layer.K} M={M} {dtype} bias={bias_dtype} plan={res}"
         assert err <= MATMUL_TOL[dtype], f"{where}: relative error {err:.2e} > {MATMUL_TOL[dtype]:.0e}"
+        items = math.ceil(layer.rows / 32) * int(res["splits"])
         if expect_largest_leaf:
-            tiles = math.ceil(layer.rows / 32)
-            assert tiles * int(res["splits"]) > 2 * int(res["blocks"]), f"{where}: blocks do not loop over items"
+            assert items > 2 * int(res["blocks"]), f"{where}: blocks do not loop over several items"
             assert int(res["smem_leaf_k"]) == LARGEST_LEAF_K[(layer.D, layer.K)], f"{where}: leaf table not largest"
+        if loops:
+            assert items > int(res["blocks"]), f"{where}: blocks do not loop over items"
 
     args = dict(x=m.tensor(x), M=M, kind=emulation.kind(dtype), out=m.out(cid, "y"), **layer.args(m))
     args["bias"] = "none" if bias is None else m.tensor(bias)
@@ -483,6 +491,10 @@ def emulated(request, tmp_path_factory):
               for item in request.session.items if "emulated" in getattr(item, "fixturenames", ())} or {"plain"}
     variants = [v for v in VARIANTS if v in wanted]
     builds = emulation.build_all(variants)
+    # One CPU per process where there are three; with two, the plain build (the most cases) gets
+    # one and the two sanitizer builds share the other (their totals are about equal).
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu_of = {"plain": 0, "asan": 1, "tsan": 2 if len(cpus) > 2 else 1}
     plans, procs = {}, {}
     for variant in variants:
         workdir = tmp_path_factory.mktemp(f"emulation-{variant}")
@@ -490,7 +502,7 @@ def emulated(request, tmp_path_factory):
         for make in FAMILIES.values():
             make(plan)
         plans[variant] = plan
-        procs[variant] = emulation.start(builds[variant], plan.manifest)
+        procs[variant] = emulation.start(builds[variant], plan.manifest, cpus[cpu_of[variant] % len(cpus)])
     return {v: (plans[v], emulation.finish(procs[v])) for v in variants}
 
 
