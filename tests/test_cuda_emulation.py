@@ -556,15 +556,3 @@ def test_every_sm_count_and_grid_stride_wrap(emulated):
             assert wrapped.get((kernel, sms)) and all(wrapped[(kernel, sms)]), (kernel, sms, wrapped.get((kernel, sms)))
     assert any(wrapped.get(("dequantize_kernel", 1), [])), "no dequantize case wraps at 1 SM"
 
-
-def test_report_times(emulated, record_property):
-    for variant, (plan, run) in emulated.items():
-        print(f"{variant}: {len(plan.cases)} cases in {run.seconds:.1f} s")
-        fam = {}
-        for c in plan.cases:
-            r = run.results.get(c.id, {})
-            f = fam.setdefault((c.family, c.sms), [0, 0.0])
-            f[0] += 1
-            f[1] += float(r.get("seconds", 0))
-        for k, v in sorted(fam.items()):
-            print(f"   {k}: {v[0]} cases {v[1]:.2f} s")

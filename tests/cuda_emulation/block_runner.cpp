@@ -311,14 +311,14 @@ uint64_t collective(Collective kind, unsigned mask, uint64_t value, int lane_arg
   for (int l = 0; l < kWarpLanes; ++l)
     if ((mask >> l & 1u) && b.state[warp_first + l] == State::kExited)
       fail(where, "%s: lane %d is in the mask 0x%08x but has returned from the kernel", name, l, mask);
+  // A lane joins the pending collective of its kind and mask (PTX: shfl.sync and friends wait for
+  // every lane of the mask to execute one with the same qualifiers and mask, from any line). Other
+  // pending collectives may overlap its mask (lanes finishing a half-warp shuffle before a full-warp
+  // one); lanes that never arrive show up as a deadlock or as lanes that returned.
   auto p = w.pending.end();
-  for (auto q = w.pending.begin(); q != w.pending.end(); ++q) {
-    if (!(q->mask & mask)) continue;
-    if (q->mask != mask || q->kind != kind || q->width != width || (q->apply == nullptr) != (apply == nullptr))
-      fail(where, "%s with mask 0x%08x meets %s with mask 0x%08x (from %s) in the same warp: lanes of one "
-           "collective must all pass the same mask", name, mask, q->name, q->mask, place(q->where).c_str());
-    p = q;
-  }
+  for (auto q = w.pending.begin(); q != w.pending.end(); ++q)
+    if (q->mask == mask && q->kind == kind && q->width == width && (q->apply == nullptr) == (apply == nullptr))
+      p = q;
   if (p == w.pending.end()) {
     w.pending.emplace_back();
     p = std::prev(w.pending.end());

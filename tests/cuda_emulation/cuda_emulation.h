@@ -66,8 +66,8 @@ using Where = std::source_location;
 void sync_block(const Where& where);
 
 // The warp collectives. `mask` is checked: the calling lane must be in it, every lane in it must
-// arrive at a collective of the same kind and mask (or the block deadlocks, which is reported), and
-// a shuffle must not read a lane outside the mask.
+// arrive at a collective of the same kind and mask (a lane that returns instead is reported, and so
+// is the deadlock when none can), and a shuffle must not read a lane outside the mask.
 // kUniform checks that all lanes pass the same value and the same lane_arg (the WMMA operands).
 enum class Collective { kSync, kBallot, kAny, kAll, kShflIdx, kShflUp, kShflDown, kShflXor, kUniform };
 uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int lane_arg, int width,

@@ -13,6 +13,7 @@
 //   tables id=            upload the split tables (device_split_tables) and compare with the host's
 //   decode|encode|search|dequantize|gemv|tiled_matmul|hadamard|hessian id= ...   (see run_* below)
 //   occupancy id= gpu=<a100|h100> threads= registers= static_smem= dynamic_smem= max_dynamic_smem=
+//   selftest id= name=     one of selftest.cu's checks of the emulator itself
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -36,6 +37,7 @@
 #include "occupancy.h"
 #include "packed/launchers.h"
 #include "packed/tiled_matmul.h"
+#include "selftest.h"
 
 namespace {
 
@@ -322,7 +324,8 @@ int main(int argc, char** argv) {
       {"decode", run_decode},   {"encode", run_encode},   {"search", run_search},
       {"dequantize", run_dequantize}, {"gemv", run_gemv}, {"tiled_matmul", run_tiled_matmul},
       {"hadamard", run_hadamard}, {"hessian", run_hessian}, {"tables", run_tables},
-      {"occupancy", run_occupancy}};
+      {"occupancy", run_occupancy},
+      {"selftest", [](const Args& a) { return pvq_emulation::run_selftest(arg(a, "name")); }}};
   std::ifstream manifest(argv[1]);
   if (!manifest) die(std::string("cannot read ") + argv[1]);
   std::string line;
