@@ -112,6 +112,14 @@ def _codec_groups(plan: Plan, sms: int) -> int:
     return 4501 if sms < 132 else 1501
 
 
+def _check_codes(run, cid: str, output: str, want: torch.Tensor, with_bad: bool, where: str) -> None:
+    """A codec kernel's output equals the CPU op's, and its status word says whether data was bad."""
+    got = run.output(f"{cid}.{output}", want.dtype, want.shape)
+    status = int(run.output(f"{cid}.status", torch.int32, (1,)))
+    assert torch.equal(got, want), f"{where}: {(got != want).reshape(len(want), -1).any(1).sum()} groups differ"
+    assert status == int(with_bad), f"{where}: status {status}, bad data: {with_bad}"
+
+
 def decode_case(plan: Plan, D: int, K: int, sms: int, with_bad: bool) -> None:
     """decode, then encode of the decoded pulses; with_bad plants one bad index (and one bad pulse
     row) on an odd lane, which only a complete warp reduction of the status bits reports."""
@@ -129,10 +137,7 @@ def decode_case(plan: Plan, D: int, K: int, sms: int, with_bad: bool) -> None:
     cid = plan.new_id("decode")
 
     def check_decode(run, res):
-        got = run.output(f"{cid}.y", torch.int8, (groups, D))
-        status = int(run.output(f"{cid}.status", torch.int32, (1,)))
-        assert torch.equal(got, want), f"D={D} K={K}: {(got != want).any(1).sum()} groups differ"
-        assert status == int(with_bad), f"D={D} K={K}: status {status}, bad data: {with_bad}"
+        _check_codes(run, cid, "y", want, with_bad, f"D={D} K={K}")
 
     plan.add("decode", sms, "decode", check_decode, id=cid, threads_needed=groups, D=D, K=K, V=V, groups=groups,
              index=m.tensor(sent), out=m.out(cid, "y"), status=m.out(cid, "status"))
@@ -146,10 +151,7 @@ def decode_case(plan: Plan, D: int, K: int, sms: int, with_bad: bool) -> None:
     cid2 = plan.new_id("encode")
 
     def check_encode(run, res):
-        got = run.output(f"{cid2}.index", torch.int64, (groups,))
-        status = int(run.output(f"{cid2}.status", torch.int32, (1,)))
-        assert torch.equal(got, want_index), f"D={D} K={K}: {(got != want_index).sum()} indices differ"
-        assert status == int(with_bad), f"D={D} K={K}: status {status}, bad data: {with_bad}"
+        _check_codes(run, cid2, "index", want_index, with_bad, f"D={D} K={K}")
 
     plan.add("encode", sms, "encode", check_encode, id=cid2, threads_needed=groups, D=D, K=K, groups=groups,
              pulses=m.tensor(pulses), out=m.out(cid2, "index"), status=m.out(cid2, "status"))
@@ -171,10 +173,7 @@ def search_case(plan: Plan, D: int, K: int, dtype: torch.dtype, sms: int, with_b
     cid = plan.new_id("search")
 
     def check_search(run, res):
-        got = run.output(f"{cid}.y", torch.int8, (groups, D))
-        status = int(run.output(f"{cid}.status", torch.int32, (1,)))
-        assert torch.equal(got, want), f"D={D} K={K} {dtype}: {(got != want).any(1).sum()} groups differ"
-        assert status == int(with_bad), f"D={D} K={K} {dtype}: status {status}, bad data: {with_bad}"
+        _check_codes(run, cid, "y", want, with_bad, f"D={D} K={K} {dtype}")
 
     plan.add("search", sms, "search", check_search, id=cid, threads_needed=groups, D=D, K=K,
              kind=emulation.kind(dtype), groups=groups, x=m.tensor(x), out=m.out(cid, "y"),
@@ -256,7 +255,8 @@ def random_layer(gen, rows: int, cols: int, D: int, K: int, scale_bits: int = 2)
 
 def quantized_layer(gen, rows: int, cols: int, preset: str) -> Layer:
     """A layer from the project's quantizer (realistic pulses: most leaves light, a few heavy)."""
-    q = pvq_cuda.quantize_weight(torch.randn(rows, cols, generator=gen), pvq_cuda.PVQConfig.preset(preset, rotate=False))
+    config = pvq_cuda.PVQConfig.preset(preset, rotate=False)
+    q = pvq_cuda.quantize_weight(torch.randn(rows, cols, generator=gen), config)
     c = q.config
     return Layer(q.codes, q.row_scale, q.levels, rows, cols, c.D, c.K, c.scale_bits)
 
@@ -294,7 +294,8 @@ def packed_cases(plan: Plan) -> None:
         for M in batches:
             for dtype in dtypes:
                 i += 1
-                if plan.variant == "asan" and (M, dtype) not in ((1, dtypes[i % 3]), (5, torch.float16), (16, torch.float32)):
+                asan_set = ((1, dtypes[i % 3]), (5, torch.float16), (16, torch.float32))
+                if plan.variant == "asan" and (M, dtype) not in asan_set:
                     continue
                 if plan.variant == "tsan" and (M, dtype) not in ((4, dtypes[D.bit_length() % 3]),):
                     continue

@@ -142,7 +142,8 @@ def test_launch_limits_and_occupancy(selftests):
 
 VIOLATIONS = {
     "deadlock": r"deadlock in block \(0,0,0\): no thread can continue\.(.|\n)*"
-                r"240 thread\(s\): __syncthreads at \S*selftest\.cu:\d+(.|\n)*16 thread\(s\): __syncwarp at \S*selftest\.cu",
+                r"240 thread\(s\): __syncthreads at \S*selftest\.cu:\d+(.|\n)*"
+                r"16 thread\(s\): __syncwarp at \S*selftest\.cu",
     "divergent_barrier": r"selftest\.cu:\d+ .*divergent __syncthreads: thread \d+ waits here while \d+ thread\(s\) "
                          r"wait at \S*selftest\.cu:\d+",
     "return_before_barrier": r"divergent __syncthreads: thread \d+ (returned from the kernel while|arrives after)",

@@ -66,10 +66,11 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   // scalar fused kernel; tiles keep the dense copy to ~64 MB.
   const int64_t tile_rows = dense_tile_rows(s.rows, s.cols, kTileWeights);
   at::Tensor dense = at::empty({tile_rows, s.cols}, x2.options());
-  C10_CUDA_CHECK(matmul_by_dense_tiles(tables, layer, s.D, kind, tile_rows, dense.data_ptr(), [&](int64_t r0, int64_t r1) {
+  const TileGemm gemm = [&](int64_t r0, int64_t r1) {
     out.narrow(1, r0, r1 - r0).copy_(at::mm(x2, dense.narrow(0, 0, r1 - r0).t()));
     return cudaSuccess;  // torch reports its own errors by throwing
-  }, stream));
+  };
+  C10_CUDA_CHECK(matmul_by_dense_tiles(tables, layer, s.D, kind, tile_rows, dense.data_ptr(), gemm, stream));
   if (b) out.add_(b->to(out.scalar_type()));
   return out.reshape(sizes);
 }

@@ -168,8 +168,9 @@ cudaError_t plan_gemv(const pvq::PackedLayer& layer, int D, FloatKind kind, Floa
   // Resident blocks at the largest leaf prefix the budget below can pick: a smaller prefix only
   // lets more blocks in, so the grid sized from this stays resident.
   const size_t largest_smem = leaf_prefix_bytes(leaf_prefix_k(D, layer.K, size_t(kMaxLeafBytes))) + reduce_bytes;
-  err = with_gemv_kernel(D, kind, p.maxm,
-                         [&](auto kernel, auto*) { return resident_blocks_per_sm(kernel, kThreads, largest_smem, &per_sm); });
+  err = with_gemv_kernel(D, kind, p.maxm, [&](auto kernel, auto*) {
+    return resident_blocks_per_sm(kernel, kThreads, largest_smem, &per_sm);
+  });
   if (err != cudaSuccess) return err;
   const int64_t resident = int64_t(sms) * per_sm;
   const int64_t tiles = (layer.rows + pvq::kTileRows - 1) / pvq::kTileRows;

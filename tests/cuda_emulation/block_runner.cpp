@@ -298,7 +298,8 @@ uint64_t collective(Collective kind, unsigned mask, uint64_t value, int lane_arg
   const int tid = current.tid;
   const int lane = tid % kWarpLanes, warp_first = tid - lane;
   const unsigned bit = 1u << lane;
-  if (!(mask & bit)) fail(where, "%s: lane %d calls it with mask 0x%08x, which does not name the lane", name, lane, mask);
+  if (!(mask & bit))
+    fail(where, "%s: lane %d calls it with mask 0x%08x, which does not name the lane", name, lane, mask);
   if (is_shuffle(kind) && (width < 1 || width > kWarpLanes || (width & (width - 1)) != 0))
     fail(where, "%s: width %d is not a power of two in [1, 32]", name, width);
   const int lanes_here = b.threads - warp_first < kWarpLanes ? b.threads - warp_first : kWarpLanes;

@@ -194,22 +194,28 @@ PVQ_EMULATION_ATOMIC(atomicXor, fetch_xor)
 PVQ_EMULATION_ATOMIC(atomicExch, exchange)
 #undef PVQ_EMULATION_ATOMIC
 
-template <typename T>
-inline T atomicMax(T* address, std::type_identity_t<T> value) {
+namespace pvq_emulation {
+
+// Replaces *address by value while `better(value, old)`; returns the old value.
+template <typename T, typename Better>
+T atomic_replace_if(T* address, T value, Better better) {
   std::atomic_ref<T> a(*address);
   T old = a.load();
-  while (old < value && !a.compare_exchange_weak(old, value)) {
+  while (better(value, old) && !a.compare_exchange_weak(old, value)) {
   }
   return old;
 }
 
+}  // namespace pvq_emulation
+
+template <typename T>
+inline T atomicMax(T* address, std::type_identity_t<T> value) {
+  return pvq_emulation::atomic_replace_if(address, value, [](T v, T old) { return old < v; });
+}
+
 template <typename T>
 inline T atomicMin(T* address, std::type_identity_t<T> value) {
-  std::atomic_ref<T> a(*address);
-  T old = a.load();
-  while (value < old && !a.compare_exchange_weak(old, value)) {
-  }
-  return old;
+  return pvq_emulation::atomic_replace_if(address, value, [](T v, T old) { return v < old; });
 }
 
 template <typename T>

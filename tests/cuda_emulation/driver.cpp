@@ -5,8 +5,9 @@
 //
 // Usage: emulator <manifest> <results> [<launch log>]
 // Each manifest line is one command: a name, then key=value arguments. Paths are raw little-endian
-// arrays; an input may be "zeros:<bytes>" and an output "none" (dry runs). Every command that computes something writes one results line, "<id> key=value ...",
-// with error=<cudaError name> for what the launcher returned. Commands:
+// arrays; an input may be "zeros:<bytes>" and an output "none" (dry runs). Every command that
+// computes something writes one results line, "<id> key=value ...", with error=<cudaError name> for
+// what the launcher returned and seconds=<its wall time>. Commands:
 //   gpu name=<a100|h100>   the emulated device's limits and SM count from now on (default h100)
 //   sms n=<SMs>            its SM count from now on
 //   dry_run on=<0|1>       check and log launches without running them
@@ -137,8 +138,9 @@ std::string run_encode(const Args& a) {
   const int64_t groups = int_arg(a, "groups");
   DeviceBuffer pulses(read_file(arg(a, "pulses"))), out(size_t(groups) * 8), status(sizeof(int));
   check(cudaMemset(status.get(), 0, sizeof(int)), "cudaMemset");
+  const int D = int(int_arg(a, "D")), K = int(int_arg(a, "K"));
   const cudaError_t err = pvq_cuda::launch_encode(device_tables(), pulses.get<int8_t>(), out.get<int64_t>(), groups,
-                                                  int(int_arg(a, "D")), int(int_arg(a, "K")), status.get<int>(), nullptr);
+                                                  D, K, status.get<int>(), nullptr);
   out.save(arg(a, "out"));
   status.save(arg(a, "status"));
   return result(err);
@@ -237,18 +239,21 @@ std::string run_tiled_matmul(const Args& a) {
   int tiles = 0;
   const pvq_cuda::TileGemm gemm = [&](int64_t r0, int64_t r1) {
     ++tiles;
-    if (r1 - r0 > tile_rows || r0 % pvq::kTileRows != 0) die("tile [" + std::to_string(r0) + ", " + std::to_string(r1) + ") does not fit the dense buffer");
+    if (r1 - r0 > tile_rows || r0 % pvq::kTileRows != 0)
+      die("tile [" + std::to_string(r0) + ", " + std::to_string(r1) + ") does not fit the dense buffer");
+    auto run = [&](auto* type) {
+      using T = std::remove_pointer_t<decltype(type)>;
+      host_gemm(x.get<T>(), dense.get<T>(), out.get<T>(), M, rows, cols, r0, r1);
+    };
     switch (kind) {
-      case FloatKind::kFloat32: host_gemm(x.get<float>(), dense.get<float>(), out.get<float>(), M, rows, cols, r0, r1); break;
-      case FloatKind::kFloat16: host_gemm(x.get<__half>(), dense.get<__half>(), out.get<__half>(), M, rows, cols, r0, r1); break;
-      case FloatKind::kBFloat16:
-        host_gemm(x.get<__nv_bfloat16>(), dense.get<__nv_bfloat16>(), out.get<__nv_bfloat16>(), M, rows, cols, r0, r1);
-        break;
+      case FloatKind::kFloat32: run(static_cast<float*>(nullptr)); break;
+      case FloatKind::kFloat16: run(static_cast<__half*>(nullptr)); break;
+      case FloatKind::kBFloat16: run(static_cast<__nv_bfloat16*>(nullptr)); break;
     }
     return cudaSuccess;
   };
-  const cudaError_t err =
-      pvq_cuda::matmul_by_dense_tiles(device_tables(), layer.view, layer.D, kind, tile_rows, dense.get(), gemm, nullptr);
+  const cudaError_t err = pvq_cuda::matmul_by_dense_tiles(device_tables(), layer.view, layer.D, kind, tile_rows,
+                                                          dense.get(), gemm, nullptr);
   out.save(arg(a, "out"));
   return result(err) + " tiles=" + std::to_string(tiles) + " tile_rows=" + std::to_string(tile_rows);
 }

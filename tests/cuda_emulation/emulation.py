@@ -34,7 +34,8 @@ KERNEL_SOURCES = [
     "packed/gemv.cu", "hadamard/hadamard.cu", "hessian/hessian.cu",
 ]
 HOST_SOURCES = ["codec/split_tables.cpp", "packed/tiled_matmul.cpp"]
-HARNESS_SOURCES = ["block_runner.cpp", "kernel_symbols.cpp", "occupancy.cpp", "runtime.cpp", "selftest.cu", "driver.cpp"]
+HARNESS_SOURCES = ["block_runner.cpp", "kernel_symbols.cpp", "occupancy.cpp", "runtime.cpp", "selftest.cu",
+                   "driver.cpp"]
 
 COMMON_FLAGS = ["-std=c++20", "-g1", "-fno-strict-aliasing", "-Wall", "-Wextra", "-Wno-unknown-pragmas",
                 "-Wno-unused-parameter", "-Werror", "-pthread"]

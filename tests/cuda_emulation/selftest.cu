@@ -144,7 +144,7 @@ __global__ void return_before_barrier_kernel() {
   __syncthreads();
 }
 
-__global__ void mask_excludes_caller_kernel(int* out) { out[threadIdx.x] = __shfl_sync(0xfffffffeu, 1, 0); }
+__global__ void mask_excludes_caller_kernel(int* out) { out[threadIdx.x] = __shfl_sync(0xfffffffeu, 1, 1); }
 
 __global__ void mask_mismatch_kernel(int* out) {
   out[threadIdx.x] = __shfl_sync(threadIdx.x < 8 ? 0x000000ffu : 0xffffffffu, 1, 0);

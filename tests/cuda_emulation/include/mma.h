@@ -66,6 +66,14 @@ constexpr int tile_index(int lane, int e) {
   return int((uint32_t(lane * per_lane + e) * (2u * Shape::scramble + 1u) + Shape::scramble) % uint32_t(slots));
 }
 
+// Where slot e of `lane` lives in memory: tile element (r, c) at ptr[r * ldm + c] when the memory is
+// row-major, ptr[c * ldm + r] when it is column-major.
+template <typename Shape, typename T>
+T& element(T* ptr, unsigned ldm, bool row_major_memory, int lane, int e) {
+  const int t = tile_index<Shape>(lane, e), r = t / Shape::cols, c = t % Shape::cols;
+  return row_major_memory ? ptr[size_t(r) * ldm + c] : ptr[size_t(c) * ldm + r];
+}
+
 // All lanes must pass one pointer and one stride (one collective checks both), 256-bit aligned and
 // a multiple of 16 bytes.
 inline void check_operands(const void* ptr, unsigned ldm, size_t element_bytes, const char* name,
@@ -103,10 +111,8 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* ptr,
   using Shape = typename fragment<Use, M, N, K, T, Layout>::Shape;
   detail::check_operands(ptr, ldm, sizeof(T), "wmma::load_matrix_sync", where);
   const int lane = pvq_emulation::lane_id();
-  for (int e = 0; e < f.num_elements; ++e) {
-    const int t = detail::tile_index<Shape>(lane, e), r = t / Shape::cols, c = t % Shape::cols;
-    f.x[e] = std::is_same_v<Layout, row_major> ? ptr[size_t(r) * ldm + c] : ptr[size_t(c) * ldm + r];
-  }
+  for (int e = 0; e < f.num_elements; ++e)
+    f.x[e] = detail::element<Shape>(ptr, ldm, std::is_same_v<Layout, row_major>, lane, e);
 }
 
 template <int M, int N, int K, typename T>
@@ -115,10 +121,7 @@ inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* ptr,
   using Shape = typename fragment<accumulator, M, N, K, T>::Shape;
   detail::check_operands(ptr, ldm, sizeof(T), "wmma::load_matrix_sync", where);
   const int lane = pvq_emulation::lane_id();
-  for (int e = 0; e < f.num_elements; ++e) {
-    const int t = detail::tile_index<Shape>(lane, e), r = t / Shape::cols, c = t % Shape::cols;
-    f.x[e] = layout == mem_row_major ? ptr[size_t(r) * ldm + c] : ptr[size_t(c) * ldm + r];
-  }
+  for (int e = 0; e < f.num_elements; ++e) f.x[e] = detail::element<Shape>(ptr, ldm, layout == mem_row_major, lane, e);
 }
 
 template <int M, int N, int K, typename T>
@@ -127,10 +130,7 @@ inline void store_matrix_sync(T* ptr, const fragment<accumulator, M, N, K, T>& f
   using Shape = typename fragment<accumulator, M, N, K, T>::Shape;
   detail::check_operands(ptr, ldm, sizeof(T), "wmma::store_matrix_sync", where);
   const int lane = pvq_emulation::lane_id();
-  for (int e = 0; e < f.num_elements; ++e) {
-    const int t = detail::tile_index<Shape>(lane, e), r = t / Shape::cols, c = t % Shape::cols;
-    (layout == mem_row_major ? ptr[size_t(r) * ldm + c] : ptr[size_t(c) * ldm + r]) = f.x[e];
-  }
+  for (int e = 0; e < f.num_elements; ++e) detail::element<Shape>(ptr, ldm, layout == mem_row_major, lane, e) = f.x[e];
 }
 
 // d = a b + c for the warp, as one collective: the last lane to arrive gathers every lane's a, b
