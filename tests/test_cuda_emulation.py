@@ -166,7 +166,7 @@ def search_case(plan: Plan, D: int, K: int, dtype: torch.dtype, sms: int, with_b
     x = x.to(dtype)
     bad = 2 * (groups // 3) + 1
     if with_bad:
-        x[bad, D // 2] = float("nan")
+        x[bad, D // 2] = float("nan") if sms % 2 else float("-inf")
     want = torch.ops.pvq_cuda.search(torch.nan_to_num(x, nan=0.0), K)
     if with_bad:
         want[bad] = 0
@@ -224,12 +224,14 @@ class Layer:
     def groups(self) -> int:
         return self.cols // self.D
 
+    @property
+    def index_bits(self) -> int:
+        return pvq_cuda.index_bits(self.D, self.K)
+
     def args(self, m: emulation.Manifest) -> dict:
-        V = pvq_cuda.pyramid_size(self.D, self.K)
-        ib = pvq_cuda.index_bits(self.D, self.K)
         return dict(codes=m.tensor(self.codes), row_scale=m.tensor(self.row_scale), levels=m.tensor(self.levels),
-                    rows=self.rows, groups=self.groups, D=self.D, K=self.K, bits=ib + self.scale_bits,
-                    index_bits=ib, count=V)
+                    rows=self.rows, groups=self.groups, D=self.D, K=self.K, bits=self.index_bits + self.scale_bits,
+                    index_bits=self.index_bits, count=pvq_cuda.pyramid_size(self.D, self.K))
 
     def cpu_args(self):
         return (self.codes, self.row_scale, self.levels)
@@ -282,6 +284,20 @@ def packed_cases(plan: Plan) -> None:
                 for dtype in (dtypes if plan.variant != "tsan" else [dtypes[i % 3]]):
                     i += 1
                     dequantize_case(plan, layer, r0, r1, dtype, plan.cycle_sms(i), full)
+    # A corrupt code (index >= V, as raw codes or a wrong D/K can hold) decodes to zero weights and
+    # never reads past the tables (packed_layer.h); the CPU op raises instead, so the expected
+    # weights come from a valid copy with that group zeroed.
+    for D, K in ([(8, 16), (16, 30)] if plan.variant != "tsan" else [(16, 30)]):
+        layer, row, group = random_layer(g, 45, D * 13, D, K), 37, 5
+        index, gain = torch.ops.pvq_cuda._unpack_codes(layer.codes, layer.rows, layer.groups, layer.index_bits,
+                                                      layer.scale_bits)
+        want = layer.dequantized()
+        want[row, group * D:(group + 1) * D] = 0
+        index[row, group] = pvq_cuda.pyramid_size(D, K)  # one past the last index
+        corrupt = Layer(torch.ops.pvq_cuda._pack_codes(index, gain, layer.index_bits, layer.scale_bits),
+                        layer.row_scale, layer.levels, layer.rows, layer.cols, D, K, layer.scale_bits)
+        i += 1
+        dequantize_case(plan, corrupt, 0, layer.rows, torch.float32, plan.cycle_sms(i), want)
 
     # Fused GEMV and finalize: every D, batch 1, 2, 4, 5, 16, all dtypes, with and without bias.
     # Group counts are not multiples of the 4 warps; rows not multiples of 32.

@@ -294,7 +294,7 @@ def start(build_: Build, manifest: Manifest, cpu: int | None = None) -> tuple[su
     return proc, manifest, time.monotonic()
 
 
-def finish(started: tuple[subprocess.Popen, Manifest, float], timeout: float = 1200) -> Run:
+def finish(started: tuple[subprocess.Popen, Manifest, float], timeout: float = 600) -> Run:
     """Waits for the emulator and reads what it wrote."""
     proc, manifest, began = started
     try:
@@ -326,5 +326,5 @@ def finish(started: tuple[subprocess.Popen, Manifest, float], timeout: float = 1
     return Run(returncode, stderr, results, launches, manifest.workdir, seconds)
 
 
-def run(build_: Build, manifest: Manifest, timeout: float = 1200) -> Run:
+def run(build_: Build, manifest: Manifest, timeout: float = 600) -> Run:
     return finish(start(build_, manifest), timeout)
