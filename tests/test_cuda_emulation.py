@@ -454,32 +454,36 @@ def hadamard_cases(plan: Plan) -> None:
             hadamard_case(plan, n, dtype, with_signs, rows, plan.cycle_sms(i))
 
 
-def hessian_cases(plan: Plan) -> None:
+def hessian_case(plan: Plan, n: int, tokens: int, dtype: torch.dtype, sms: int) -> None:
+    """H0 + x^T x against fp64 and against the CPU op, within the GPU tests' 1e-6; exactly symmetric."""
     g, m = plan.gen, plan.manifest
+    x = (torch.randn(tokens, n, generator=g) + 0.5).to(dtype)  # non-zero mean: large diagonals
+    H0 = torch.randn(n, n, generator=g)
+    H0 = H0 @ H0.T
+    ref = H0.double() + x.double().T @ x.double()
+    cpu = H0.clone()
+    pvq_cuda.hessian_accumulate_(cpu, x)
+    cid = plan.new_id("hessian")
+
+    def check_hessian(run, res):
+        got = run.output(f"{cid}.H", torch.float32, (n, n))
+        fp64 = float((got.double() - ref).norm() / ref.norm())
+        vs_cpu = float((got.double() - cpu.double()).norm() / cpu.double().norm())
+        where = f"n={n} tokens={tokens} {dtype}"
+        assert fp64 <= HESSIAN_REL_TOL, f"{where}: error {fp64:.2e} against fp64"
+        assert vs_cpu <= HESSIAN_REL_TOL, f"{where}: differs from the CPU op by {vs_cpu:.2e}"
+        assert torch.equal(got, got.T), f"{where}: not symmetric"
+
+    plan.add("hessian", sms, "hessian", check_hessian, id=cid, kind=emulation.kind(dtype), tokens=tokens, n=n,
+             x=m.tensor(x), H=m.tensor(H0), out=m.out(cid, "H"))
+
+
+def hessian_cases(plan: Plan) -> None:
     # n = 257: a last tile one column wide; tokens past a 64-token chunk.
     shapes = [(1, 5), (70, 300), (130, 133), (257, 70)] if plan.variant == "plain" else [(1, 5), (70, 100)]
     for i, (n, tokens) in enumerate(shapes):
         for dtype in (torch.float16, torch.bfloat16):
-            x = (torch.randn(tokens, n, generator=g) + 0.5).to(dtype)  # non-zero mean: large diagonals
-            H0 = torch.randn(n, n, generator=g)
-            H0 = H0 @ H0.T
-            ref = H0.double() + x.double().T @ x.double()
-            cpu = H0.clone()
-            pvq_cuda.hessian_accumulate_(cpu, x)
-            cid = plan.new_id("hessian")
-
-            def check_hessian(run, res, cid=cid, ref=ref, cpu=cpu, n=n, tokens=tokens, dtype=dtype):
-                got = run.output(f"{cid}.H", torch.float32, (n, n))
-                fp64 = float((got.double() - ref).norm() / ref.norm())
-                vs_cpu = float((got.double() - cpu.double()).norm() / cpu.double().norm())
-                where = f"n={n} tokens={tokens} {dtype}"
-                assert fp64 <= HESSIAN_REL_TOL, f"{where}: error {fp64:.2e} against fp64"
-                assert vs_cpu <= HESSIAN_REL_TOL, f"{where}: differs from the CPU op by {vs_cpu:.2e}"
-                assert torch.equal(got, got.T), f"{where}: not symmetric"
-
-            plan.add("hessian", SMS[i % 3] if plan.full else 2, "hessian", check_hessian, id=cid,
-                     kind=emulation.kind(dtype), tokens=tokens, n=n, x=m.tensor(x), H=m.tensor(H0),
-                     out=m.out(cid, "H"))
+            hessian_case(plan, n, tokens, dtype, SMS[i % 3] if plan.full else 2)
 
 
 def table_cases(plan: Plan) -> None:

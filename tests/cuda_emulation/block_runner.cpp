@@ -6,10 +6,27 @@
 // Waiting threads sleep on their own semaphore, and whoever completes a barrier wakes exactly the
 // threads it releases, handing each its result: a condition variable would wake them all to fight
 // over the mutex, and thread switches are what the emulation spends most of its time on.
+//
+// What ThreadSanitizer may see. On a GPU, the threads of a block are ordered only by the barriers
+// and collectives they meet at. The harness's mutex and semaphores would order them far more (a
+// thread taking the block's mutex after another would see everything that one did before), hiding
+// races from TSan. So in the TSan build the harness's own synchronization and bookkeeping run in
+// regions TSan ignores (Hidden), and each barrier and collective states the order CUDA promises:
+// every participant releases a sync object made for that one instance before the instance can
+// complete, and acquires it after (publish / observe). Blocks stay ordered one after another.
 #include "block_runner.h"
 
 #include <pthread.h>
 #include <semaphore.h>
+
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+// In libtsan, not in GCC 12's headers: ignore this thread's memory accesses / synchronization.
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
+extern "C" void AnnotateIgnoreSyncBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreSyncEnd(const char* file, int line);
+#endif
 
 #include <cstdarg>
 #include <cstdio>
@@ -28,9 +45,34 @@ namespace {
 constexpr int kMaxThreads = 1024;
 constexpr int kWarpLanes = 32;
 
+#if defined(__SANITIZE_THREAD__)
+class Hidden {
+ public:
+  Hidden() {
+    __tsan_ignore_thread_begin();
+    AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+  }
+  ~Hidden() {
+    AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+    __tsan_ignore_thread_end();
+  }
+  Hidden(const Hidden&) = delete;
+  Hidden& operator=(const Hidden&) = delete;
+};
+void publish(void* sync) { __tsan_release(sync); }
+void observe(void* sync) { __tsan_acquire(sync); }
+#else
+struct Hidden {
+  ~Hidden() {}  // user-provided: a scope guard that does nothing here is still not an unused variable
+};
+void publish(void*) {}
+void observe(void*) {}
+#endif
+
 enum class State { kRunning, kAtBarrier, kInCollective, kExited };
 
-// One warp collective in progress: the lanes of `mask` that have arrived and what they brought.
+// One warp collective in progress: the lanes of `mask` that have joined, arrived, and what they
+// brought. Also the collective's sync object for TSan, so it lives until every lane has observed it.
 struct Pending {
   Collective kind;
   const char* name;
@@ -38,9 +80,16 @@ struct Pending {
   int width;
   const std::function<void(void* const*)>* apply = nullptr;  // warp_apply's body
   Where where;  // of the first lane to arrive
-  unsigned arrived = 0;
+  unsigned joined = 0, arrived = 0;
+  bool complete = false;
+  int observed = 0;
   uint64_t value[kWarpLanes] = {};
   int arg[kWarpLanes] = {};
+};
+
+// One __syncthreads instance's sync object for TSan (heap-allocated, so a fresh one each time).
+struct BarrierOrder {
+  int to_observe;
 };
 
 struct Warp {
@@ -59,9 +108,10 @@ struct Block {
   uint64_t result[kMaxThreads];  // a collective's result, handed over before the wake-up
   sem_t wake[kMaxThreads];        // a blocked thread sleeps on its own
   void* dynamic_smem = nullptr;
-  // __syncthreads
-  int barrier_arrived = 0;
+  // __syncthreads: threads that joined this instance (took its sync object), and arrived
+  int barrier_joined = 0, barrier_arrived = 0;
   Where barrier_where;
+  BarrierOrder* barrier_order = nullptr;
   Warp warps[kMaxThreads / kWarpLanes];
 
   Block() {
@@ -123,18 +173,19 @@ void release(Block& b, int tid) {
 }
 
 void on_thread_exit(Block& b, int tid) {
+  Hidden hidden;
   std::lock_guard<std::mutex> lock(b.mutex);
   b.state[tid] = State::kExited;
   if (b.exited++ == 0) b.first_exited = tid;
   --b.running;
-  if (b.barrier_arrived > 0)
+  if (b.barrier_joined > 0)
     fail(b.barrier_where, "divergent __syncthreads: thread %d returned from the kernel while %d thread(s) wait here",
-         tid, b.barrier_arrived);
+         tid, b.barrier_joined);
   const int lane = tid % kWarpLanes;
   for (const Pending& p : b.warps[tid / kWarpLanes].pending)
-    if ((p.mask >> lane & 1u) && !(p.arrived >> lane & 1u))
+    if (!p.complete && (p.mask >> lane & 1u) && !(p.joined >> lane & 1u))
       fail(p.where, "%s: lane %d is in the mask 0x%08x but returned from the kernel while lanes 0x%08x wait here",
-           p.name, lane, p.mask, p.arrived);
+           p.name, lane, p.mask, p.joined);
   if (b.running == 0 && b.exited < b.threads) report_deadlock(b, b.where[tid]);
 }
 
@@ -143,13 +194,23 @@ class Pool {
  public:
   Pool() { sem_init(&done_, 0, 0); }
 
+  // Orders the caller's work before every job (arguments, poisoned shared memory) and every job
+  // before the caller's return (the block's writes, for the next block and for the host).
   void run(int threads, const std::function<void(int)>& job) {
-    while (int(workers_.size()) < threads) start_worker();
-    job_ = &job;
-    remaining_.store(threads);
-    for (int i = 0; i < threads; ++i) sem_post(&workers_[i]->start);
-    while (sem_wait(&done_) != 0) {
+    {
+      Hidden hidden;
+      while (int(workers_.size()) < threads) start_worker();
+      job_ = &job;
+      remaining_.store(threads);
     }
+    publish(&start_order_);
+    {
+      Hidden hidden;
+      for (int i = 0; i < threads; ++i) sem_post(&workers_[i]->start);
+      while (sem_wait(&done_) != 0) {
+      }
+    }
+    observe(&end_order_);
   }
 
  private:
@@ -162,9 +223,17 @@ class Pool {
   static void* main(void* arg) {
     Worker& w = *static_cast<Worker*>(arg);
     for (;;) {
-      while (sem_wait(&w.start) != 0) {
+      const std::function<void(int)>* job;
+      {
+        Hidden hidden;
+        while (sem_wait(&w.start) != 0) {
+        }
+        job = w.pool->job_;
       }
-      (*w.pool->job_)(w.index);
+      observe(&w.pool->start_order_);
+      (*job)(w.index);
+      publish(&w.pool->end_order_);
+      Hidden hidden;
       if (w.pool->remaining_.fetch_sub(1) == 1) sem_post(&w.pool->done_);
     }
     return nullptr;
@@ -192,6 +261,7 @@ class Pool {
   const std::function<void(int)>* job_ = nullptr;  // written before the workers' start semaphores
   std::atomic<int> remaining_{0};
   sem_t done_;
+  char start_order_ = 0, end_order_ = 0;  // sync objects for TSan
 };
 
 Pool& the_pool() {
@@ -271,23 +341,39 @@ void* dynamic_shared_memory() { return the_block().dynamic_smem; }
 void sync_block(const Where& where) {
   Block& b = the_block();
   const int tid = current.tid;
-  std::unique_lock<std::mutex> lock(b.mutex);
-  if (b.exited > 0)
-    fail(where, "divergent __syncthreads: thread %d arrives after thread %d (and %d in all) returned from the kernel",
-         tid, b.first_exited, b.exited);
-  if (b.barrier_arrived == 0) {
-    b.barrier_where = where;
-  } else if (!same_place(where, b.barrier_where)) {
-    fail(where, "divergent __syncthreads: thread %d waits here while %d thread(s) wait at %s", tid, b.barrier_arrived,
-         place(b.barrier_where).c_str());
+  BarrierOrder* order;
+  {  // join: checks, and this instance's sync object
+    Hidden hidden;
+    std::lock_guard<std::mutex> lock(b.mutex);
+    if (b.exited > 0)
+      fail(where, "divergent __syncthreads: thread %d arrives after thread %d (and %d in all) returned from the kernel",
+           tid, b.first_exited, b.exited);
+    if (b.barrier_joined == 0) {
+      b.barrier_where = where;
+      b.barrier_order = new BarrierOrder{b.threads};
+    } else if (!same_place(where, b.barrier_where)) {
+      fail(where, "divergent __syncthreads: thread %d waits here while %d thread(s) wait at %s", tid, b.barrier_joined,
+           place(b.barrier_where).c_str());
+    }
+    ++b.barrier_joined;
+    order = b.barrier_order;
   }
-  if (++b.barrier_arrived < b.threads) {
-    block(b, lock, tid, State::kAtBarrier, where);
-    return;
+  publish(order);
+  {  // arrive: the last one releases the others
+    Hidden hidden;
+    std::unique_lock<std::mutex> lock(b.mutex);
+    if (++b.barrier_arrived < b.threads) {
+      block(b, lock, tid, State::kAtBarrier, where);
+    } else {
+      b.barrier_joined = b.barrier_arrived = 0;
+      for (int t = 0; t < b.threads; ++t)
+        if (t != tid) release(b, t);
+    }
   }
-  b.barrier_arrived = 0;  // the last one releases the others
-  for (int t = 0; t < b.threads; ++t)
-    if (t != tid) release(b, t);
+  observe(order);
+  Hidden hidden;
+  std::lock_guard<std::mutex> lock(b.mutex);
+  if (--order->to_observe == 0) delete order;
 }
 
 namespace {
@@ -308,52 +394,67 @@ uint64_t collective(Collective kind, unsigned mask, uint64_t value, int lane_arg
     fail(where, "%s: mask 0x%08x names lanes that do not exist (this warp has %d)", name, mask, lanes_here);
 
   Warp& w = b.warps[tid / kWarpLanes];
-  std::unique_lock<std::mutex> lock(b.mutex);
-  for (int l = 0; l < kWarpLanes; ++l)
-    if ((mask >> l & 1u) && b.state[warp_first + l] == State::kExited)
-      fail(where, "%s: lane %d is in the mask 0x%08x but has returned from the kernel", name, l, mask);
-  // A lane joins the pending collective of its kind and mask (PTX: shfl.sync and friends wait for
-  // every lane of the mask to execute one with the same qualifiers and mask, from any line). Other
-  // pending collectives may overlap its mask (lanes finishing a half-warp shuffle before a full-warp
-  // one); lanes that never arrive show up as a deadlock or as lanes that returned.
-  auto p = w.pending.end();
-  for (auto q = w.pending.begin(); q != w.pending.end(); ++q)
-    if (q->mask == mask && q->kind == kind && q->width == width && (q->apply == nullptr) == (apply == nullptr))
-      p = q;
-  if (p == w.pending.end()) {
-    w.pending.emplace_back();
-    p = std::prev(w.pending.end());
-    p->kind = kind;
-    p->name = name;
-    p->mask = mask;
-    p->width = width;
-    p->where = where;
-    p->apply = apply;
+  Pending* p = nullptr;
+  {  // join
+    Hidden hidden;
+    std::lock_guard<std::mutex> lock(b.mutex);
+    for (int l = 0; l < kWarpLanes; ++l)
+      if ((mask >> l & 1u) && b.state[warp_first + l] == State::kExited)
+        fail(where, "%s: lane %d is in the mask 0x%08x but has returned from the kernel", name, l, mask);
+    // A lane joins the pending collective of its kind and mask (PTX: shfl.sync and friends wait for
+    // every lane of the mask to execute one with the same qualifiers and mask, from any line). Other
+    // pending collectives may overlap its mask (lanes finishing a half-warp shuffle before a
+    // full-warp one); lanes that never arrive show up as a deadlock or as lanes that returned.
+    for (Pending& q : w.pending)
+      if (!q.complete && !(q.joined & bit) && q.mask == mask && q.kind == kind && q.width == width &&
+          (q.apply == nullptr) == (apply == nullptr))
+        p = &q;
+    if (p == nullptr) {
+      p = &w.pending.emplace_back();
+      p->kind = kind;
+      p->name = name;
+      p->mask = mask;
+      p->width = width;
+      p->where = where;
+      p->apply = apply;
+    }
+    p->joined |= bit;
+    p->value[lane] = value;
+    p->arg[lane] = lane_arg;
   }
-  p->value[lane] = value;
-  p->arg[lane] = lane_arg;
-  p->arrived |= bit;
-  if (p->arrived != mask) {
-    b.waiting_in[tid] = name;
-    block(b, lock, tid, State::kInCollective, where);
-    return b.result[tid];  // written by the lane that completed the collective, before waking this one
+  publish(p);
+  uint64_t result;
+  {  // arrive: the last lane computes every lane's result and wakes the others
+    Hidden hidden;
+    std::unique_lock<std::mutex> lock(b.mutex);
+    p->arrived |= bit;
+    if (p->arrived != mask) {
+      b.waiting_in[tid] = name;
+      block(b, lock, tid, State::kInCollective, where);
+      result = b.result[tid];  // written by the lane that completed the collective, before waking this one
+    } else {
+      uint64_t results[kWarpLanes] = {};
+      if (p->apply != nullptr) {
+        void* lane_data[kWarpLanes];
+        for (int l = 0; l < kWarpLanes; ++l) lane_data[l] = reinterpret_cast<void*>(uintptr_t(p->value[l]));
+        (*p->apply)(lane_data);
+      } else {
+        complete(*p, results);
+      }
+      p->complete = true;
+      for (int l = 0; l < kWarpLanes; ++l) {
+        if (!(mask >> l & 1u) || l == lane) continue;
+        b.result[warp_first + l] = results[l];
+        release(b, warp_first + l);
+      }
+      result = results[lane];
+    }
   }
-  uint64_t result[kWarpLanes];
-  if (p->apply != nullptr) {
-    void* lane_data[kWarpLanes];
-    for (int l = 0; l < kWarpLanes; ++l) lane_data[l] = reinterpret_cast<void*>(uintptr_t(p->value[l]));
-    (*p->apply)(lane_data);
-    for (uint64_t& r : result) r = 0;
-  } else {
-    complete(*p, result);
-  }
-  w.pending.erase(p);
-  for (int l = 0; l < kWarpLanes; ++l) {
-    if (!(mask >> l & 1u) || l == lane) continue;
-    b.result[warp_first + l] = result[l];
-    release(b, warp_first + l);
-  }
-  return result[lane];
+  observe(p);
+  Hidden hidden;
+  std::lock_guard<std::mutex> lock(b.mutex);
+  if (++p->observed == __builtin_popcount(mask)) w.pending.remove_if([&](const Pending& q) { return &q == p; });
+  return result;
 }
 
 }  // namespace
@@ -371,12 +472,13 @@ void run_block(dim3 grid, dim3 block, uint3 block_index, void* dynamic_smem, con
   Block& b = the_block();
   const int threads = int(block.x * block.y * block.z);
   {
+    Hidden hidden;
     std::lock_guard<std::mutex> lock(b.mutex);
     b.threads = threads;
     b.running = threads;
     b.exited = 0;
     b.first_exited = -1;
-    b.barrier_arrived = 0;
+    b.barrier_joined = b.barrier_arrived = 0;
     b.dynamic_smem = dynamic_smem;
     for (int t = 0; t < threads; ++t) b.state[t] = State::kRunning;
     for (Warp& w : b.warps) w.pending.clear();

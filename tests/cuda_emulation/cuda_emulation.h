@@ -178,13 +178,13 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
-// ----- Atomics (relaxed on a GPU; sequentially consistent here, which only removes reorderings) -------
+// ----- Atomics: relaxed, as CUDA's are (they order nothing else, so TSan sees no order from them) ----
 // The value's type is not deduced (std::type_identity_t), so atomicOr(int*, SomeEnum) converts the
 // value as CUDA's non-template overloads do.
-#define PVQ_EMULATION_ATOMIC(name, op)                                   \
-  template <typename T>                                                  \
-  inline T name(T* address, std::type_identity_t<T> value) {             \
-    return std::atomic_ref<T>(*address).op(value);                       \
+#define PVQ_EMULATION_ATOMIC(name, op)                                             \
+  template <typename T>                                                            \
+  inline T name(T* address, std::type_identity_t<T> value) {                       \
+    return std::atomic_ref<T>(*address).op(value, std::memory_order_relaxed);      \
   }
 PVQ_EMULATION_ATOMIC(atomicAdd, fetch_add)
 PVQ_EMULATION_ATOMIC(atomicSub, fetch_sub)
@@ -200,8 +200,8 @@ namespace pvq_emulation {
 template <typename T, typename Better>
 T atomic_replace_if(T* address, T value, Better better) {
   std::atomic_ref<T> a(*address);
-  T old = a.load();
-  while (better(value, old) && !a.compare_exchange_weak(old, value)) {
+  T old = a.load(std::memory_order_relaxed);
+  while (better(value, old) && !a.compare_exchange_weak(old, value, std::memory_order_relaxed)) {
   }
   return old;
 }
@@ -220,7 +220,7 @@ inline T atomicMin(T* address, std::type_identity_t<T> value) {
 
 template <typename T>
 inline T atomicCAS(T* address, std::type_identity_t<T> compare, std::type_identity_t<T> value) {
-  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
+  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value, std::memory_order_relaxed);
   return compare;  // the old value, whether or not it was swapped
 }
 

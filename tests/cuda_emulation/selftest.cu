@@ -109,7 +109,7 @@ __global__ void wmma_layout_kernel(const __half* tile, const float* tile_f, floa
   for (int e = 0; e < c.num_elements; ++e) c_slots[lane * c.num_elements + e] = c.x[e];
 }
 
-// D = A B + C for 16 x 16 x 16, A row-major, B col-major; out row-major.
+// D = A B + C for 16 x 16 x 16, A row-major, B col-major; D column-major, one copy per warp.
 __global__ void wmma_mma_kernel(const __half* A, const __half* B, const float* C, float* D) {
   namespace wmma = nvcuda::wmma;
   wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
@@ -119,7 +119,7 @@ __global__ void wmma_mma_kernel(const __half* A, const __half* B, const float* C
   wmma::load_matrix_sync(b, B, 16);
   wmma::load_matrix_sync(c, C, 16, wmma::mem_row_major);
   wmma::mma_sync(c, a, b, c);
-  wmma::store_matrix_sync(D, c, 16, wmma::mem_col_major);
+  wmma::store_matrix_sync(D + 256 * (threadIdx.x >> 5), c, 16, wmma::mem_col_major);
 }
 
 // ----- Violations: each ends the process with a harness error --------------------------------------------
@@ -225,14 +225,14 @@ std::string run_selftest(const std::string& name) {
     list(s, "c", c_slots.p, 256);
   } else if (name == "wmma_mma") {
     DeviceArray<__half> A(256), B(256);
-    DeviceArray<float> C(256), D(256);
+    DeviceArray<float> C(256), D(512);
     for (int i = 0; i < 256; ++i) {  // small integers: every product and sum exact
       A.p[i] = __float2half_rn(float(i % 7 - 3));
       B.p[i] = __float2half_rn(float(i % 5 - 2));
       C.p[i] = float(i % 11);
     }
     pvq_cuda::launch_kernel(wmma_mma_kernel, 1, 64, 0, nullptr, A.p, B.p, C.p, D.p);  // two warps, same tile
-    list(s, "D", D.p, 256);
+    list(s, "D", D.p, 512);
   } else if (name == "limits") {
     auto launch = [&](dim3 grid, dim3 block, size_t smem) {
       return name_of(pvq_cuda::launch_kernel(empty_kernel, grid, block, smem, nullptr));
