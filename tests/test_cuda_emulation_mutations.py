@@ -109,10 +109,22 @@ MUTATIONS = {
 }
 
 
-def _run(variant: str, overrides: dict[str, str], make_cases, workdir: Path):
-    build = emulation.build(variant, overrides)
+@pytest.fixture(scope="module")
+def builds():
+    """Every mutated executable and its unmutated control, built together (their compiles overlap)."""
+    require_toolchain()
+    requests = []
+    for m in MUTATIONS.values():
+        source = (emulation.REPO / m.path).read_text()
+        assert source.count(m.original) == 1, f"{m.path} changed: update the mutation to plant its bug again"
+        requests += [(m.variant, {}), (m.variant, {m.path: source.replace(m.original, m.planted)})]
+    made = emulation.build_mutants(requests)
+    return {name: (made[2 * i], made[2 * i + 1]) for i, name in enumerate(MUTATIONS)}
+
+
+def _run(build, make_cases, workdir: Path):
     workdir.mkdir(parents=True)
-    plan = Plan(emulation.Manifest(workdir), variant, torch.Generator().manual_seed(SEED))
+    plan = Plan(emulation.Manifest(workdir), build.variant, torch.Generator().manual_seed(SEED))
     make_cases(plan)
     return plan, emulation.run(build, plan.manifest)
 
@@ -135,19 +147,17 @@ def _failures(plan: Plan, run) -> list[str]:
 
 
 @pytest.mark.parametrize("name", list(MUTATIONS))
-def test_planted_bug_is_caught(name, tmp_path):
-    require_toolchain()
+def test_planted_bug_is_caught(name, builds, tmp_path):
     m = MUTATIONS[name]
-    source = (emulation.REPO / m.path).read_text()
-    assert source.count(m.original) == 1, f"{m.path} changed: update the mutation {name!r} to plant its bug again"
     file_name = Path(m.path).name
+    control_build, mutated_build = builds[name]
 
-    control_plan, control = _run(m.variant, {}, m.cases, tmp_path / "control")
+    control_plan, control = _run(control_build, m.cases, tmp_path / "control")
     assert control.returncode == 0 and not _failures(control_plan, control), (
         f"the unmutated {m.variant} build fails the cases of {name!r}: {_failures(control_plan, control)[:3]} "
         f"{control.describe()}")
 
-    plan, run = _run(m.variant, {m.path: source.replace(m.original, m.planted)}, m.cases, tmp_path / "mutated")
+    plan, run = _run(mutated_build, m.cases, tmp_path / "mutated")
     report = run.stderr
     if m.caught == "race":
         assert run.returncode == emulation.SANITIZER_EXIT["tsan"], run.describe()

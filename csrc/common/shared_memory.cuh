@@ -2,8 +2,9 @@
 //
 // One helper instead of `extern __shared__ T name[];` in each kernel: extern __shared__ arrays of
 // different element types clash when a template declares them, and the host emulator
-// (tests/cuda_emulation) gives each block fresh, exactly sized, poisoned memory through this call,
-// which it cannot do for an extern array.
+// (tests/cuda_emulation) cannot compile an extern __shared__ array at all (its __shared__ must mean
+// `static` for static shared memory); through this call it gives each block fresh, exactly sized,
+// poisoned memory.
 #pragma once
 #include <cuda_runtime.h>
 

@@ -138,7 +138,7 @@ def _store_object(tmp_obj: Path, depfile: Path, outdir: Path, stem: str, shadow:
 class Build:
     variant: str
     executable: Path
-    compile_seconds: float = 0.0  # compiling and linking in this call (0 when everything was cached)
+    seconds: float = 0.0  # spent building it (with the other executables of the same call)
 
 
 @dataclass
@@ -178,49 +178,67 @@ def _run(cmd: list[str], what: str) -> None:
         raise RuntimeError(f"{what} failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
 
 
-def build_all(variants, overrides: dict[str, str] | None = None) -> dict[str, Build]:
-    """Compiles (or finds in the cache) the emulation executable of each variant, all compiles of all
-    variants sharing one pool of os.cpu_count() jobs.
+def build_many(requests: list[tuple[str, dict[str, str]]]) -> list[Build]:
+    """Compiles (or finds in the cache) one emulation executable per (variant, overrides) request, all
+    compiles and links sharing one pool of os.cpu_count() jobs.
 
     overrides maps repository paths (e.g. "csrc/packed/gemv.cu") to replacement text: the mutation
     tests' planted bugs. Only the objects that read a replaced file are rebuilt.
     """
-    overrides = overrides or {}
     start = time.monotonic()
-    # Mutated files live in a private tree that shadows csrc/ on the include path.
-    shadow = Path(tempfile.mkdtemp(prefix="pvq-emulation-src-")) if overrides else None
-    for rel, text in overrides.items():
-        target = shadow / Path(rel).relative_to("csrc")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
+    # Each request's mutated files live in a private tree that shadows csrc/ on the include path.
+    shadows = [Path(tempfile.mkdtemp(prefix="pvq-emulation-src-")) if overrides else None
+               for _, overrides in requests]
+    for (_, overrides), shadow in zip(requests, shadows):
+        for rel, text in overrides.items():
+            target = shadow / Path(rel).relative_to("csrc")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
     try:
-        sources = {v: _sources(v, overrides, shadow) for v in variants}
-        objects: dict[tuple[str, str], Path] = {(v, s.repo_rel): s.cached for v in variants for s in sources[v]}
-        todo = [(v, s) for v in variants for s in sources[v] if s.cached is None]
+        sources = [_sources(v, overrides, shadow) for (v, overrides), shadow in zip(requests, shadows)]
+        objects = [[s.cached for s in srcs] for srcs in sources]
 
-        def compile_one(variant: str, source: _Source) -> None:
+        # A task per object (so that the slow sources of all requests overlap), then a link per request.
+        def compile_object(i: int, k: int) -> None:
+            (variant, overrides), source = requests[i], sources[i][k]
             _run(source.command, f"emulation compile ({variant})")
             tmp = Path(source.command[source.command.index("-o") + 1])
-            objects[(variant, source.repo_rel)] = _store_object(
-                tmp, Path(source.command[-1]), CACHE / variant, source.stem, shadow, overrides)
+            objects[i][k] = _store_object(tmp, Path(source.command[-1]), CACHE / variant, source.stem, shadows[i],
+                                          overrides)
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            for f in [pool.submit(compile_one, v, s) for v, s in todo]:
-                f.result()
-        builds = {}
-        for v in variants:
-            objs = [objects[(v, s.repo_rel)] for s in sources[v]]
-            exe = CACHE / v / f"emulator-{_digest(*map(str, objs))}"
+        def link(i: int) -> Path:
+            variant = requests[i][0]
+            exe = CACHE / variant / f"emulator-{_digest(*map(str, objects[i]))}"
             if not exe.exists():
-                gxx = sources[v][0].command[0]
-                _run([gxx, *COMMON_FLAGS, *VARIANTS[v], *map(str, objs), "-o", f"{exe}.{os.getpid()}.tmp"],
-                     f"emulation link ({v})")
-                os.replace(f"{exe}.{os.getpid()}.tmp", exe)
-            builds[v] = Build(v, exe, time.monotonic() - start if todo else 0.0)
-        return builds
+                tmp = f"{exe}.{os.getpid()}.{i}.tmp"
+                _run([sources[i][0].command[0], *COMMON_FLAGS, *VARIANTS[variant], *map(str, objects[i]), "-o", tmp],
+                     f"emulation link ({variant})")
+                os.replace(tmp, exe)
+            return exe
+
+        todo = [(i, k) for i, objs in enumerate(objects) for k, obj in enumerate(objs) if obj is None]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            for f in [pool.submit(compile_object, i, k) for i, k in todo]:
+                f.result()
+            executables = list(pool.map(link, range(len(requests))))
+        seconds = time.monotonic() - start
+        return [Build(v, exe, seconds) for (v, _), exe in zip(requests, executables)]
     finally:
-        if shadow:
-            shutil.rmtree(shadow, ignore_errors=True)
+        for shadow in shadows:
+            if shadow:
+                shutil.rmtree(shadow, ignore_errors=True)
+
+
+def build_all(variants, overrides: dict[str, str] | None = None) -> dict[str, Build]:
+    """The executable of each variant (see build_many)."""
+    return {b.variant: b for b in build_many([(v, overrides or {}) for v in variants])}
+
+
+def build_mutants(requests: list[tuple[str, dict[str, str]]]) -> list[Build]:
+    """build_many for requests that each replace a file: the unmutated builds of their variants
+    first, so that the objects a replacement does not touch are compiled once, not once a request."""
+    build_all(sorted({variant for variant, _ in requests}))
+    return build_many(requests)
 
 
 def build(variant: str, overrides: dict[str, str] | None = None) -> Build:
