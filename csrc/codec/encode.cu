@@ -4,28 +4,31 @@
 #include "common/dispatch.h"
 #include "codec/launchers.h"
 #include "common/grid.cuh"
+#include "codec/status.cuh"
+#include "common/launch.h"
 
 namespace pvq_cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 8;
 
 template <int D>
 __global__ void __launch_bounds__(kThreads) encode_kernel(pvq::SplitTables t, const int8_t* __restrict__ pulses,
                                                           int64_t* __restrict__ index, int64_t groups, int K,
                                                           int* status) {
+  int bad = kStatusOk;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
     int8_t y[D];
     load_group<D>(pulses + g * D, y);
     if (pvq::abs_sum<D>(y) != K) {
       index[g] = -1;
-      atomicOr(status, kStatusBadData);
+      bad = kStatusBadData;
     } else {
       index[g] = int64_t(pvq::encode_node<D>(t, y, K));
     }
   }
+  report_status(status, bad);
 }
 
 }  // namespace
@@ -33,14 +36,13 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(pvq::SplitTables t, co
 cudaError_t launch_encode(const pvq::SplitTables& tables, const int8_t* pulses, int64_t* index, int64_t groups,
                           int D, int K, int* status, cudaStream_t stream) {
   if (groups == 0) return cudaSuccess;
-  int blocks = 0;
-  cudaError_t err = streaming_grid(groups, kThreads, kBlocksPerSm, &blocks);
-  if (err != cudaSuccess) return err;
-  pvq::dispatch_group_size(D, [&](auto Dc) {
+  return pvq::dispatch_group_size(D, [&](auto Dc) {
     constexpr int N = decltype(Dc)::value;
-    encode_kernel<N><<<blocks, kThreads, 0, stream>>>(tables, pulses, index, groups, K, status);
+    int blocks = 0;
+    const cudaError_t err = persistent_grid(encode_kernel<N>, groups, kThreads, 0, &blocks);
+    if (err != cudaSuccess) return err;
+    return launch_kernel(encode_kernel<N>, blocks, kThreads, 0, stream, tables, pulses, index, groups, K, status);
   });
-  return cudaGetLastError();
 }
 
 }  // namespace pvq_cuda

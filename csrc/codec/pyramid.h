@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/device_code.h"
+
 #if defined(__CUDACC__)
 #define PVQ_HD __host__ __device__ __forceinline__
 #else
@@ -47,7 +49,7 @@ PVQ_HD uint64_t count_at(const SplitTables& t, int level, int k) {
 }
 
 PVQ_HD uint64_t mulhi64(uint64_t a, uint64_t b) {
-#if defined(__CUDA_ARCH__)
+#if PVQ_DEVICE_CODE
   return __umul64hi(a, b);
 #else
   return uint64_t((unsigned __int128)a * b >> 64);

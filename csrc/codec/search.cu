@@ -10,37 +10,39 @@
 #include "codec/launchers.h"
 #include "common/float_io.cuh"
 #include "common/grid.cuh"
+#include "codec/status.cuh"
+#include "common/launch.h"
 
 namespace pvq_cuda {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kBlocksPerSm = 8;
 
 template <int D, typename T>
 __global__ void __launch_bounds__(kThreads) search_kernel(const T* __restrict__ x, int8_t* __restrict__ pulses,
                                                           int64_t groups, int K, int* status) {
+  int bad = kStatusOk;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
     float v[D];
 #pragma unroll
     for (int j = 0; j < D; ++j) v[j] = to_float(x[g * D + j]);
     int8_t y[D];
-    if (!pvq::search_group<D>([&](int j) { return v[j]; }, K, y)) atomicOr(status, kStatusBadData);
+    if (!pvq::search_group<D>([&](int j) { return v[j]; }, K, y)) bad = kStatusBadData;
     store_group<D>(pulses + g * D, y);
   }
+  report_status(status, bad);
 }
 
 template <typename T>
 cudaError_t launch_typed(const T* x, int8_t* pulses, int64_t groups, int D, int K, int* status, cudaStream_t stream) {
-  int blocks = 0;
-  cudaError_t err = streaming_grid(groups, kThreads, kBlocksPerSm, &blocks);
-  if (err != cudaSuccess) return err;
-  pvq::dispatch_group_size(D, [&](auto Dc) {
+  return pvq::dispatch_group_size(D, [&](auto Dc) {
     constexpr int N = decltype(Dc)::value;
-    search_kernel<N, T><<<blocks, kThreads, 0, stream>>>(x, pulses, groups, K, status);
+    int blocks = 0;
+    const cudaError_t err = persistent_grid(search_kernel<N, T>, groups, kThreads, 0, &blocks);
+    if (err != cudaSuccess) return err;
+    return launch_kernel(search_kernel<N, T>, blocks, kThreads, 0, stream, x, pulses, groups, K, status);
   });
-  return cudaGetLastError();
 }
 
 }  // namespace

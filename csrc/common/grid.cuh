@@ -1,4 +1,5 @@
-// Launch geometry shared by the streaming codec kernels.
+// Device helpers shared by the codec and packed-layer kernels: the shared-memory leaf table and int8
+// group loads and stores.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -33,20 +34,6 @@ __device__ __forceinline__ void stage_leaf_table(pvq::SplitTables& t, uint32_t* 
   }
   t.leaf = smem;
   t.leaf_max_k = k;
-}
-
-// Grid-stride kernels: enough blocks to fill every SM a few times over, never more than the work.
-// A persistent grid also pays the decoder's shared-memory table fill once per resident block.
-inline cudaError_t streaming_grid(int64_t items, int threads, int blocks_per_sm, int* blocks) {
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  const int64_t needed = (items + threads - 1) / threads;
-  const int64_t cap = int64_t(sms) * blocks_per_sm;
-  *blocks = int(needed < cap ? needed : cap);
-  return cudaSuccess;
 }
 
 // Stores one group of D int8 pulses with the widest aligned store (rows start at g*D bytes).

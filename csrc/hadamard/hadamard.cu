@@ -56,6 +56,8 @@
 #include <numeric>
 #include <utility>
 
+#include "common/launch.h"
+#include "common/shared_memory.cuh"
 #include "hadamard/hadamard_matrix.h"
 #include "hadamard/launchers.h"
 
@@ -229,7 +231,7 @@ struct Params {
 
 template <typename T, int kM>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) hadamard_kernel(const Params prm) {
-  extern __shared__ float smem[];
+  float* const smem = dynamic_shared_memory<float>();
   constexpr int kLogVec = Io<T>::kLogVec;
   constexpr int kVec = 1 << kLogVec;
   const T* __restrict__ x = static_cast<const T*>(prm.x);
@@ -369,8 +371,7 @@ cudaError_t launch_typed(const Params& prm, bool use_smem, size_t smem, cudaStre
     if (err != cudaSuccess) return err;
   }
   const unsigned grid = unsigned(prm.tiles < INT_MAX ? prm.tiles : INT_MAX);  // the kernel strides over tiles
-  hadamard_kernel<T, kM><<<grid, kThreads, bytes, stream>>>(prm);
-  return cudaGetLastError();
+  return launch_kernel(hadamard_kernel<T, kM>, grid, kThreads, bytes, stream, prm);
 }
 
 template <typename T>

@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "common/float_io.cuh"
+#include "common/launch.h"
 #include "hessian/launchers.h"
 
 namespace pvq_cuda {
@@ -132,14 +133,11 @@ cudaError_t launch_hessian_accumulate(float* H, const void* x, FloatKind kind, i
   if (kind == FloatKind::kFloat32) return cudaErrorInvalidValue;  // fp32 goes through fp64 cuBLAS
   const int tiles = (n + kTile - 1) / kTile;
   const int64_t blocks = int64_t(tiles) * (tiles + 1) / 2;
-  if (kind == FloatKind::kFloat16) {
-    hessian_kernel<__half><<<unsigned(blocks), kThreads, 0, stream>>>(static_cast<const __half*>(x), tokens, n, H,
-                                                                     tiles);
-  } else {
-    hessian_kernel<__nv_bfloat16><<<unsigned(blocks), kThreads, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(x), tokens, n, H, tiles);
-  }
-  return cudaGetLastError();
+  if (kind == FloatKind::kFloat16)
+    return launch_kernel(hessian_kernel<__half>, unsigned(blocks), kThreads, 0, stream, static_cast<const __half*>(x),
+                         tokens, n, H, tiles);
+  return launch_kernel(hessian_kernel<__nv_bfloat16>, unsigned(blocks), kThreads, 0, stream,
+                       static_cast<const __nv_bfloat16*>(x), tokens, n, H, tiles);
 }
 
 }  // namespace pvq_cuda

@@ -10,6 +10,7 @@
 #include "packed/args.h"
 #include "common/cuda_glue.h"
 #include "packed/launchers.h"
+#include "packed/tiled_matmul.h"
 
 namespace pvq_cuda {
 namespace {
@@ -56,23 +57,25 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
     const auto bt = bias->scalar_type();
     b = (bt == at::kFloat || bt == at::kHalf || bt == at::kBFloat16 ? *bias : bias->to(at::kFloat)).contiguous();
   }
+  const FloatKind kind = float_kind_of(x2.scalar_type());
   if (M <= kGemvMaxBatch) {
-    const int splits = gemv_splits(layer);
-    at::Tensor workspace = at::empty({gemv_workspace_floats(layer, M, splits)}, x2.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(launch_gemv(tables, layer, s.D, x2.data_ptr(), float_kind_of(x2.scalar_type()), M,
-                               b ? b->data_ptr() : nullptr, b ? float_kind_of(b->scalar_type()) : FloatKind::kFloat32,
-                               out.data_ptr(), workspace.data_ptr<float>(), splits, stream));
+    const FloatKind bias_kind = b ? float_kind_of(b->scalar_type()) : FloatKind::kFloat32;
+    GemvPlan plan;
+    C10_CUDA_CHECK(plan_gemv(layer, s.D, kind, bias_kind, M, &plan));
+    at::Tensor workspace = at::empty({plan.workspace_floats}, x2.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(launch_gemv(tables, layer, s.D, x2.data_ptr(), kind, M, b ? b->data_ptr() : nullptr, bias_kind,
+                               out.data_ptr(), workspace.data_ptr<float>(), plan, stream));
     return out.reshape(sizes);
   }
   // Large batch: the GEMM is compute-bound enough that cuBLAS on a decoded tile wins over a
   // scalar fused kernel; tiles keep the dense copy to ~64 MB.
-  const int64_t tile_rows = std::max<int64_t>(pvq::kTileRows, kTileWeights / s.cols / pvq::kTileRows * pvq::kTileRows);
-  at::Tensor dense = at::empty({std::min(tile_rows, s.rows), s.cols}, x2.options());
-  for (int64_t r0 = 0; r0 < s.rows; r0 += tile_rows) {
-    const int64_t r1 = std::min(s.rows, r0 + tile_rows);
-    C10_CUDA_CHECK(launch_dequantize(tables, layer, s.D, r0, r1, dense.data_ptr(), float_kind_of(x2.scalar_type()), stream));
+  const int64_t tile_rows = dense_tile_rows(s.rows, s.cols, kTileWeights);
+  at::Tensor dense = at::empty({tile_rows, s.cols}, x2.options());
+  const TileGemm gemm = [&](int64_t r0, int64_t r1) {
     out.narrow(1, r0, r1 - r0).copy_(at::mm(x2, dense.narrow(0, 0, r1 - r0).t()));
-  }
+    return cudaSuccess;  // torch reports its own errors by throwing
+  };
+  C10_CUDA_CHECK(matmul_by_dense_tiles(tables, layer, s.D, kind, tile_rows, dense.data_ptr(), gemm, stream));
   if (b) out.add_(b->to(out.scalar_type()));
   return out.reshape(sizes);
 }

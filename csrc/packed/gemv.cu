@@ -13,7 +13,7 @@
 //   a weight (~40 when leaves split) against a budget of ~3.6 at H100 bandwidth; the redesign
 //   against that budget is bench/kernel_budget.py's subject.
 // - Parallelism: a 4096-row layer has only 128 tiles, so columns are split S ways
-//   (S = ceil(4 SMs / tiles), each warp keeping >= 4 chunks). Warps of a block share a tile and a
+//   (S = ceil(resident blocks / tiles), each warp keeping >= 4 chunks). Warps of a block share a tile and a
 //   split, interleaving columns; they reduce through shared memory and write one fp32 partial per
 //   (split, batch row, row). A second tiny kernel sums the S partials, applies the row scale and
 //   bias and casts: deterministic, unlike atomics.
@@ -26,6 +26,8 @@
 #include "common/dispatch.h"
 #include "common/float_io.cuh"
 #include "common/grid.cuh"
+#include "common/launch.h"
+#include "common/shared_memory.cuh"
 #include "packed/launchers.h"
 
 namespace pvq_cuda {
@@ -33,7 +35,8 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kBlocksPerSm = 4;
+constexpr int kFinalizeThreads = 256;
+constexpr double kMinLeafBytes = 4096, kMaxLeafBytes = 40960;  // the leaf prefix budget's range
 
 template <int D, typename T>
 __device__ __forceinline__ void load_activations(const T* __restrict__ src, float (&v)[D]) {
@@ -55,7 +58,7 @@ template <int D, int MAXM, typename T>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(pvq::SplitTables t, pvq::PackedLayer p,
                                                         const T* __restrict__ x, int M, float* __restrict__ partial,
                                                         int splits, int smem_leaf_k) {
-  extern __shared__ uint32_t smem[];
+  uint32_t* const smem = dynamic_shared_memory<uint32_t>();
   float* red = reinterpret_cast<float*>(smem + (smem_leaf_k >= 0 ? t.leaf_base[smem_leaf_k + 1] : 0));
   stage_leaf_table(t, smem, smem_leaf_k);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -121,66 +124,91 @@ __global__ void finalize_kernel(const float* __restrict__ partial, int splits, i
   }
 }
 
-int sm_count() {
-  int device = 0, sms = 1;
-  if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  return sms;
+// The rows of x a kernel instance handles: 1, up to 4, or up to kGemvMaxBatch (acc[] is sized by it).
+int batch_bound(int64_t M) { return M <= 1 ? 1 : (M <= 4 ? 4 : kGemvMaxBatch); }
+
+// Calls f(kernel, (T*)nullptr) with the GEMV kernel instance for (D, x's type T, batch bound).
+template <typename F>
+cudaError_t with_gemv_kernel(int D, FloatKind kind, int maxm, F&& f) {
+  return dispatch_float_kind(kind, [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    return pvq::dispatch_group_size(D, [&](auto Dc) {
+      constexpr int N = decltype(Dc)::value;
+      if (maxm == 1) return f(gemv_kernel<N, 1, T>, type);
+      if (maxm == 4) return f(gemv_kernel<N, 4, T>, type);
+      return f(gemv_kernel<N, kGemvMaxBatch, T>, type);
+    });
+  });
+}
+
+// Calls f(kernel, (T*)nullptr, (Bt*)nullptr) with the finalize kernel instance for (out's type T,
+// bias's type Bt).
+template <typename F>
+cudaError_t with_finalize_kernel(FloatKind kind, FloatKind bias_kind, F&& f) {
+  return dispatch_float_kind(kind, [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    return dispatch_float_kind(bias_kind, [&](auto* btype) {
+      using Bt = std::remove_pointer_t<decltype(btype)>;
+      return f(finalize_kernel<T, Bt>, type, btype);
+    });
+  });
 }
 
 }  // namespace
 
-int gemv_splits(const pvq::PackedLayer& layer) {
+cudaError_t plan_gemv(const pvq::PackedLayer& layer, int D, FloatKind kind, FloatKind bias_kind, int64_t M,
+                      GemvPlan* plan) {
+  if (M < 1 || M > kGemvMaxBatch) return cudaErrorInvalidValue;
+  GemvPlan p;
+  p.maxm = batch_bound(M);
+  const size_t reduce_bytes = size_t(kWarps) * p.maxm * 32 * sizeof(float);
+  int sms = 0, per_sm = 0;
+  cudaError_t err = current_sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  // Resident blocks at the largest leaf prefix the budget below can pick: a smaller prefix only
+  // lets more blocks in, so the grid sized from this stays resident.
+  const size_t largest_smem = leaf_prefix_bytes(leaf_prefix_k(D, layer.K, size_t(kMaxLeafBytes))) + reduce_bytes;
+  err = with_gemv_kernel(D, kind, p.maxm, [&](auto kernel, auto*) {
+    return resident_blocks_per_sm(kernel, kThreads, largest_smem, &per_sm);
+  });
+  if (err != cudaSuccess) return err;
+  const int64_t resident = int64_t(sms) * per_sm;
   const int64_t tiles = (layer.rows + pvq::kTileRows - 1) / pvq::kTileRows;
-  const int64_t want = (4 * int64_t(sm_count()) + tiles - 1) / tiles;
+  const int64_t want = (resident + tiles - 1) / tiles;
   const int64_t most = std::max<int64_t>(1, layer.groups / (4 * kWarps));
-  return int(std::clamp<int64_t>(want, 1, most));
-}
-
-int64_t gemv_workspace_floats(const pvq::PackedLayer& layer, int64_t M, int splits) {
-  return int64_t(splits) * M * layer.rows;
+  p.splits = int(std::clamp<int64_t>(want, 1, most));
+  p.blocks = int(std::min<int64_t>(tiles * p.splits, resident));
+  // Leaf prefix budget: every block refills it, so keep the refill under 1/4 of the layer's bytes.
+  const double weight_bytes = double(tiles) * double(layer.groups) * layer.bits * 4.0;
+  const size_t budget = size_t(std::clamp(weight_bytes / (4.0 * p.blocks), kMinLeafBytes, kMaxLeafBytes));
+  p.smem_leaf_k = leaf_prefix_k(D, layer.K, budget);
+  p.smem = leaf_prefix_bytes(p.smem_leaf_k) + reduce_bytes;
+  err = with_finalize_kernel(kind, bias_kind, [&](auto kernel, auto*, auto*) {
+    return persistent_grid(kernel, M * layer.rows, kFinalizeThreads, 0, &p.finalize_blocks);
+  });
+  if (err != cudaSuccess) return err;
+  p.workspace_floats = int64_t(p.splits) * M * layer.rows;
+  *plan = p;
+  return cudaSuccess;
 }
 
 cudaError_t launch_gemv(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, int D, const void* x,
                         FloatKind kind, int64_t M, const void* bias, FloatKind bias_kind, void* out, float* workspace,
-                        int splits, cudaStream_t stream) {
+                        const GemvPlan& plan, cudaStream_t stream) {
   if (M <= 0) return cudaSuccess;
-  if (M > kGemvMaxBatch) return cudaErrorInvalidValue;
-  const int64_t tiles = (layer.rows + pvq::kTileRows - 1) / pvq::kTileRows;
-  const int blocks = int(std::min<int64_t>(tiles * splits, int64_t(sm_count()) * kBlocksPerSm));
-  // Leaf prefix budget: every block refills it, so keep the refill under 1/4 of the layer's bytes.
-  const double weight_bytes = double(tiles) * double(layer.groups) * layer.bits * 4.0;
-  const size_t budget = size_t(std::clamp(weight_bytes / (4.0 * blocks), 4096.0, 40960.0));
-  const int smem_leaf_k = leaf_prefix_k(D, layer.K, budget);
-  const int maxm = M <= 1 ? 1 : (M <= 4 ? 4 : kGemvMaxBatch);
-  const size_t smem = leaf_prefix_bytes(smem_leaf_k) + size_t(kWarps) * maxm * 32 * sizeof(float);
-  dispatch_float_kind(kind, [&](auto* type) {
+  if (M > plan.maxm) return cudaErrorInvalidValue;  // a plan made for a smaller batch
+  cudaError_t err = with_gemv_kernel(D, kind, plan.maxm, [&](auto kernel, auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    pvq::dispatch_group_size(D, [&](auto Dc) {
-      constexpr int N = decltype(Dc)::value;
-      const T* xt = static_cast<const T*>(x);
-      if (maxm == 1) {
-        gemv_kernel<N, 1, T><<<blocks, kThreads, smem, stream>>>(tables, layer, xt, int(M), workspace, splits, smem_leaf_k);
-      } else if (maxm == 4) {
-        gemv_kernel<N, 4, T><<<blocks, kThreads, smem, stream>>>(tables, layer, xt, int(M), workspace, splits, smem_leaf_k);
-      } else {
-        gemv_kernel<N, kGemvMaxBatch, T>
-            <<<blocks, kThreads, smem, stream>>>(tables, layer, xt, int(M), workspace, splits, smem_leaf_k);
-      }
-    });
+    return launch_kernel(kernel, plan.blocks, kThreads, plan.smem, stream, tables, layer, static_cast<const T*>(x),
+                         int(M), workspace, plan.splits, plan.smem_leaf_k);
   });
-  cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int64_t total = M * layer.rows;
-  const int fin_blocks = int(std::min<int64_t>((total + 255) / 256, int64_t(sm_count()) * 8));
-  dispatch_float_kind(kind, [&](auto* type) {
+  return with_finalize_kernel(kind, bias_kind, [&](auto kernel, auto* type, auto* btype) {
     using T = std::remove_pointer_t<decltype(type)>;
-    dispatch_float_kind(bias_kind, [&](auto* btype) {
-      using Bt = std::remove_pointer_t<decltype(btype)>;
-      finalize_kernel<T, Bt><<<fin_blocks, 256, 0, stream>>>(workspace, splits, M, layer.rows, layer.row_scale,
-                                                             static_cast<const Bt*>(bias), static_cast<T*>(out));
-    });
+    using Bt = std::remove_pointer_t<decltype(btype)>;
+    return launch_kernel(kernel, plan.finalize_blocks, kFinalizeThreads, 0, stream, workspace, plan.splits, M,
+                         layer.rows, layer.row_scale, static_cast<const Bt*>(bias), static_cast<T*>(out));
   });
-  return cudaGetLastError();
 }
 
 }  // namespace pvq_cuda

@@ -18,15 +18,26 @@ constexpr int kGemvMaxBatch = 16;
 cudaError_t launch_dequantize(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, int D, int64_t row_begin,
                               int64_t row_end, void* out, FloatKind out_kind, cudaStream_t stream);
 
+// How the fused GEMV runs a layer for a batch: from the device's SM count and the kernel instance's
+// occupancy (cudaOccupancyMaxActiveBlocksPerMultiprocessor), so its persistent grid is resident.
+struct GemvPlan {
+  int maxm = 0;                  // the kernel instance's batch bound (1, 4 or kGemvMaxBatch)
+  int splits = 1;                // each tile's group columns are cut into this many work items
+  int blocks = 0;                // the GEMV kernel's grid
+  int smem_leaf_k = -1;          // leaf prefix staged in shared memory (-1: none)
+  size_t smem = 0;               // dynamic shared memory per block: leaf prefix + cross-warp sums
+  int finalize_blocks = 0;       // the finalize kernel's grid
+  int64_t workspace_floats = 0;  // splits * M * rows partial sums
+};
+cudaError_t plan_gemv(const pvq::PackedLayer& layer, int D, FloatKind kind, FloatKind bias_kind, int64_t M,
+                      GemvPlan* plan);
+
 // Fused small-batch matmul: out[m, r] = row_scale[r] * sum_j <decode(r, j), x[m, jD:jD+D]> + bias[r],
 // for M <= kGemvMaxBatch rows of x (row stride = in_features), x and out of `kind`, bias of
-// `bias_kind` or null. `workspace` holds splits * M * rows floats (see gemv_workspace_floats).
+// `bias_kind` or null. `plan` comes from plan_gemv for the same arguments; `workspace` holds
+// plan.workspace_floats floats.
 cudaError_t launch_gemv(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, int D, const void* x,
                         FloatKind kind, int64_t M, const void* bias, FloatKind bias_kind, void* out, float* workspace,
-                        int splits, cudaStream_t stream);
-
-// How many column splits the GEMV uses for this layer and batch, and its workspace size.
-int gemv_splits(const pvq::PackedLayer& layer);
-int64_t gemv_workspace_floats(const pvq::PackedLayer& layer, int64_t M, int splits);
+                        const GemvPlan& plan, cudaStream_t stream);
 
 }  // namespace pvq_cuda

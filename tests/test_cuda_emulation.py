@@ -1,0 +1,579 @@
+"""Every CUDA kernel, executed on the CPU by the emulation harness (tests/cuda_emulation), against the
+CPU ops: codes bit for bit, floats within the tolerances the GPU tests state.
+
+Three builds run the same launchers: plain (-O1), AddressSanitizer + UBSan, ThreadSanitizer. Each
+runs one emulator process for all its cases, at emulated SM counts 1 and 2 (every grid-stride loop of
+a persistent grid wraps) and 132 (an H100). The plain build runs every case; the sanitizer builds,
+up to 10x slower, run a subset that still reaches every kernel instance kind. Inputs are fresh random
+numbers each session; PVQ_EMULATION_SEED=<n> repeats a session's inputs (every failure names its seed).
+
+Adding a kernel or a case: README.md in tests/cuda_emulation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+import pvq_cuda
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
+import emulation  # noqa: E402
+from test_matmul import TOL as MATMUL_TOL  # noqa: E402  (the GPU tests' tolerances, reused)
+
+VARIANTS = list(emulation.VARIANTS)
+SEED = int(os.environ.get("PVQ_EMULATION_SEED", random.SystemRandom().randrange(2**31)))
+SMS = (1, 2, 132)
+HESSIAN_REL_TOL = 1e-6  # tests/test_hessian.py: relative Frobenius error against fp64
+# dequantize_kernel's fp32 output is the CPU's bit for bit (tests/test_matmul.py::test_cuda_matmul_matches_cpu);
+# fp16/bf16 outputs are that float rounded once.
+
+
+def require_toolchain():
+    tc = emulation.toolchain()
+    if isinstance(tc, str):
+        if os.environ.get("PVQ_REQUIRE_EMULATION") == "1":
+            pytest.fail(f"PVQ_REQUIRE_EMULATION=1 but the CUDA emulation cannot be built: {tc}")
+        pytest.skip(f"CUDA emulation needs g++ and the CUDA headers: {tc}")
+
+
+# ----- Cases ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    id: str
+    family: str
+    sms: int
+    check: Callable[[emulation.Run, dict], None]  # (run, this case's results) -> raises AssertionError
+    threads_needed: int | None = None  # threads for one pass over a grid-stride kernel's work
+
+
+@dataclass
+class Plan:
+    """The commands of one emulator process and how to check each case."""
+
+    manifest: emulation.Manifest
+    variant: str
+    gen: torch.Generator
+    cases: list[Case] = field(default_factory=list)
+    _sms: int | None = None
+    _count: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.variant == "plain"
+
+    def new_id(self, family: str) -> str:
+        self._count += 1
+        return f"{family}{self._count}"
+
+    def at_sms(self, sms: int) -> None:
+        if sms != self._sms:
+            self.manifest.command("sms", n=sms)
+            self._sms = sms
+
+    def add(self, family: str, sms: int, command: str, check, threads_needed: int | None = None, **args) -> str:
+        case_id = args.pop("id")
+        self.at_sms(sms)
+        self.manifest.command(command, id=case_id, **args)
+        self.cases.append(Case(case_id, family, sms, check, threads_needed))
+        return case_id
+
+    def cycle_sms(self, i: int) -> int:
+        return SMS[i % len(SMS)] if self.full else 2
+
+
+def _rand_index(gen, V: int, n: int) -> torch.Tensor:
+    """Uniform indices in [0, V), both ends included, for any V < 2^63."""
+    if V < 2**62:
+        idx = torch.randint(0, V, (n,), generator=gen, dtype=torch.int64)
+    else:
+        idx = (torch.rand(n, generator=gen, dtype=torch.float64) * float(V)).long().clamp_(0, V - 1)
+    idx[0], idx[-1] = 0, V - 1
+    return idx
+
+
+def _codec_groups(plan: Plan, sms: int) -> int:
+    """Groups for a codec case: at 1 and 2 SMs more than the persistent grid's threads (decode: 4 x 256
+    a SM, encode 8 x 256, search 16 x 128), so every thread's grid-stride loop runs again; odd, so
+    the last warp is partial."""
+    if plan.variant == "tsan":
+        return 601
+    return 4501 if sms < 132 else 1501
+
+
+def _check_codes(run, cid: str, output: str, want: torch.Tensor, with_bad: bool, where: str) -> None:
+    """A codec kernel's output equals the CPU op's, and its status word says whether data was bad."""
+    got = run.output(f"{cid}.{output}", want.dtype, want.shape)
+    status = int(run.output(f"{cid}.status", torch.int32, (1,)))
+    assert torch.equal(got, want), f"{where}: {(got != want).reshape(len(want), -1).any(1).sum()} groups differ"
+    assert status == int(with_bad), f"{where}: status {status}, bad data: {with_bad}"
+
+
+def decode_case(plan: Plan, D: int, K: int, sms: int, with_bad: bool) -> None:
+    """decode, then encode of the decoded pulses; with_bad plants one bad index (and one bad pulse
+    row) on an odd lane, which only a complete warp reduction of the status bits reports."""
+    g, m = plan.gen, plan.manifest
+    groups = _codec_groups(plan, sms)
+    V = pvq_cuda.pyramid_size(D, K)
+    index = _rand_index(g, V, groups)
+    bad = int(torch.randint(1, groups - 1, (1,), generator=g)) | 1
+    sent = index.clone()
+    if with_bad:
+        sent[bad] = -1 - int(torch.randint(0, 5, (1,), generator=g))  # negative: wraps above V
+    want = torch.ops.pvq_cuda.decode(index, D, K)
+    if with_bad:
+        want[bad] = 0
+    cid = plan.new_id("decode")
+
+    def check_decode(run, res):
+        _check_codes(run, cid, "y", want, with_bad, f"D={D} K={K}")
+
+    plan.add("decode", sms, "decode", check_decode, id=cid, threads_needed=groups, D=D, K=K, V=V, groups=groups,
+             index=m.tensor(sent), out=m.out(cid, "y"), status=m.out(cid, "status"))
+
+    pulses = torch.ops.pvq_cuda.decode(index, D, K)
+    if with_bad:
+        pulses[bad, 0] += 1 if pulses[bad, 0] >= 0 else -1  # sum |y| = K + 1
+    want_index = index.clone()
+    if with_bad:
+        want_index[bad] = -1
+    cid2 = plan.new_id("encode")
+
+    def check_encode(run, res):
+        _check_codes(run, cid2, "index", want_index, with_bad, f"D={D} K={K}")
+
+    plan.add("encode", sms, "encode", check_encode, id=cid2, threads_needed=groups, D=D, K=K, groups=groups,
+             pulses=m.tensor(pulses), out=m.out(cid2, "index"), status=m.out(cid2, "status"))
+
+
+def search_case(plan: Plan, D: int, K: int, dtype: torch.dtype, sms: int, with_bad: bool) -> None:
+    g, m = plan.gen, plan.manifest
+    groups = _codec_groups(plan, sms)
+    x = torch.randn(groups, D, generator=g)
+    x[::7] *= torch.rand(x[::7].shape, generator=g) ** 4  # uneven magnitudes
+    x[5] = 0
+    x = x.to(dtype)
+    bad = 2 * (groups // 3) + 1
+    if with_bad:
+        x[bad, D // 2] = float("nan") if sms % 2 else float("-inf")
+    want = torch.ops.pvq_cuda.search(torch.nan_to_num(x, nan=0.0), K)
+    if with_bad:
+        want[bad] = 0
+    cid = plan.new_id("search")
+
+    def check_search(run, res):
+        _check_codes(run, cid, "y", want, with_bad, f"D={D} K={K} {dtype}")
+
+    plan.add("search", sms, "search", check_search, id=cid, threads_needed=groups, D=D, K=K,
+             kind=emulation.kind(dtype), groups=groups, x=m.tensor(x), out=m.out(cid, "y"),
+             status=m.out(cid, "status"))
+
+
+def codec_cases(plan: Plan) -> None:
+    """decode and encode for every D and K up to max_pulses(D); search for every D, several K, all dtypes."""
+    i = 0
+    for D in pvq_cuda.SUPPORTED_D:
+        top = pvq_cuda.max_pulses(D)
+        # 11 and 12: the last leaf size the decoder stages in shared memory and the first it splits.
+        ks = sorted({k for k in (1, 5, 11, 12, 36, top) if k <= top})
+        if not plan.full:
+            ks = [k for k in ks if k in (5, top)] if plan.variant == "asan" else [top]
+        for K in ks:
+            i += 1
+            decode_case(plan, D, K, plan.cycle_sms(i), with_bad=i % 2 == 0)
+    for D in pvq_cuda.SUPPORTED_D:
+        top = pvq_cuda.max_pulses(D)
+        ks = sorted({1, 5, 16, top} & set(range(1, top + 1)))
+        dtypes = [torch.float32, torch.float16, torch.bfloat16]
+        if plan.variant == "asan":
+            ks = [16 if top >= 16 else top, top]
+        elif plan.variant == "tsan":
+            ks, dtypes = [min(16, top)], [dtypes[D.bit_length() % 3]]
+        for K in ks:
+            for dtype in dtypes:
+                i += 1
+                search_case(plan, D, K, dtype, plan.cycle_sms(i), with_bad=i % 3 == 0)
+
+
+# ----- Packed layers --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layer:
+    codes: torch.Tensor
+    row_scale: torch.Tensor
+    levels: torch.Tensor
+    rows: int
+    cols: int
+    D: int
+    K: int
+    scale_bits: int
+
+    @property
+    def groups(self) -> int:
+        return self.cols // self.D
+
+    @property
+    def index_bits(self) -> int:
+        return pvq_cuda.index_bits(self.D, self.K)
+
+    def args(self, m: emulation.Manifest) -> dict:
+        return dict(codes=m.tensor(self.codes), row_scale=m.tensor(self.row_scale), levels=m.tensor(self.levels),
+                    rows=self.rows, groups=self.groups, D=self.D, K=self.K, bits=self.index_bits + self.scale_bits,
+                    index_bits=self.index_bits, count=pvq_cuda.pyramid_size(self.D, self.K))
+
+    def cpu_args(self):
+        return (self.codes, self.row_scale, self.levels)
+
+    def dequantized(self) -> torch.Tensor:
+        return torch.ops.pvq_cuda.pvq_dequantize(*self.cpu_args(), self.rows, self.cols, self.D, self.K,
+                                                 self.scale_bits)
+
+
+def random_layer(gen, rows: int, cols: int, D: int, K: int, scale_bits: int = 2) -> Layer:
+    """Uniformly random codes (every index and gain equally likely), packed by the CPU op."""
+    V = pvq_cuda.pyramid_size(D, K)
+    ib = pvq_cuda.index_bits(D, K)
+    scale_bits = min(scale_bits, 64 - ib)
+    index = _rand_index(gen, V, rows * (cols // D)).reshape(rows, cols // D)
+    gain = torch.randint(0, 2**scale_bits, index.shape, generator=gen)
+    codes = torch.ops.pvq_cuda._pack_codes(index, gain, ib, scale_bits)
+    sign = torch.where(torch.rand(rows, generator=gen) < 0.5, -1.0, 1.0)
+    row_scale = (sign * (0.05 + torch.rand(rows, generator=gen))).half()
+    levels = torch.sort(0.5 + torch.rand(2**scale_bits, generator=gen)).values
+    return Layer(codes, row_scale, levels, rows, cols, D, K, scale_bits)
+
+
+def quantized_layer(gen, rows: int, cols: int, preset: str) -> Layer:
+    """A layer from the project's quantizer (realistic pulses: most leaves light, a few heavy)."""
+    config = pvq_cuda.PVQConfig.preset(preset, rotate=False)
+    q = pvq_cuda.quantize_weight(torch.randn(rows, cols, generator=gen), config)
+    c = q.config
+    return Layer(q.codes, q.row_scale, q.levels, rows, cols, c.D, c.K, c.scale_bits)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6))
+
+
+def packed_cases(plan: Plan) -> None:
+    g, m = plan.gen, plan.manifest
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    # Dequantize: every D, K up to its limit, rows not a multiple of 32, all three output types,
+    # and row ranges.
+    shapes = [(70, 1, 37), (45, 2, 23), (100, 4, 9), (33, 8, 16), (70, 16, 30), (64, 32, 11)]
+    tops = {D: pvq_cuda.max_pulses(D) for D in pvq_cuda.SUPPORTED_D}
+    i = 0
+    for rows, D, K in shapes:
+        for k in ([K, tops[D]] if plan.variant != "tsan" else [K]):
+            layer = random_layer(g, rows, D * (11 + D % 5), D, k)
+            full = layer.dequantized()
+            # Any row range (launch_dequantize's contract), not only the 32-row tiles of the large-batch path.
+            for r0, r1 in ([(0, rows), (32, rows), (5, rows - 3), (17, 31)] if rows > 32 else [(0, rows), (3, 9)]):
+                for dtype in (dtypes if plan.variant != "tsan" else [dtypes[i % 3]]):
+                    i += 1
+                    dequantize_case(plan, layer, r0, r1, dtype, plan.cycle_sms(i), full)
+    # A corrupt code (index >= V, as raw codes or a wrong D/K can hold) decodes to zero weights and
+    # never reads past the tables (packed_layer.h); the CPU op raises instead, so the expected
+    # weights come from a valid copy with that group zeroed.
+    for D, K in ([(8, 16), (16, 30)] if plan.variant != "tsan" else [(16, 30)]):
+        layer, row, group = random_layer(g, 45, D * 13, D, K), 37, 5
+        index, gain = torch.ops.pvq_cuda._unpack_codes(layer.codes, layer.rows, layer.groups, layer.index_bits,
+                                                      layer.scale_bits)
+        want = layer.dequantized()
+        want[row, group * D:(group + 1) * D] = 0
+        index[row, group] = pvq_cuda.pyramid_size(D, K)  # one past the last index
+        corrupt = Layer(torch.ops.pvq_cuda._pack_codes(index, gain, layer.index_bits, layer.scale_bits),
+                        layer.row_scale, layer.levels, layer.rows, layer.cols, D, K, layer.scale_bits)
+        i += 1
+        dequantize_case(plan, corrupt, 0, layer.rows, torch.float32, plan.cycle_sms(i), want)
+
+    # Fused GEMV and finalize: every D, batch 1, 2, 4, 5, 16, all dtypes, with and without bias.
+    # Group counts are not multiples of the 4 warps; rows not multiples of 32.
+    batches = [1, 2, 4, 5, 16]
+    gemv_layers = {D: random_layer(g, 70 + D, D * (37 + 2 * D), D, min(tops[D], 30 if D < 16 else 14))
+                   for D in pvq_cuda.SUPPORTED_D}
+    gemv_layers[16] = quantized_layer(g, 90, 16 * 41, "pvq-3.25")
+    gemv_layers[8] = quantized_layer(g, 75, 8 * 67, "pvq8-3.25")
+    for D, layer in gemv_layers.items():
+        for M in batches:
+            for dtype in dtypes:
+                i += 1
+                asan_set = ((1, dtypes[i % 3]), (5, torch.float16), (16, torch.float32))
+                if plan.variant == "asan" and (M, dtype) not in asan_set:
+                    continue
+                if plan.variant == "tsan" and (M, dtype) not in ((4, dtypes[D.bit_length() % 3]),):
+                    continue
+                bias_dtype = [None, dtype, torch.float32][i % 3]
+                gemv_case(plan, layer, M, dtype, bias_dtype, plan.cycle_sms(i))
+    # Large layers at one SM: persistent blocks loop over many work items and the leaf table is at
+    # its largest budget (40 KB).
+    if plan.variant != "tsan":
+        big = quantized_layer(g, 640, 4096, "pvq-3.25")
+        gemv_case(plan, big, 1, torch.float16, torch.float16, 1, expect_largest_leaf=True)
+        gemv_case(plan, big, 16, torch.bfloat16, None, 132)
+        big8 = random_layer(g, 630, 8 * 480, 8, 16)
+        gemv_case(plan, big8, 2, torch.float32, torch.float32, 1, expect_largest_leaf=True)
+    else:  # blocks that loop over work items reuse their cross-warp sums: the barrier TSan must see
+        gemv_case(plan, random_layer(g, 320, 16 * 64, 16, 30), 5, torch.float16, torch.float32, 1, loops=True)
+
+    # Large-batch path: dequantized tiles into a GEMM, several tiles and a partial last one.
+    for j, (layer, M, dtype) in enumerate([(gemv_layers[16], 17, torch.float32), (gemv_layers[8], 33, torch.float16),
+                                           (random_layer(g, 150, 4 * 40, 4, 20), 20, torch.bfloat16)]):
+        if plan.variant == "tsan" and j > 0:
+            continue
+        i += 1
+        x = torch.randn(M, layer.cols, generator=g).to(dtype)
+        want = torch.ops.pvq_cuda.pvq_matmul(x, *layer.cpu_args(), None, None, layer.rows, layer.D, layer.K,
+                                             layer.scale_bits)
+        cid = plan.new_id("tiled")
+        tile_weights = 64 * layer.cols  # 64-row tiles
+
+        def check_tiled(run, res, cid=cid, want=want, dtype=dtype, layer=layer, M=M):
+            got = run.output(f"{cid}.y", dtype, want.shape)
+            err = _rel_err(got, want)
+            assert err <= MATMUL_TOL[dtype], f"M={M} {dtype}: relative error {err:.2e} > {MATMUL_TOL[dtype]:.0e}"
+            expected_tiles = math.ceil(layer.rows / 64)
+            assert int(res["tiles"]) == expected_tiles > 1, f"{res['tiles']} tiles, expected {expected_tiles}"
+
+        plan.add("tiled", plan.cycle_sms(i), "tiled_matmul", check_tiled, id=cid, kind=emulation.kind(dtype), M=M,
+                 tile_weights=tile_weights, x=m.tensor(x), out=m.out(cid, "y"), **layer.args(m))
+
+
+def dequantize_case(plan: Plan, layer: Layer, r0: int, r1: int, dtype: torch.dtype, sms: int,
+                    full: torch.Tensor | None = None) -> None:
+    """Rows [r0, r1) as dtype: fp32 is the CPU op's bit for bit, fp16/bf16 that float rounded once."""
+    m = plan.manifest
+    want = (layer.dequantized() if full is None else full)[r0:r1].to(dtype)
+    cid = plan.new_id("dequantize")
+
+    def check_dequantize(run, res):
+        got = run.output(f"{cid}.w", dtype, want.shape)
+        assert torch.equal(got, want), (f"D={layer.D} K={layer.K} {dtype} rows [{r0}, {r1}): "
+                                         f"{(got != want).sum()} weights differ")
+
+    tiles = (r1 - 1) // 32 - r0 // 32 + 1
+    plan.add("dequantize", sms, "dequantize", check_dequantize, id=cid, threads_needed=tiles * layer.groups * 32,
+             kind=emulation.kind(dtype), row_begin=r0, row_end=r1, out=m.out(cid, "w"), **layer.args(m))
+
+
+def gemv_case(plan: Plan, layer: Layer, M: int, dtype, bias_dtype, sms: int, expect_largest_leaf: bool = False,
+              loops: bool = False):
+    """The fused GEMV and its finalize against the CPU op; expect_largest_leaf also asserts that the
+    blocks loop over several work items (loops: over more than one) and stage the largest leaf
+    prefix the budget allows."""
+    g, m = plan.gen, plan.manifest
+    x = torch.randn(M, layer.cols, generator=g).to(dtype)
+    bias = None if bias_dtype is None else torch.randn(layer.rows, generator=g).to(bias_dtype)
+    want = torch.ops.pvq_cuda.pvq_matmul(x, *layer.cpu_args(), None, bias, layer.rows, layer.D, layer.K,
+                                         layer.scale_bits)
+    cid = plan.new_id("gemv")
+
+    def check_gemv(run, res, cid=cid, want=want):
+        got = run.output(f"{cid}.y", dtype, want.shape)
+        err = _rel_err(got, want)
+        where = f"D={layer.D} K={layer.K} M={M} {dtype} bias={bias_dtype} plan={res}"
+        assert err <= MATMUL_TOL[dtype], f"{where}: relative error {err:.2e} > {MATMUL_TOL[dtype]:.0e}"
+        items = math.ceil(layer.rows / 32) * int(res["splits"])
+        if expect_largest_leaf:
+            assert items > 2 * int(res["blocks"]), f"{where}: blocks do not loop over several items"
+            assert int(res["smem_leaf_k"]) == LARGEST_LEAF_K[(layer.D, layer.K)], f"{where}: leaf table not largest"
+        if loops:
+            assert items > int(res["blocks"]), f"{where}: blocks do not loop over items"
+
+    args = dict(x=m.tensor(x), M=M, kind=emulation.kind(dtype), out=m.out(cid, "y"), **layer.args(m))
+    args["bias"] = "none" if bias is None else m.tensor(bias)
+    if bias is not None:
+        args["bias_kind"] = emulation.kind(bias_dtype)
+    plan.add("gemv", sms, "gemv", check_gemv, id=cid, **args)
+
+
+# leaf_prefix_k(D, K, 40960 bytes): the largest leaf prefix the GEMV's budget allows. Leaf words
+# per k are V(4, k); the prefix of k' <= k takes sum V(4, k') words.
+def _largest_leaf_k(K: int, budget: int = 40960) -> int:
+    k, total = -1, 0
+    while k < min(K, 16) and (total + pvq_cuda.pyramid_size(4, k + 1)) * 4 <= budget:
+        k += 1
+        total += pvq_cuda.pyramid_size(4, k)
+    return k
+
+
+LARGEST_LEAF_K = {(16, 30): _largest_leaf_k(30), (8, 16): _largest_leaf_k(16)}
+
+
+# ----- Hadamard and Hessian -------------------------------------------------------------------------------
+
+
+def hadamard_case(plan: Plan, n: int, dtype: torch.dtype, with_signs: bool, rows: int, sms: int) -> None:
+    """Bit for bit against the CPU op (both add in the same order and round once)."""
+    g, m = plan.gen, plan.manifest
+    x = (torch.randn(rows, n, generator=g) * 4).to(dtype)
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if with_signs else None
+    want = pvq_cuda.hadamard_transform(x, signs)
+    cid = plan.new_id("hadamard")
+
+    def check_hadamard(run, res):
+        got = run.output(f"{cid}.y", dtype, want.shape)
+        assert torch.equal(got, want), f"n={n} {dtype} signs={with_signs}: {(got != want).sum()} values differ"
+
+    plan.add("hadamard", sms, "hadamard", check_hadamard, id=cid, kind=emulation.kind(dtype), rows=rows, n=n,
+             x=m.tensor(x), signs="none" if signs is None else m.tensor(signs), out=m.out(cid, "y"))
+
+
+def hadamard_cases(plan: Plan) -> None:
+    """Every base m, several 2^p, the largest n (132 KB of shared memory: the > 48 KB opt-in), all dtypes."""
+    bases = pvq_cuda.HADAMARD_BASES
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    ns = []
+    for base in bases:
+        ps = [0, 1, 3, 5, 8] if plan.variant != "tsan" else [3]
+        ns += [base << p for p in ps if base << p <= pvq_cuda.HADAMARD_MAX_N]
+    ns += [4096, 14336, 32768] if plan.variant != "tsan" else [32768]
+    i = 0
+    for j, n in enumerate(ns):
+        for dtype in dtypes:
+            i += 1
+            with_signs = (i + j) % 2 == 0  # each dtype meets both, over the sizes
+            if plan.variant == "asan" and i % 2 != 0 and n not in (32768, 14336):
+                continue
+            if plan.variant == "tsan" and dtype != dtypes[j % 3]:
+                continue
+            # Full tiles of ~8192 elements and a partial one (odd row counts hit partial windows).
+            rows = (max(3, 3 * 8192 // n) + 5) if plan.variant != "tsan" else max(2, 8192 // n + 3)
+            hadamard_case(plan, n, dtype, with_signs, rows, plan.cycle_sms(i))
+
+
+def hessian_case(plan: Plan, n: int, tokens: int, dtype: torch.dtype, sms: int) -> None:
+    """H0 + x^T x against fp64 and against the CPU op, within the GPU tests' 1e-6; exactly symmetric."""
+    g, m = plan.gen, plan.manifest
+    x = (torch.randn(tokens, n, generator=g) + 0.5).to(dtype)  # non-zero mean: large diagonals
+    H0 = torch.randn(n, n, generator=g)
+    H0 = H0 @ H0.T
+    ref = H0.double() + x.double().T @ x.double()
+    cpu = H0.clone()
+    pvq_cuda.hessian_accumulate_(cpu, x)
+    cid = plan.new_id("hessian")
+
+    def check_hessian(run, res):
+        got = run.output(f"{cid}.H", torch.float32, (n, n))
+        fp64 = float((got.double() - ref).norm() / ref.norm())
+        vs_cpu = float((got.double() - cpu.double()).norm() / cpu.double().norm())
+        where = f"n={n} tokens={tokens} {dtype}"
+        assert fp64 <= HESSIAN_REL_TOL, f"{where}: error {fp64:.2e} against fp64"
+        assert vs_cpu <= HESSIAN_REL_TOL, f"{where}: differs from the CPU op by {vs_cpu:.2e}"
+        assert torch.equal(got, got.T), f"{where}: not symmetric"
+
+    plan.add("hessian", sms, "hessian", check_hessian, id=cid, kind=emulation.kind(dtype), tokens=tokens, n=n,
+             x=m.tensor(x), H=m.tensor(H0), out=m.out(cid, "H"))
+
+
+def hessian_cases(plan: Plan) -> None:
+    # n = 257: a last tile one column wide; tokens past a 64-token chunk.
+    shapes = [(1, 5), (70, 300), (130, 133), (257, 70)] if plan.variant == "plain" else [(1, 5), (70, 100)]
+    for i, (n, tokens) in enumerate(shapes):
+        for dtype in (torch.float16, torch.bfloat16):
+            hessian_case(plan, n, tokens, dtype, SMS[i % 3] if plan.full else 2)
+
+
+def table_cases(plan: Plan) -> None:
+    def check_tables(run, res):
+        assert res["equal"] == "1", "the device tables differ from the host's"
+        assert res["cached"] == "1", "a second request uploaded the tables again"
+        assert res["leaf_max_k"] == "16", res
+        assert res["bad_device"] == res["past_last_device"] == "cudaErrorInvalidDevice", res
+
+    plan.add("tables", 2, "tables", check_tables, id=plan.new_id("tables"))
+
+
+FAMILIES = {"codec": codec_cases, "packed": packed_cases, "hadamard": hadamard_cases, "hessian": hessian_cases,
+            "tables": table_cases}
+
+
+# ----- Running --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def emulated(request, tmp_path_factory):
+    """The emulator run of every variant this session's tests ask for, all cases of a variant in one
+    process; the processes run side by side."""
+    require_toolchain()
+    wanted = {item.callspec.params.get("variant", "plain") if hasattr(item, "callspec") else "plain"
+              for item in request.session.items if "emulated" in getattr(item, "fixturenames", ())} or {"plain"}
+    variants = [v for v in VARIANTS if v in wanted]
+    builds = emulation.build_all(variants)
+    # One CPU per process where there are three; with two, the plain build (the most cases) gets
+    # one and the two sanitizer builds share the other (their totals are about equal).
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu_of = {"plain": 0, "asan": 1, "tsan": 2 if len(cpus) > 2 else 1}
+    plans, procs = {}, {}
+    for variant in variants:
+        workdir = tmp_path_factory.mktemp(f"emulation-{variant}")
+        plan = Plan(emulation.Manifest(workdir), variant, torch.Generator().manual_seed(SEED))
+        for make in FAMILIES.values():
+            make(plan)
+        plans[variant] = plan
+        procs[variant] = emulation.start(builds[variant], plan.manifest, cpus[cpu_of[variant] % len(cpus)])
+    return {v: (plans[v], emulation.finish(procs[v])) for v in variants}
+
+
+def _check_family(emulated, variant: str, family: str) -> None:
+    plan, run = emulated[variant]
+    cases = [c for c in plan.cases if c.family == family]
+    assert cases, f"no {family} case in the {variant} build"
+    failures = []
+    for case in cases:
+        res = run.results.get(case.id)
+        if res is None:
+            continue  # the process stopped before it; reported below
+        if res.get("error") != "cudaSuccess":
+            failures.append(f"{case.id} (SMs {case.sms}): launcher returned {res.get('error')}")
+            continue
+        try:
+            case.check(run, res)
+        except AssertionError as e:
+            failures.append(f"{case.id} (SMs {case.sms}): {e}")
+    missing = [c.id for c in cases if c.id not in run.results]
+    if missing or run.returncode != 0:
+        failures.append(f"{len(missing)} case(s) without a result (first: {missing[:1]}); {run.describe()}")
+    assert not failures, f"{variant} build, seed {SEED}:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("family", ["decode", "encode", "search", "dequantize", "gemv", "tiled", "hadamard",
+                                    "hessian", "tables"])
+def test_emulated_kernels_match_cpu(emulated, variant, family):
+    _check_family(emulated, variant, family)
+
+
+def test_every_sm_count_and_grid_stride_wrap(emulated):
+    """The plain build runs every kernel at 1, 2 and 132 SMs; at 1 and 2 SMs the persistent grid of
+    each grid-stride kernel is smaller than its work, so every thread's loop runs more than once (the
+    GEMV's blocks loop over work items in the large-layer cases, checked there)."""
+    plan, run = emulated["plain"]
+    sms_seen, wrapped = {}, {}
+    for case in plan.cases:
+        for launch in run.launches.get(case.id, []):
+            name = re.search(r"::(\w+_kernel)\b", launch["kernel"]).group(1)
+            sms_seen.setdefault(name, set()).add(launch["sms"])
+            if case.threads_needed is not None and name.startswith(case.family) and case.sms < 132:
+                threads = launch["grid"][0] * launch["block"][0]
+                wrapped.setdefault((name, case.sms), []).append(threads < case.threads_needed)
+    for kernel in ("decode_kernel", "encode_kernel", "search_kernel", "dequantize_kernel", "gemv_kernel",
+                   "finalize_kernel", "hadamard_kernel", "hessian_kernel"):
+        assert sms_seen.get(kernel) == set(SMS), f"{kernel} ran at SM counts {sms_seen.get(kernel)}"
+    for kernel in ("decode_kernel", "encode_kernel", "search_kernel"):
+        for sms in (1, 2):
+            assert wrapped.get((kernel, sms)) and all(wrapped[(kernel, sms)]), (kernel, sms, wrapped.get((kernel, sms)))
+    assert any(wrapped.get(("dequantize_kernel", 1), [])), "no dequantize case wraps at 1 SM"
+

@@ -1,0 +1,178 @@
+"""The emulation harness catches real kernel bugs: each test plants one bug in a copy of a kernel
+source (the repository is never touched), rebuilds only the objects that read it, runs cases that
+reach it, and asserts that the build meant to catch it does, and how: a data race from TSan, an
+out-of-bounds access from ASan, a violated CUDA rule from the harness, a wrong result or a launch
+error from the plain build. The same cases pass on the unmutated build (the control).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from test_cuda_emulation import (SEED, Plan, dequantize_case, decode_case, gemv_case, hadamard_case, hessian_case,
+                                 random_layer, require_toolchain)
+
+import emulation  # noqa: E402  (tests/cuda_emulation, on sys.path once test_cuda_emulation is imported)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    path: str        # repository path of the file that gets the bug
+    original: str    # text that must occur exactly once there
+    planted: str     # what replaces it
+    variant: str     # the build that must catch it
+    cases: Callable[[Plan], None]
+    caught: str      # "race", "overflow", "harness:<message regex>", "wrong result", "launch error"
+
+
+def _hadamard(plan: Plan) -> None:
+    hadamard_case(plan, 1536, torch.float32, True, 7, 2)
+    hadamard_case(plan, 4096, torch.float16, False, 3, 1)
+
+
+def _hadamard_largest(plan: Plan) -> None:
+    hadamard_case(plan, 32768, torch.bfloat16, True, 2, 2)
+
+
+def _hessian(plan: Plan) -> None:
+    hessian_case(plan, 70, 100, torch.float16, 2)
+
+
+def _dequantize(plan: Plan) -> None:
+    dequantize_case(plan, random_layer(plan.gen, 70, 8 * 12, 8, 16), 0, 70, torch.float32, 2)
+
+
+def _decode(plan: Plan) -> None:
+    decode_case(plan, 8, 16, 2, with_bad=True)  # one bad index, on an odd lane
+
+
+def _gemv(plan: Plan) -> None:
+    gemv_case(plan, random_layer(plan.gen, 64, 8 * 40, 8, 16), 4, torch.float32, None, 2)
+
+
+MUTATIONS = {
+    # The barrier between the load pass's shared-memory writes and the first window pass's reads.
+    "syncthreads removed": Mutation(
+        "csrc/hadamard/hadamard.cu",
+        "    if (direct) continue;  // block-uniform, and shared memory was never touched\n    __syncthreads();\n",
+        "    if (direct) continue;  // block-uniform, and shared memory was never touched\n",
+        "tsan", _hadamard, "race"),
+    # The barrier before the next chunk overwrites the staging the warps' WMMA loads read: TSan must
+    # see the race although every warp meets its lanes in collectives in between.
+    "syncthreads removed under WMMA": Mutation(
+        "csrc/hessian/hessian.cu",
+        "    __syncthreads();  // staging is overwritten by the next chunk\n",
+        "",
+        "tsan", _hessian, "race"),
+    # The same barrier reached by half of the block only.
+    "divergent syncthreads": Mutation(
+        "csrc/hadamard/hadamard.cu",
+        "      __syncthreads();  // the next pass, the H_m pass or the next tile's load reuse these words\n",
+        "      if (threadIdx.x < 128) __syncthreads();\n",
+        "plain", _hadamard, r"harness:divergent __syncthreads"),
+    # Off by one in a bounds check: the row past the range's end is written.
+    "bounds check off by one": Mutation(
+        "csrc/packed/dequantize.cu",
+        "if (row < row_begin || row >= row_end) continue;",
+        "if (row < row_begin || row > row_end) continue;",
+        "asan", _dequantize, "overflow"),
+    # A shuffle mask that leaves out a lane calling it.
+    "shuffle mask": Mutation(
+        "csrc/codec/status.cuh",
+        "__shfl_xor_sync(0xffffffffu, bits, offset)",
+        "__shfl_xor_sync(0x7fffffffu, bits, offset)",
+        "plain", _decode, r"harness:__shfl_xor_sync: lane 31 calls it with mask 0x7fffffff"),
+    # A reduction that skips the lane^1 exchange: odd lanes' bits never reach lane 0.
+    "shuffle lane": Mutation(
+        "csrc/codec/status.cuh",
+        "for (int offset = 16; offset > 0; offset >>= 1)",
+        "for (int offset = 16; offset > 1; offset >>= 1)",
+        "plain", _decode, "wrong result"),
+    # Dynamic shared memory one warp's cross-warp sums too small.
+    "shared memory too small": Mutation(
+        "csrc/packed/gemv.cu",
+        "const size_t reduce_bytes = size_t(kWarps) * p.maxm * 32 * sizeof(float);",
+        "const size_t reduce_bytes = size_t(kWarps - 1) * p.maxm * 32 * sizeof(float);",
+        "asan", _gemv, "overflow"),
+    # More than 48 KB of dynamic shared memory without cudaFuncSetAttribute's opt-in.
+    "shared memory opt-in missing": Mutation(
+        "csrc/hadamard/hadamard.cu",
+        "  if (bytes > kDefaultSmem) {",
+        "  if (false && bytes > kDefaultSmem) {",
+        "plain", _hadamard_largest, "launch error"),
+}
+
+
+@pytest.fixture(scope="module")
+def builds():
+    """Every mutated executable and its unmutated control, built together (their compiles overlap)."""
+    require_toolchain()
+    requests = []
+    for m in MUTATIONS.values():
+        source = (emulation.REPO / m.path).read_text()
+        assert source.count(m.original) == 1, f"{m.path} changed: update the mutation to plant its bug again"
+        requests += [(m.variant, {}), (m.variant, {m.path: source.replace(m.original, m.planted)})]
+    made = emulation.build_mutants(requests)
+    return {name: (made[2 * i], made[2 * i + 1]) for i, name in enumerate(MUTATIONS)}
+
+
+def _run(build, make_cases, workdir: Path):
+    workdir.mkdir(parents=True)
+    plan = Plan(emulation.Manifest(workdir), build.variant, torch.Generator().manual_seed(SEED))
+    make_cases(plan)
+    return plan, emulation.run(build, plan.manifest)
+
+
+def _failures(plan: Plan, run) -> list[str]:
+    """What the cases' checks report (a launcher error counts)."""
+    out = []
+    for case in plan.cases:
+        res = run.results.get(case.id)
+        if res is None:
+            out.append(f"{case.id}: no result")
+        elif res["error"] != "cudaSuccess":
+            out.append(f"{case.id}: launcher returned {res['error']}")
+        else:
+            try:
+                case.check(run, res)
+            except AssertionError as e:
+                out.append(f"{case.id}: {e}")
+    return out
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_planted_bug_is_caught(name, builds, tmp_path):
+    m = MUTATIONS[name]
+    file_name = Path(m.path).name
+    control_build, mutated_build = builds[name]
+
+    control_plan, control = _run(control_build, m.cases, tmp_path / "control")
+    assert control.returncode == 0 and not _failures(control_plan, control), (
+        f"the unmutated {m.variant} build fails the cases of {name!r}: {_failures(control_plan, control)[:3]} "
+        f"{control.describe()}")
+
+    plan, run = _run(mutated_build, m.cases, tmp_path / "mutated")
+    report = run.stderr
+    if m.caught == "race":
+        assert run.returncode == emulation.SANITIZER_EXIT["tsan"], run.describe()
+        assert "WARNING: ThreadSanitizer: data race" in report and file_name in report, run.describe()
+    elif m.caught == "overflow":
+        assert run.returncode == emulation.SANITIZER_EXIT["asan"], run.describe()
+        assert re.search(r"AddressSanitizer: heap-buffer-overflow", report) and file_name in report, run.describe()
+    elif m.caught.startswith("harness:"):
+        assert run.returncode == emulation.HARNESS_ERROR, run.describe()
+        assert re.search(m.caught.split(":", 1)[1], report), run.describe()
+    elif m.caught == "wrong result":
+        assert run.returncode == 0, run.describe()
+        assert any("status 0, bad data: True" in f for f in _failures(plan, run)), _failures(plan, run)
+    elif m.caught == "launch error":
+        assert run.returncode == 0, run.describe()
+        assert any("launcher returned cudaErrorInvalidValue" in f for f in _failures(plan, run)), _failures(plan, run)
+    else:
+        raise AssertionError(f"unknown expectation {m.caught}")
