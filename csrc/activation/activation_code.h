@@ -109,13 +109,20 @@ PVQ_HD bool code_group(const SplitTables& t, const float* x, int K, int8_t* y, u
   return true;
 }
 
-// The gain code of a group: how many midpoints lie below gain / norm (0 for a zero token).
+// The gain code of a group: how many midpoints lie below gain / norm (0 for a zero token), found
+// by bisection over the increasing midpoints (torch.bucketize's rule).
 PVQ_HD int gain_code(float gain, float norm, const float* mid, int levels) {
   if (!(norm > 0.f)) return 0;
   const float ratio = gain / norm;
-  int c = 0;
-  while (c < levels - 1 && mid[c] < ratio) ++c;
-  return c;
+  int lo = 0, hi = levels - 1;  // the answer lies in [lo, hi]
+  while (lo < hi) {
+    const int m = (lo + hi) / 2;
+    if (mid[m] < ratio)
+      lo = m + 1;
+    else
+      hi = m;
+  }
+  return lo;
 }
 
 // The midpoints between consecutive levels, mid[k] = (level[k] + level[k+1]) / 2 in float.

@@ -65,6 +65,17 @@ PackedShape check_wa_matmul_args(const at::Tensor& pulses, const at::Tensor& gai
   check_dense(kMatmul, "pulses", pulses);
   TORCH_CHECK_TYPE(pulses.scalar_type() == at::kChar, kMatmul, ": pulses must be int8, got ", pulses.scalar_type());
   TORCH_CHECK_VALUE(pulses.dim() >= 1, kMatmul, ": pulses must have shape [..., in_features], got a 0-d tensor");
+  {
+    // The hidden size first, by name: the in_features the layer's codes hold (when they fit).
+    const uint64_t V = check_codec_limits(kMatmul, D, K);
+    const int64_t bits = pvq::index_bits(V) + scale_bits;
+    const int64_t per_group = (out_features + pvq::kTileRows - 1) / pvq::kTileRows * bits;
+    if (out_features >= 1 && scale_bits >= 0 && scale_bits <= 8 && per_group > 0 && codes.numel() % per_group == 0) {
+      const int64_t in_features = codes.numel() / per_group * D;
+      TORCH_CHECK_VALUE(pulses.size(-1) == in_features, kMatmul, ": pulses must have shape [..., ", in_features,
+                        "] (the layer's in_features), got ", pulses.sizes());
+    }
+  }
   const PackedShape s = check_packed_layer(kMatmul, codes, row_scale, levels, out_features, pulses.size(-1), D, K,
                                            scale_bits);
   check_codec_limits(kMatmul, act_D, act_K);

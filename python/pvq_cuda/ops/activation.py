@@ -18,6 +18,13 @@ from .hadamard import hadamard_split
 _SIGN_DTYPES = (torch.float32, torch.int8)
 
 
+def _check_kernel(op: str, name: str, t: torch.Tensor) -> None:
+    schema = getattr(torch.ops.pvq_cuda, op.split(".")[-1]).default
+    if t.device.type == "cuda" and not schema.has_kernel_for_dispatch_key("CUDA"):
+        raise NotImplementedError(f"{op}: {name} is on {t.device}, but this op has no CUDA kernel yet (CPU only); "
+                                  f"move the tensors to the CPU")
+
+
 def _check_gain_bits(op: str, gain_bits) -> None:
     if isinstance(gain_bits, bool) or not isinstance(gain_bits, int) or not 0 <= gain_bits <= 8:
         raise ValueError(f"{op}: gain_bits must be an int in [0, 8], got {gain_bits!r}")
@@ -26,6 +33,7 @@ def _check_gain_bits(op: str, gain_bits) -> None:
 def _check_encode_args(x, signs, levels, D, K, gain_bits) -> int:
     op = "pvq_cuda.encode_activations"
     check_tensor(op, "x", x, FLOAT_DTYPES)
+    _check_kernel(op, "x", x)
     n = check_last_dim(op, "x", x, "n")
     check_limits(D, K, op)
     _check_gain_bits(op, gain_bits)
@@ -63,7 +71,7 @@ def encode_activations(x: torch.Tensor, signs: torch.Tensor | None, levels: torc
     Args:
         x: float32, float16 or bfloat16 ``[..., n]``, finite; n a Hadamard size and a multiple of D.
         signs: the rotation's ±1 signs ``[n]`` (float32 or int8), or None for the plain transform.
-        levels: float32 ``[2**gain_bits]`` increasing gain levels (``format.activation_levels``).
+        levels: float32 ``[2**gain_bits]`` gain levels in increasing order (``format.activation_levels``).
         D, K: group size and pulses (the codec's limits); gain_bits: 0..8.
 
     Returns:
@@ -72,6 +80,9 @@ def encode_activations(x: torch.Tensor, signs: torch.Tensor | None, levels: torc
         exceeds fp16's range, raise ValueError naming the token.
     """
     _check_encode_args(x, signs, levels, D, K, gain_bits)
+    if levels.device.type == "cpu" and not torch.compiler.is_compiling() and bool((levels[1:] < levels[:-1]).any()):
+        raise ValueError("pvq_cuda.encode_activations: levels must be in increasing order (gain codes are found by "
+                         "bisection)")
     return torch.ops.pvq_cuda.encode_activations.default(x, signs, levels, D, K, gain_bits)
 
 
@@ -83,10 +94,14 @@ def _encode_activations_fake(x, signs, levels, D, K, gain_bits):
             x.new_empty((*lead, n // D), dtype=torch.uint8), x.new_empty(lead, dtype=torch.float16))
 
 
-def _check_wa_args(pulses, gain, scale, act_levels, act_D, act_K) -> None:
+def _check_wa_args(pulses, gain, scale, act_levels, act_D, act_K, in_features) -> None:
     op = "pvq_cuda.wa_matmul"
     check_tensor(op, "pulses", pulses, (torch.int8,))
+    _check_kernel(op, "pulses", pulses)
     n = check_last_dim(op, "pulses", pulses, "in_features")
+    if in_features is not None and n != in_features:
+        raise ValueError(f"{op}: pulses must have shape [..., {in_features}] (the layer's in_features), got "
+                         f"{list(pulses.shape)}")
     check_limits(act_D, act_K, op)
     if n % act_D:
         raise ValueError(f"{op}: in_features ({n}) must be a multiple of act_D={act_D}")
@@ -108,6 +123,18 @@ def _check_wa_args(pulses, gain, scale, act_levels, act_D, act_K) -> None:
             raise ValueError(f"{op}: {name} must be on {pulses.device}, got {t.device}")
 
 
+def _in_features(codes, row_scale, D, K, scale_bits) -> int | None:
+    """The in_features a packed layer's codes hold (None when they do not fit whole groups: the
+    kernel's own check names that)."""
+    from .counting import index_bits
+
+    check_limits(D, K, "pvq_cuda.wa_matmul")
+    if not isinstance(codes, torch.Tensor) or not isinstance(row_scale, torch.Tensor) or row_scale.dim() != 1:
+        return None
+    per_group = ((row_scale.shape[0] + 31) // 32) * (index_bits(D, K) + scale_bits)
+    return codes.numel() // per_group * D if per_group and codes.numel() % per_group == 0 else None
+
+
 def wa_matmul(pulses: torch.Tensor, gain: torch.Tensor, scale: torch.Tensor, act_levels: torch.Tensor,
               codes: torch.Tensor, row_scale: torch.Tensor, levels: torch.Tensor, bias: torch.Tensor | None,
               out_features: int, D: int, K: int, scale_bits: int, act_D: int, act_K: int) -> torch.Tensor:
@@ -119,7 +146,7 @@ def wa_matmul(pulses: torch.Tensor, gain: torch.Tensor, scale: torch.Tensor, act
     over the blocks in order and times the row scale (paper.md §7). Pulses whose groups do not sum
     to act_K, or gain codes past act_levels, raise ValueError; corrupt weight codes too.
     """
-    _check_wa_args(pulses, gain, scale, act_levels, act_D, act_K)
+    _check_wa_args(pulses, gain, scale, act_levels, act_D, act_K, _in_features(codes, row_scale, D, K, scale_bits))
     return torch.ops.pvq_cuda.wa_matmul.default(pulses, gain, scale, act_levels, codes, row_scale, levels, bias,
                                                 out_features, D, K, scale_bits, act_D, act_K)
 
@@ -127,6 +154,6 @@ def wa_matmul(pulses: torch.Tensor, gain: torch.Tensor, scale: torch.Tensor, act
 @torch.library.register_fake("pvq_cuda::wa_matmul")
 def _wa_matmul_fake(pulses, gain, scale, act_levels, codes, row_scale, levels, bias, out_features, D, K, scale_bits,
                     act_D, act_K):
-    _check_wa_args(pulses, gain, scale, act_levels, act_D, act_K)
     check_limits(D, K, "pvq_cuda.wa_matmul")
+    _check_wa_args(pulses, gain, scale, act_levels, act_D, act_K, _in_features(codes, row_scale, D, K, scale_bits))
     return pulses.new_empty((*pulses.shape[:-1], out_features), dtype=torch.float32)
