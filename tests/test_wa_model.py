@@ -119,6 +119,10 @@ def test_layer_bad_input():
         layer(torch.randn(3, 64))
     with pytest.raises(TypeError, match="x must have dtype float32, float16, bfloat16; got float64"):
         layer(torch.randn(3, 96, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="for inference: no gradient flows"):
+        layer(torch.randn(3, 96, requires_grad=True))
+    with torch.no_grad():
+        layer(torch.randn(3, 96, requires_grad=True))
     with pytest.raises(ValueError, match="x must be finite, but token 1"):
         layer(torch.tensor([[0.0] * 96, [float("nan")] * 96]))
     with pytest.raises(ValueError, match="multiple of the activation group size D=32"):

@@ -16,8 +16,8 @@ constexpr const char* kMatmul = "pvq_cuda.wa_matmul";
 void check_dense(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": ", arg, " must be a dense (strided) tensor, got layout ",
                     t.layout());
-  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), op, ": ", arg, " must be on a CPU or CUDA device, got ",
-                    t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), op, ": ", arg,
+                    " must be on a CPU or CUDA device, got ", t.device());
 }
 
 void check_levels(const char* op, const char* arg, const at::Tensor& levels, int64_t count, const at::Tensor& x) {
@@ -85,8 +85,8 @@ PackedShape check_wa_matmul_args(const at::Tensor& pulses, const at::Tensor& gai
   gshape.push_back(s.cols / act_D);
   check_dense(kMatmul, "gain", gain);
   TORCH_CHECK_TYPE(gain.scalar_type() == at::kByte, kMatmul, ": gain must be uint8, got ", gain.scalar_type());
-  TORCH_CHECK_VALUE(gain.sizes() == at::IntArrayRef(gshape), kMatmul, ": gain must have shape ", at::IntArrayRef(gshape),
-                    " (one code per group of act_D=", act_D, "), got ", gain.sizes());
+  TORCH_CHECK_VALUE(gain.sizes() == at::IntArrayRef(gshape), kMatmul, ": gain must have shape ",
+                    at::IntArrayRef(gshape), " (one code per group of act_D=", act_D, "), got ", gain.sizes());
   check_dense(kMatmul, "scale", scale);
   TORCH_CHECK_TYPE(scale.scalar_type() == at::kHalf, kMatmul, ": scale must be float16, got ", scale.scalar_type());
   TORCH_CHECK_VALUE(scale.sizes() == at::IntArrayRef(lead), kMatmul, ": scale must have shape ", at::IntArrayRef(lead),

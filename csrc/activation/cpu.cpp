@@ -150,8 +150,9 @@ bool activation_factors(const int8_t* px, const uint8_t* pg, const uint16_t* ps,
 // One tile: wt [n][32] the decoded weight pulses (column-major in the lanes), fw [G][32] the weight
 // factors, for M tokens; acc [M][32]. kBlock = min(D, act_D) columns share both factors.
 template <int kBlock>
-__attribute__((always_inline)) inline void wa_tile(const int8_t* wt, const float* fw, int w_shift, const int8_t* px, const float* fx, int a_shift,
-             int64_t Ga, int64_t M, int64_t n, float* acc) {
+__attribute__((always_inline)) inline void wa_tile(const int8_t* wt, const float* fw, int w_shift, const int8_t* px,
+                                                   const float* fx, int a_shift, int64_t Ga, int64_t M, int64_t n,
+                                                   float* acc) {
   constexpr int L = pvq::kTileRows;
   const int64_t blocks = n / kBlock;
   for (int64_t m = 0; m < M; ++m) {

@@ -68,7 +68,8 @@ class ActivationConfig:
     def preset(cls, name: str, **overrides) -> "ActivationConfig":
         """A named preset (see ACT_PRESETS), optionally with fields overridden."""
         if name not in ACT_PRESETS:
-            raise ValueError(f"ActivationConfig.preset: unknown preset {name!r}; choose one of {', '.join(ACT_PRESETS)}")
+            raise ValueError(f"ActivationConfig.preset: unknown preset {name!r}; choose one of "
+                             f"{', '.join(ACT_PRESETS)}")
         return cls(**{**asdict(ACT_PRESETS[name]), **overrides})
 
     def to_dict(self) -> dict:

@@ -76,15 +76,17 @@ class PVQLinear(nn.Module):
         self.set_activation_config(act_config)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: PVQConfig | None = None) -> "PVQLinear":
-        """Quantize an nn.Linear (data-free) into a PVQLinear on the same device."""
+    def from_linear(cls, linear: nn.Linear, config: PVQConfig | None = None,
+                    act_config: ActivationConfig | str | None = None) -> "PVQLinear":
+        """Quantize an nn.Linear (data-free) into a PVQLinear on the same device (with ``act_config``:
+        coding its input activations too)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"PVQLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         if _weight_quantizer is None:
             raise RuntimeError("PVQLinear.from_linear: no weight quantizer is registered (import pvq_cuda, which "
                                "registers pvq_cuda.quantization's)")
         weight = _weight_quantizer(linear.weight.detach(), config)
-        return cls.from_weight(weight, None if linear.bias is None else linear.bias.detach())
+        return cls.from_weight(weight, None if linear.bias is None else linear.bias.detach(), act_config=act_config)
 
     @classmethod
     def from_weight(cls, weight: PVQWeight, bias: torch.Tensor | None = None,
@@ -112,9 +114,9 @@ class PVQLinear(nn.Module):
         if cfg is not None:
             check_activation_shape(cfg, self.in_features, "PVQLinear.set_activation_config")
             if not self.config.rotate:
-                raise ValueError("PVQLinear.set_activation_config: activations are coded in the weight's rotated basis, "
-                                 "but this layer's weight is not rotated (config.rotate=False); quantize it with "
-                                 "rotate=True")
+                raise ValueError("PVQLinear.set_activation_config: activations are coded in the weight's rotated "
+                                 "basis, but this layer's weight is not rotated (config.rotate=False); quantize it "
+                                 "with rotate=True")
         self.act_config = cfg
         if cfg is None:
             self.act_levels = None
@@ -143,6 +145,9 @@ class PVQLinear(nn.Module):
         return codes
 
     def _forward_wa(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("PVQLinear: coded activations (act_config) are for inference: no gradient flows through "
+                               "them; run under torch.no_grad(), or set_activation_config(None) to train")
         codes = self.code_input(x)
         if self._decoded is not None:
             bias = None if self.bias is None else self.bias.float()

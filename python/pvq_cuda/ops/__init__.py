@@ -23,7 +23,8 @@ def cuda_built() -> bool:
 
 __all__ = [
     "HADAMARD_BASES", "HADAMARD_MAX_N", "MAX_INDEX_BITS", "MAX_K", "SUPPORTED_D", "check_limits", "cuda_built",
-    "decode", "dequantize_packed", "encode", "encode_activations", "hadamard_split", "hadamard_transform", "hessian_accumulate_",
+    "decode", "dequantize_packed", "encode", "encode_activations", "hadamard_split", "hadamard_transform",
+    "hessian_accumulate_",
     "index_bits", "matmul_grad_input", "matmul_packed", "max_pulses", "pack_codes", "pyramid_size", "search", "unpack_codes",
     "wa_matmul",
 ]
