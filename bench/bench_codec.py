@@ -1,4 +1,6 @@
-"""Throughput of the PVQ codec ops (decode, encode, search) in weights per second.
+"""Throughput of the PVQ codec ops (decode, encode, search) in weights per second, and of the
+online activation encoder (encode_activations: rotate, search, index, gain per token) in tokens
+per second at hidden sizes 4096 and 8192, with the W+A matmul (wa_matmul) beside it.
 
 CPU: one thread, timed by thread CPU time (these machines are shared and noisy), median of
 repeated runs. CUDA: CUDA events, median of repeated runs, with the decode/encode bandwidth bound
@@ -86,12 +88,57 @@ def bench(device: str, groups: int, repeats: int, records: list[dict]) -> list[s
     return rows
 
 
+ACT_HIDDEN = (4096, 8192)
+
+
+def bench_activations(device: str, tokens: int, repeats: int, records: list[dict]) -> list[str]:
+    """encode_activations in tokens/s for each activation preset at hidden 4096 and 8192, and
+    wa_matmul (pvq-4.25 weights, n x n, its weight decode included) in multiply-adds per second on
+    the same tokens, beside the fp32 matmul of the same tokens with the dense decoded weight."""
+    from pvq_cuda.format.activation import ACT_PRESETS, activation_levels
+    from pvq_cuda.format.weight import rotation_signs
+
+    if device == "cuda" and not torch.ops.pvq_cuda.encode_activations.default.has_kernel_for_dispatch_key("CUDA"):
+        return ["encode_activations and wa_matmul have no CUDA kernels yet: not measured on CUDA", ""]
+    timer = _median_cuda if device == "cuda" else _median_cpu
+    header = "| hidden n | preset | D | K | gain bits | bits/activation | encode tokens/s | M activations/s |" \
+             " wa_matmul G multiply-adds/s | fp32 x @ W.T G multiply-adds/s |"
+    rows = [header, "|" + "---|" * (header.count("|") - 1)]
+    gen = torch.Generator().manual_seed(1)
+    for n in ACT_HIDDEN:
+        x = torch.randn(tokens, n, generator=gen).to(device)
+        signs = rotation_signs(n, 0).to(device)
+        weight = pvq_cuda.quantize_weight(torch.randn(n, n, generator=gen), pvq_cuda.PVQConfig.preset("pvq-4.25"))
+        weight = weight.to(device)
+        wc = weight.config
+        dense = weight.dequantize(rotated=True)
+        t_dense = timer(lambda: x @ dense.T, max(3, repeats // 3))
+        for name, cfg in ACT_PRESETS.items():
+            levels = activation_levels(cfg, n).to(device)
+            args = (x, signs, levels, cfg.D, cfg.K, cfg.gain_bits)
+            t_enc = timer(lambda: pvq_cuda.ops.encode_activations(*args), repeats)
+            p, _, g, sc = pvq_cuda.ops.encode_activations(*args)
+            mm = (p, g, sc, levels, weight.codes, weight.row_scale, weight.levels, None, n, wc.D, wc.K, wc.scale_bits,
+                  cfg.D, cfg.K)
+            t_mm = timer(lambda: pvq_cuda.ops.wa_matmul(*mm), max(3, repeats // 3))
+            rows.append(f"| {n} | {name} | {cfg.D} | {cfg.K} | {cfg.gain_bits} | {cfg.bits_per_activation(n):.3f} | "
+                        f"{tokens / t_enc:,.0f} | {tokens * n / t_enc / 1e6:,.1f} | "
+                        f"{tokens * n * n / t_mm / 1e9:.2f} | {tokens * n * n / t_dense / 1e9:.2f} |")
+            records.append({"device": device, "op": "encode_activations", "n": n, "preset": name,
+                            "tokens_per_s": tokens / t_enc, "wa_matmul_gmacs": tokens * n * n / t_mm / 1e9,
+                            "tokens": tokens})
+    return rows + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--cpu-groups", type=int, default=1 << 20)
     parser.add_argument("--cuda-groups", type=int, default=1 << 25)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--act-tokens", type=int, default=256, help="tokens per encode_activations call (CPU)")
+    parser.add_argument("--act-cuda-tokens", type=int, default=16384, help="tokens per call on CUDA")
+    parser.add_argument("--skip-codec", action="store_true", help="only the activation encoder")
     parser.add_argument("--out", help="also write the report (markdown) to this file")
     parser.add_argument("--json", help="append the rows as one JSON line to this file")
     args = parser.parse_args()
@@ -103,11 +150,17 @@ def main() -> None:
         torch.set_num_threads(1)
         report += [f"## CPU, 1 thread: {platform.processor() or platform.machine()}; "
                    f"{args.cpu_groups * 8:,} weights per call, median of {args.repeats} (thread CPU time)", ""]
-        report += bench("cpu", args.cpu_groups, args.repeats, records) + [""]
+        if not args.skip_codec:
+            report += bench("cpu", args.cpu_groups, args.repeats, records) + [""]
+        report += [f"### Activation encoder, CPU, 1 thread: {args.act_tokens} tokens per call", ""]
+        report += bench_activations("cpu", args.act_tokens, args.repeats, records)
     if args.device in ("cuda", "all") and torch.cuda.is_available() and pvq_cuda.cuda_built():
         report += [f"## CUDA: {torch.cuda.get_device_name()}; {args.cuda_groups * 8:,} weights per call, "
                    f"median of {args.repeats} (CUDA events)", ""]
-        report += bench("cuda", args.cuda_groups, args.repeats, records) + [""]
+        if not args.skip_codec:
+            report += bench("cuda", args.cuda_groups, args.repeats, records) + [""]
+        report += [f"### Activation encoder, CUDA: {args.act_cuda_tokens} tokens per call", ""]
+        report += bench_activations("cuda", args.act_cuda_tokens, args.repeats, records)
     elif args.device == "cuda":
         raise SystemExit("bench_codec: no CUDA device or pvq_cuda built without CUDA")
     emit(report, args.out)

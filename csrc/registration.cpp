@@ -21,6 +21,14 @@ TORCH_LIBRARY(pvq_cuda, m) {
         {at::Tag::pt2_compliant_tag});
   // Rotation.
   m.def("hadamard_transform(Tensor x, Tensor? signs=None) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // Activations (paper.md §7): the online encoder (rotate, search, index and gain per token) and the
+  // W+A matmul of coded activations with a packed layer (csrc/activation/activation_code.h).
+  m.def("encode_activations(Tensor x, Tensor? signs, Tensor levels, int D, int K, int gain_bits) -> "
+        "(Tensor, Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("wa_matmul(Tensor pulses, Tensor gain, Tensor scale, Tensor act_levels, Tensor codes, Tensor row_scale, "
+        "Tensor levels, Tensor? bias, int out_features, int D, int K, int scale_bits, int act_D, int act_K) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   // Calibration.
   m.def("hessian_accumulate_(Tensor(a!) H, Tensor x) -> ()", {at::Tag::pt2_compliant_tag});
 }

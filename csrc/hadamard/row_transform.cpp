@@ -1,5 +1,7 @@
 #include "hadamard/row_transform.h"
 
+#include "hadamard/hadamard_matrix.h"
+
 namespace pvq::hadamard {
 
 namespace {
@@ -80,6 +82,18 @@ void small_hadamard(const float* table, int m, int64_t cols, const T* __restrict
   int64_t c0 = 0;
   for (; c0 + kBlock <= cols; c0 += kBlock) small_hadamard_block<kBlock>(table, m, cols, c0, kBlock, v, out);
   if (c0 < cols) small_hadamard_block<0>(table, m, cols, c0, int(cols - c0), v, out);
+}
+
+void rotate_row(float* v, const float* signs, int m, int log_p, float scale, float* tmp) {
+  const int64_t P = int64_t(1) << log_p, n = m * P;
+  if (signs)
+    for (int64_t i = 0; i < n; ++i) v[i] *= signs[i];
+  sylvester_chunks(v, m, log_p);
+  if (m > 1) {
+    small_hadamard(dense_table(m), m, P, v, tmp);
+    for (int64_t i = 0; i < n; ++i) v[i] = tmp[i];
+  }
+  for (int64_t i = 0; i < n; ++i) v[i] *= scale;
 }
 
 template void sylvester_chunks<float>(float*, int, int);

@@ -17,4 +17,10 @@ void sylvester_chunks(T* v, int m, int log_p);
 template <typename T>
 void small_hadamard(const float* table, int m, int64_t cols, const T* v, T* out);
 
+// One fp32 row in place, exactly as hadamard_transform's CPU kernel computes a 16- or 32-bit row:
+// times the signs (when given), Sylvester butterflies, the H_m sweep over the m chunks (tmp: n
+// floats, used when m > 1), then times transform_scale(n). For kernels that rotate a row on the
+// way to something else (the activation encoder) without a tensor in between.
+void rotate_row(float* v, const float* signs, int m, int log_p, float scale, float* tmp);
+
 }  // namespace pvq::hadamard

@@ -13,8 +13,8 @@ import-linter, see pyproject.toml):
 """
 
 from ._version import __version__  # noqa: F401  (pvq_cuda.__version__)
-from .format import (FORMAT_VERSION, PRESETS, FormatError, PVQConfig, PVQWeight, beta_gain_levels, load, pvq_matmul,
-                     read_metadata, register_serializable, rotation_signs, save)
+from .format import (ACT_PRESETS, FORMAT_VERSION, PRESETS, ActivationConfig, FormatError, PVQConfig, PVQWeight,
+                     beta_gain_levels, load, pvq_matmul, read_metadata, register_serializable, rotation_signs, save)
 from .layers import PVQLinear, load_quantized, save_quantized
 from .ops import (HADAMARD_BASES, HADAMARD_MAX_N, MAX_INDEX_BITS, MAX_K, SUPPORTED_D, cuda_built, decode, encode,
                   hadamard_split, hadamard_transform, hessian_accumulate_, index_bits, max_pulses, pyramid_size, search)
@@ -27,6 +27,8 @@ from .integrations import register_all as _register_integrations
 _register_integrations()
 
 __all__ = [
+    "ACT_PRESETS",
+    "ActivationConfig",
     "FORMAT_VERSION",
     "FormatError",
     "HADAMARD_BASES",

@@ -5,7 +5,8 @@
     pvq-cuda eval       held-out perplexity of a model or a quantized directory (last line: `perplexity: <value>`);
                         with --tasks, lm-evaluation-harness tasks from local files (pvq_heldout ships)
     pvq-cuda compare    the full table and plot (fp32; RTN, GPTQ, rotated GPTQ INT4/3/2; PVQ 2.25/3.25/4.25
-                        data-free and Hessian-aware) into bench/results/
+                        data-free and Hessian-aware) into bench/results/; with --act, weights and activations
+                        (PVQ-coded activations against INT8/INT4 ones, per bits per activation)
     pvq-cuda generate   text from a model, streamed, with tokens/s (the chat template when the tokenizer has one)
     pvq-cuda setup      fetch the default corpus and convert the default model into the cache
     pvq-cuda demo       PVQ of a random Gaussian matrix beside INT3/INT4 round-to-nearest
@@ -17,6 +18,7 @@ import argparse
 import os
 import sys
 
+from ..format.activation import ACT_PRESETS
 from ..format.config import PRESETS
 
 
@@ -87,7 +89,7 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from . import generate as generation
-    from . import jobs, tasks
+    from . import jobs, tasks, wa
 
     parser = argparse.ArgumentParser(prog="pvq-cuda", description="Pyramid Vector Quantization for LLMs",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -98,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     _quant_options(q)
     q.add_argument("--config", choices=list(PRESETS), help="PVQ preset (default pvq-3.25)")
     q.add_argument("--method", default="pvq", help="'pvq' (Hessian-aware, default) or 'pvq-datafree'")
+    q.add_argument("--act-config", dest="act_config", choices=list(ACT_PRESETS),
+                   help="also code every quantized layer's input activations online with this PVQ activation preset "
+                        "(W+A; recorded in the saved model)")
     q.add_argument("--baselines", default=",".join(jobs.QUANTIZE_BASELINES),
                    help="comma-separated baseline methods to run beside it, or 'none' "
                         f"(default {','.join(jobs.QUANTIZE_BASELINES)})")
@@ -117,8 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare", help="full table and plot into bench/results/")
     _data_options(c, nsamples=64)
     _quant_options(c)
-    c.add_argument("--config", help="comma-separated PVQ presets (default pvq-2.25,pvq-3.25,pvq-4.25)")
-    c.set_defaults(run=jobs.cmd_compare)
+    c.add_argument("--config", help="comma-separated PVQ presets (default pvq-2.25,pvq-3.25,pvq-4.25; with --act "
+                                    "pvq-4.25,pvq-3.25)")
+    c.add_argument("--act", action="store_true",
+                   help="weights and activations: perplexity against bits per activation for PVQ-coded activations "
+                        "and INT baselines on each --config weight rate, into bench/results/wa_<model>.{md,json,png}")
+    c.add_argument("--act-config", dest="act_configs",
+                   help="--act: comma-separated activation presets (default pvq-a8.5,pvq-a8,pvq-a6.25,pvq-a4.25; "
+                        f"choices {', '.join(ACT_PRESETS)})")
+    c.add_argument("--act-baselines", help="--act: comma-separated INT activation baselines, int<b>-token or "
+                                           "int<b>-g<G>, or 'none' (default int8-token,int4-token,int8-g8,int4-g8)")
+    c.add_argument("--act-decoded", action="store_true",
+                   help="--act: multiply coded activations as dequantized fp32 operands (dense BLAS) instead of the "
+                        "integer W+A kernel; the same product up to float rounding")
+    c.set_defaults(run=lambda a: wa.cmd_compare_act(a) if a.act else jobs.cmd_compare(a))
 
     g = sub.add_parser("generate", help="generate text from a model (streamed), then tokens/s")
     g.add_argument("--model", help="a directory written by pvq-cuda quantize, an HF directory, a .gguf file "

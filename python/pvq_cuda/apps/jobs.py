@@ -124,6 +124,9 @@ def _labels(method: str, preset: str | None, log: dict | None) -> tuple[str, str
     if m.kind != "pvq":
         fam = "GPTQ rotated" if m.rotate else m.kind.upper()
         return f"{fam} INT{m.bits} g{m.group}", f"{fam} (simulated)", ""
+    act = (log or {}).get("act_config")
+    if act:
+        preset = f"{preset} + activations D={act['D']}, K={act['K']}, {act['gain_bits']} gain bits"
     if not m.hessian:
         return f"PVQ {preset} data-free", "PVQ data-free", ""
     used = log is not None and any(e.get("hessian_used") for e in log["layers"])
@@ -136,7 +139,8 @@ def _run_options(job: Job, method: str, preset: str | None, log_path: Path | Non
     """quantize_model's keyword arguments for one row."""
     args = job.args
     m = parse_method(method)
-    return dict(config=preset or DEFAULT_PRESET, method=method, ignore=args.ignore, device=job.device,
+    act = getattr(args, "act_config", None) if m.kind == "pvq" else None  # quantize --act-config
+    return dict(config=preset or DEFAULT_PRESET, method=method, ignore=args.ignore, device=job.device, act_config=act,
                 offload=args.offload, act_order=args.act_order, metric_search=args.metric_search and m.kind == "pvq",
                 refine_passes=args.refine_passes, fp_targets=args.fp_targets, progress=not args.no_progress,
                 batch_size=args.batch_size, seed=args.seed, log_path=log_path,

@@ -31,7 +31,12 @@ moment leaves either the old or the new checkpoint, never a mix.
     module_overrides        {module name: {D, K, scale_bits, rotate, seed}} where a layer differs
     calibration             how the Hessians were made (source, nsamples, seqlen, tokens, seed, damp,
                             act_order), or null for data-free quantization
+    activation              {D, K, gain_bits}: the PVQ layers code their input activations online
+                            (W+A, format.activation.ActivationConfig), or null (weights only)
+    activation_overrides    {module name: {D, K, gain_bits} or null} where a PVQ layer differs
     quantizer               "pvq_cuda <version>"
+
+The two activation keys are absent from checkpoints written before W+A existed: read as null.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .._version import __version__
+from .activation import ActivationConfig
 from .atomic import recover_directory, replace_directory, write_json
 from .config import PVQConfig
 from .container import VERSION_KEY, FormatError
@@ -80,13 +86,21 @@ def check_quantization_config(q, where: str) -> None:
             config_of(q, name)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: quantization_config does not describe a valid PVQ config: {e}") from None
+    try:
+        act_config_of(q, "")
+        for name in q.get("activation_overrides") or {}:
+            act_config_of(q, name)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: quantization_config does not describe a valid activation config: {e}") from None
 
 
 def build_quantization_config(configs: Mapping[str, PVQConfig], dense: list[str], *,
                               calibration: Mapping | None = None, damp: float | None = None,
-                              act_order: bool | None = None, method: str = "pvq") -> dict:
+                              act_order: bool | None = None, method: str = "pvq",
+                              act_configs: Mapping[str, ActivationConfig | None] | None = None) -> dict:
     """The ``quantization_config`` dict (see the module doc) of a model whose PVQ layers have the
-    configs ``configs`` (by module name) and whose other linears are ``dense``."""
+    configs ``configs`` (by module name), the activation configs ``act_configs`` (by module name;
+    missing or None: weights only) and whose other linears are ``dense``."""
     if not configs:
         raise ValueError("the model has no PVQLinear layer: quantize it with quantize_model(method='pvq') first")
     counts: dict[PVQConfig, int] = {}
@@ -100,6 +114,11 @@ def build_quantization_config(configs: Mapping[str, PVQConfig], dense: list[str]
             calib["damp"] = damp
         if act_order is not None:
             calib["act_order"] = act_order
+    acts = {name: (act_configs or {}).get(name) for name in configs}
+    act_counts: dict[ActivationConfig | None, int] = {}
+    for a in acts.values():
+        act_counts[a] = act_counts.get(a, 0) + 1
+    act_default = max(act_counts, key=lambda a: act_counts[a])
     return {
         "quant_method": QUANT_METHOD,
         "format_version": LAYOUT_VERSION,
@@ -113,6 +132,8 @@ def build_quantization_config(configs: Mapping[str, PVQConfig], dense: list[str]
         "modules_to_not_convert": sorted(dense),
         "module_overrides": {n: c.to_dict() for n, c in configs.items() if c != default},
         "calibration": calib,
+        "activation": None if act_default is None else act_default.to_dict(),
+        "activation_overrides": {n: None if a is None else a.to_dict() for n, a in acts.items() if a != act_default},
         "method": method,
         "quantizer": f"pvq_cuda {__version__}",
     }
@@ -124,6 +145,19 @@ def config_of(qcfg: Mapping, name: str) -> PVQConfig:
     if name in over:
         return PVQConfig(**over[name])
     return PVQConfig(D=qcfg["D"], K=qcfg["K"], scale_bits=qcfg["scale_bits"], rotate=qcfg["rotate"], seed=qcfg["seed"])
+
+
+def act_config_of(qcfg: Mapping, name: str) -> ActivationConfig | None:
+    """The ActivationConfig of PVQ module ``name`` under a ``quantization_config`` (None: its
+    activations are not coded)."""
+    over = qcfg.get("activation_overrides") or {}
+    value = over[name] if name in over else qcfg.get("activation")
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"activation config of {name or 'the model'!r} must be a mapping or null, got "
+                        f"{type(value).__name__}")
+    return ActivationConfig(**value)
 
 
 def _nbytes(value) -> int:

@@ -3,7 +3,9 @@ and its checkpoint directory. Imports only the format and ops layers."""
 
 from .decoder import decoder_layers, linears, set_submodule
 from .linear import PVQLinear, register_weight_quantizer
-from .quantized_model import load_quantized, make_save_pretrained_atomic, model_quantization_config, save_quantized
+from .quantized_model import (load_quantized, make_save_pretrained_atomic, model_quantization_config, save_quantized,
+                              set_activation_coding)
 
 __all__ = ["PVQLinear", "decoder_layers", "linears", "load_quantized", "model_quantization_config",
-           "make_save_pretrained_atomic", "register_weight_quantizer", "save_quantized", "set_submodule"]
+           "make_save_pretrained_atomic", "register_weight_quantizer", "save_quantized", "set_activation_coding",
+           "set_submodule"]

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..format.atomic import replace_directory
-from ..format.checkpoint import (DEFAULT_MAX_SHARD_BYTES, QUANT_METHOD, build_quantization_config, config_of,
-                                 is_checkpoint_file, placeholder_key, read_checkpoint_tensors,
+from ..format.checkpoint import (DEFAULT_MAX_SHARD_BYTES, QUANT_METHOD, act_config_of, build_quantization_config,
+                                 config_of, is_checkpoint_file, placeholder_key, read_checkpoint_tensors,
                                  read_quantization_config, write_checkpoint)
 from ..format.weight import PVQWeight
 from .decoder import decoder_layers, set_submodule
@@ -26,9 +26,23 @@ def model_quantization_config(model: nn.Module, *, calibration: Mapping | None =
                               act_order: bool | None = None, method: str = "pvq") -> dict:
     """The ``quantization_config`` of a model whose PVQ layers are in place."""
     configs = {n: m.config for n, m in model.named_modules() if isinstance(m, PVQLinear)}
+    acts = {n: m.act_config for n, m in model.named_modules() if isinstance(m, PVQLinear)}
     dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return build_quantization_config(configs, dense, calibration=calibration, damp=damp, act_order=act_order,
-                                     method=method)
+                                     method=method, act_configs=acts)
+
+
+def set_activation_coding(model: nn.Module, act_config, *, names=None) -> list[str]:
+    """Code the input activations of the model's PVQ layers with ``act_config`` (an
+    :class:`~pvq_cuda.ActivationConfig` or preset name; None stops coding them): every PVQLinear,
+    or those whose module names are in ``names``. Returns the names of the layers it set."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PVQLinear) and (names is None or n in names)]
+    if not layers:
+        raise ValueError("set_activation_coding: the model has no PVQLinear layer to code the activations of "
+                         "(activation coding needs PVQ weights: quantize with method 'pvq' or 'pvq-datafree')")
+    for _, m in layers:
+        m.set_activation_config(act_config)
+    return [n for n, _ in layers]
 
 
 def make_save_pretrained_atomic(model: nn.Module) -> None:
@@ -184,7 +198,8 @@ def load_quantized(directory: str | os.PathLike, device=None) -> nn.Module:
         bias = stored.pop(f"{name}.bias", None)
         if (bias is None) != (linear.bias is None):
             raise ValueError(f"load_quantized: {name!r}: the bias is {'missing' if bias is None else 'unexpected'}")
-        set_submodule(model, name, PVQLinear.from_weight(value, None if bias is None else bias.to(linear.bias.dtype)))
+        set_submodule(model, name, PVQLinear.from_weight(value, None if bias is None else bias.to(linear.bias.dtype),
+                                                         act_config=act_config_of(qcfg, name)))
         del stored[name]
 
     expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}

@@ -10,8 +10,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..format.activation import as_activation_config, check_activation_shape
 from ..format.config import DEFAULT_PRESET, PVQConfig
 from ..layers.decoder import check_dense_blocks, decoder_layers, linears
+from ..layers.quantized_model import set_activation_coding
 from ..quantization.hessian import DEFAULT_DAMP
 from ..quantization.methods import parse_method, width_problem
 from ..quantization.quantize import check_refine_passes
@@ -61,7 +63,7 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
                    overrides: Mapping[str, PVQConfig | str] | None = None, damp: float = DEFAULT_DAMP,
                    batch_size: int = 8, seed: int = 0, log_path: str | os.PathLike | None = None,
                    calibration_info: Mapping | None = None, metric_search: bool = False,
-                   fp_targets: bool = False, refine_passes: int = 0) -> dict:
+                   fp_targets: bool = False, refine_passes: int = 0, act_config=None) -> dict:
     """Quantize the decoder linears of a causal LM in place, block by block.
 
     Args:
@@ -99,6 +101,10 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
         log_path: where the JSON log is (re)written after every block.
         calibration_info: JSON-able description of the calibration data, stored in the
             ``quantization_config`` (e.g. ``{"source": ..., "nsamples": ..., "seqlen": ...}``).
+        act_config: an :class:`~pvq_cuda.ActivationConfig` or preset name (``pvq-a4.25`` ...): after
+            the weights are quantized, every quantized layer codes its input activations online
+            with it (W+A, paper.md §7; recorded in the saved ``quantization_config``). PVQ methods
+            only; the weights are calibrated as without it.
 
     Returns:
         The log: ``{"method", "label", "config", "loss_definition", "device", "kept", "layers":
@@ -110,9 +116,16 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
     run = prepare(model, calibration, config, ignore=ignore, device=device, offload=offload, act_order=act_order,
                    resume_dir=resume_dir, progress=progress, method=method, overrides=overrides, damp=damp,
                    batch_size=batch_size, seed=seed, log_path=log_path, calibration_info=calibration_info,
-                   metric_search=metric_search, fp_targets=fp_targets, refine_passes=refine_passes)
+                   metric_search=metric_search, fp_targets=fp_targets, refine_passes=refine_passes,
+                   act_config=act_config)
     execute([run])
+    _install_activation_coding(model, run)
     return run.log
+
+
+def _install_activation_coding(model: nn.Module, run: Run) -> None:
+    if run.act_config is not None:
+        set_activation_coding(model, run.act_config)
 
 
 def uses_fp_targets(method: str, fp_targets: bool) -> bool:
@@ -123,7 +136,7 @@ def uses_fp_targets(method: str, fp_targets: bool) -> bool:
 
 #: quantize_models: the options each run may set for itself; the others are shared.
 PER_RUN_OPTIONS = frozenset({"method", "config", "overrides", "act_order", "metric_search", "refine_passes",
-                             "log_path", "calibration_info"})
+                             "log_path", "calibration_info", "act_config"})
 
 
 def quantize_models(models: Sequence[nn.Module], calibration=None, runs: Sequence[Mapping] | None = None,
@@ -176,12 +189,14 @@ def quantize_models(models: Sequence[nn.Module], calibration=None, runs: Sequenc
         for run in prepared:
             run.bar = bar
     execute(prepared)
+    for model, run in zip(models, prepared):
+        _install_activation_coding(model, run)
     return [run.log for run in prepared]
 
 
 def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, act_order, resume_dir, progress,
              method, overrides, damp, batch_size, seed, log_path, calibration_info, metric_search, fp_targets,
-             refine_passes) -> Run:
+             refine_passes, act_config=None) -> Run:
     """Check quantize_model's arguments and set up its run (nothing is quantized yet)."""
     layers = decoder_layers(model)
     check_dense_blocks(layers)
@@ -204,6 +219,10 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
     if not damp >= 0:
         raise ValueError(f"quantize_model: damp must be >= 0, got {damp!r}")
     check_refine_passes(refine_passes, "quantize_model")
+    act = as_activation_config(act_config, "quantize_model: act_config")
+    if act is not None and m.kind != "pvq":
+        raise ValueError(f"quantize_model: act_config codes activations against PVQ weights, but method {method!r} "
+                         f"leaves dense layers; use method 'pvq' or 'pvq-datafree'")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     overrides_c = compile_overrides(overrides)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -219,6 +238,12 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
         raise ValueError(f"quantize_model: {m.name} cannot quantize {len(problems)} linear(s): "
                          f"{'; '.join(problems[:4])}{'; ...' if len(problems) > 4 else ''}. Keep them in full "
                          f"precision with ignore=, or give them a config that fits (e.g. one with rotate=False) with overrides=")
+    if act is not None:  # before any work: each coded layer's input must fit the activation groups
+        for name in todo:
+            check_activation_shape(act, model.get_submodule(name).in_features, f"quantize_model: act_config at {name}")
+        if not all(c.rotate for c in [config, *(c for _, c in overrides_c)]):
+            raise ValueError("quantize_model: act_config codes activations in the weights' rotated basis; the PVQ "
+                             "config must have rotate=True")
 
     model.eval()
     if not offload:
@@ -227,10 +252,11 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
     run = Run(model, m, config, overrides_c, ignore_re, dev, offload, act_order, metric_search, damp, seed, progress,
                log_path, len(todo), fp_targets=uses_fp_targets(method, fp_targets), refine_passes=refine_passes)
     run.layers, run.chunks = layers, chunks
+    run.act_config = act
     run.log = {"method": m.name, "label": m.label, "config": config.to_dict() if m.kind == "pvq" else None,
                "overrides": {p.pattern: c.to_dict() for p, c in overrides_c}, "ignore": ignore,
                "act_order": act_order, "metric_search": metric_search, "refine_passes": refine_passes,
-               "fp_targets": run.fp_targets,
+               "fp_targets": run.fp_targets, "act_config": None if act is None else act.to_dict(),
                "damp": damp if m.hessian else None, "device": str(dev), "offload": offload,
                "loss_definition": LOSS_DEFINITION, "calibration": dict(calibration_info or {}),
                "kept": kept_in_full_precision(model, set(in_blocks), ignore_re),

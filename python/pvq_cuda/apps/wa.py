@@ -1,0 +1,207 @@
+"""`pvq-cuda compare --act`: weights and activations (W+A), perplexity against bits per activation.
+
+One Hessian-aware PVQ quantization per weight rate (the runs share the fp model's pass), then on
+each quantized model, in turn: the activations unquantized (A16), PVQ-coded with each activation
+preset (the layers' integer W+A kernel, ``wa_matmul``), and the integer baselines (per-token and
+per-group INT8/INT4 with the same rotation, simulated). Every row is the held-out perplexity on the
+same windows as the fp32 row, with ± one standard error of the ratio. Writes
+``wa_<model>.{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..format.activation import ACT_PRESETS
+from ..format.config import PRESETS
+from ..layers.linear import PVQLinear
+from ..layers.quantized_model import set_activation_coding
+from ..quantization.act_baselines import parse_activation_baseline, simulated_activations
+from .evaluate import perplexity
+from .jobs import _fp32_row, _header as job_header, _say, _slug, prepare, run_methods
+from .report import domain_summary, write_json, write_text
+
+WA_WEIGHTS = ("pvq-4.25", "pvq-3.25")
+WA_ACTIVATIONS = ("pvq-a8.5", "pvq-a8", "pvq-a6.25", "pvq-a4.25")
+WA_BASELINES = ("int8-token", "int4-token", "int8-g8", "int4-g8")
+
+
+@dataclass
+class WARow:
+    weights: str            # "fp32" or a weight preset
+    activations: str        # "fp32", "A16" (unquantized), an activation preset or an INT baseline
+    label: str
+    family: str             # the plot's series
+    bpw: float | None       # bits per weight of the quantized decoder linears (None: fp32)
+    bpa: float | None       # bits per activation of their inputs, scales included (None: unquantized)
+    perplexity: float
+    ratio: float
+    ratio_se: float | None
+    eval_seconds: float | None  # the evaluation's time (None: measured with the weight run)
+    domains: dict[str, dict] = field(default_factory=dict)
+
+
+def activation_bits(model, act) -> float:
+    """Bits per activation over the model's PVQ layers' inputs, each layer weighted by its input
+    size n (the values it codes per token): ActivationConfig or INT baseline."""
+    ns = [m.in_features for m in model.modules() if isinstance(m, PVQLinear)]
+    return math.fsum(n * act.bits_per_activation(n) for n in ns) / sum(ns)
+
+
+def _evaluate(job, model, integer: bool) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    # decoded_cache=False: PVQ layers with coded activations run the integer W+A kernel itself.
+    evals = {name: perplexity(model, w, device=job.device, decoded_cache=False if integer else None)
+             for name, w in job.evaluation.items()}
+    return evals, time.perf_counter() - t0
+
+
+def _row(job, model, fp32_eval, weights: str, activations: str, label: str, family: str, bpw, bpa,
+         integer: bool = False) -> WARow:
+    evals, secs = _evaluate(job, model, integer)
+    ppl, ratio, se, per = domain_summary(evals, fp32_eval)
+    row = WARow(weights, activations, label, family, bpw, bpa, ppl, ratio, se, secs, per)
+    _say(f"pvq-cuda: {label}: bpa {'-' if bpa is None else f'{bpa:.3f}'}, perplexity {ppl:.3f} "
+         f"({ratio:.3f}x fp32{'' if se is None else f' +- {se:.3f}'}), eval {secs:.0f} s")
+    return row
+
+
+def markdown_table(rows: list[WARow]) -> str:
+    domains = list(rows[0].domains) if rows and rows[0].domains else []
+    many = len(domains) > 1
+    head = "| weights | activations | bpw | bpa | " + ("".join(f"{d} | " for d in domains) if many else "") + \
+           "perplexity | × fp32 | eval s |"
+    lines = [head, "| --- | --- | ---: | ---: | " + ("---: | " * len(domains) if many else "") + "---: | ---: | ---: |"]
+    for r in rows:
+        cells = []
+        if many:
+            cells = [f"{r.domains[d]['perplexity']:.2f}" if r.weights == "fp32" else
+                     f"{r.domains[d]['ratio']:.3f} ± {r.domains[d]['ratio_se']:.3f}" for d in domains]
+        ratio = f"{r.ratio:.3f}" + ("" if r.ratio_se is None else f" ± {r.ratio_se:.3f}")
+        lines.append("| " + " | ".join([r.weights, r.label, "fp32" if r.bpw is None else f"{r.bpw:.3f}",
+                                        "fp32" if r.bpa is None else f"{r.bpa:.3f}", *cells, f"{r.perplexity:.3f}",
+                                        ratio, "" if r.eval_seconds is None else f"{r.eval_seconds:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[WARow], path, title: str) -> None:
+    """Perplexity against bits per activation: one series per (weights, activation family); the
+    fp32 model and the weight-only (A16) rows as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..format import atomic
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    series: dict[str, list[WARow]] = {}
+    styles = {"PVQ": "o-", "INT per-token": "s--", "INT per-group": "^:"}
+    colors = {}
+    for r in rows:
+        if r.bpa is None:
+            continue
+        series.setdefault(f"W {r.weights}: {r.family}", []).append(r)
+    for name, rs in series.items():
+        rs = sorted(rs, key=lambda r: r.bpa)
+        w = rs[0].weights
+        color = colors.setdefault(w, f"C{len(colors)}")
+        ax.errorbar([r.bpa for r in rs], [r.perplexity for r in rs],
+                    yerr=[r.perplexity * (r.ratio_se or 0) / r.ratio for r in rs], fmt=styles[rs[0].family],
+                    color=color, capsize=3, label=name)
+    for r in rows:
+        if r.bpa is None:
+            color = "k" if r.weights == "fp32" else colors.get(r.weights, "gray")
+            ax.axhline(r.perplexity, color=color, linestyle="-." if r.weights != "fp32" else "--", linewidth=1,
+                       label=f"{r.label} ({r.perplexity:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per activation (inputs of the quantized linears, scales included)")
+    ax.set_ylabel("held-out perplexity" + (" (geometric mean over the texts)" if rows and len(rows[0].domains) > 1
+                                           else ""))
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        atomic.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), make_parents=True)
+    finally:
+        plt.close(fig)
+
+
+def _header(job, weight_logs: dict, integer: bool) -> list[str]:
+    lines = [h for h in job_header(job, weight_logs) if not h.startswith("bpw:")]
+    lines += ["weights: PVQ Hessian-aware, one quantization per weight rate shared by all its activation rows; bpw: "
+              "bits per weight of the quantized decoder linears, everything stored counted",
+              "bpa: bits per activation of those linears' inputs, each weighted by its size: PVQ (index + gain bits) / "
+              "D + 16 / n (fp16 per-token scale), INT per-token b + 16 / n, INT per-group b + 16 / G; the lm_head and "
+              "the attention (q·k, p·v) stay in full precision",
+              "PVQ activations: rotated with the layer's own Hadamard rotation, coded per token online "
+              + ("and multiplied by the integer W+A kernel (wa_matmul: int8 pulse dot products times gain products)"
+                 if integer else "and multiplied as dequantized fp32 operands (the same product up to float rounding; "
+                 "the integer kernel is tested against it)"),
+              "INT baselines: symmetric round-to-nearest, fp16 scales, in the same rotated basis as the PVQ codes "
+              "(QuaRot-style), no clipping; simulated in floating point"]
+    return lines
+
+
+def cmd_compare_act(args) -> int:
+    """The W+A table and plot (see the module doc)."""
+    t0 = time.perf_counter()
+    args.out_dir = Path(args.out) if args.out else Path("bench") / "results"
+    weights = args.config.split(",") if args.config else list(WA_WEIGHTS)
+    acts = args.act_configs.split(",") if args.act_configs else list(WA_ACTIVATIONS)
+    baselines = [b for b in (args.act_baselines.split(",") if args.act_baselines else WA_BASELINES) if b != "none"]
+    for w in weights:
+        if w not in PRESETS:
+            raise SystemExit(f"--config {w!r}: unknown weight preset; choose from {', '.join(PRESETS)}")
+    for a in acts:
+        if a not in ACT_PRESETS:
+            raise SystemExit(f"--act-config {a!r}: unknown activation preset; choose from {', '.join(ACT_PRESETS)}")
+    parsed = [parse_activation_baseline(b) for b in baselines]
+    integer = not args.act_decoded
+    job = prepare(args)
+    stem = args.out_dir / f"wa_{_slug(args.model)}"
+    fp32, fp32_eval = _fp32_row(job)
+    rows = [WARow("fp32", "fp32", "fp32 (unquantized)", "fp32", None, None, fp32.perplexity, 1.0, None, None,
+                  fp32.domains)]
+    logs = {}
+
+    def save() -> str:
+        md = "\n".join([f"# pvq-cuda compare --act: {job.lm.name}", "",
+                        *[f"- {h}" for h in _header(job, logs, integer)],
+                        f"- job time: {time.perf_counter() - t0:.0f} s", "", markdown_table(rows), ""])
+        write_text(f"{stem}.md", md)
+        write_json(f"{stem}.json", {"data": job.data_info, "results": [asdict(r) for r in rows],
+                                    "weight_runs": logs, "seconds": time.perf_counter() - t0})
+        return md
+
+    for k, wrow, log, model in run_methods(job, [("pvq", w, None) for w in weights], fp32_eval):
+        w = weights[k]
+        logs[w] = log
+        rows.append(WARow(w, "A16", f"W{PRESETS[w].code_bpw:g} A16 (weights only)", "A16", log["bpw"], None,
+                          wrow.perplexity, wrow.ratio, wrow.ratio_se, None, wrow.domains))
+        for a in acts:
+            cfg = ACT_PRESETS[a]
+            set_activation_coding(model, cfg)
+            rows.append(_row(job, model, fp32_eval, w, a, f"PVQ {a} (D={cfg.D}, K={cfg.K}, {cfg.gain_bits} gain bits)",
+                             "PVQ", log["bpw"], activation_bits(model, cfg), integer=integer))
+            set_activation_coding(model, None)
+            save()
+        for q in parsed:
+            with simulated_activations(model, q):
+                rows.append(_row(job, model, fp32_eval, w, q.name, q.label,
+                                 "INT per-token" if q.group is None else "INT per-group", log["bpw"],
+                                 activation_bits(model, q)))
+            save()
+        del model
+    md = save()
+    plot(rows, f"{stem}.png", f"{job.lm.name.split(' (')[0]}: held-out perplexity vs bits per activation (W+A)")
+    print(md)
+    print(f"written: {stem}.md, {stem}.json, {stem}.png")
+    return 0
+
+
+__all__ = ["WA_ACTIVATIONS", "WA_BASELINES", "WA_WEIGHTS", "WARow", "activation_bits", "cmd_compare_act"]
