@@ -51,6 +51,25 @@ def test_quantize_then_eval(tiny, capsys):
     assert result["perplexity"] == pytest.approx(ppl_quantize, rel=1e-3) and result["windows"] == 3
 
 
+def test_quantize_at_any_rate(tiny, capsys):
+    out = tiny / "out-rate"
+    rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
+               "--baselines", "none", "--no-progress", "--bpw", "2.7", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "PVQ at 2.7 bpw (allocated) Hessian-aware" in captured.out
+    run = json.loads((out / "quantization_log.json").read_text())["runs"]["pvq:2.7bpw"]
+    assert abs(run["bpw"] - 2.7) <= 0.01 and run["allocation"]["bpw"] == 2.7
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["module_overrides"]
+    for bad, why in ((["--bpw", "5"], "--bpw: must be in [2.0, 4.5], got 5"),
+                     (["--bpw", "x"], "--bpw: must be a number of bits per weight, got 'x'"),
+                     (["--bpw", "3", "--config", "pvq-3.25"], "not allowed with argument")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["quantize", "--model", str(tiny / "model"), *bad])
+        assert exit_info.value.code == 2 and why in capsys.readouterr().err
+
+
 def test_eval_on_separate_text(tiny, capsys):
     (tiny / "other.jsonl").write_text("\n".join(json.dumps({"text": TEXT[i:i + 400]}) for i in range(0, 2000, 400)))
     rc = main(["eval", "--model", str(tiny / "model"), "--eval", str(tiny / "other.jsonl"), "--seqlen", "64",
@@ -80,14 +99,18 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path, capsys):
 
 def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
     rc = main(["compare", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
-               "--config", "pvq-3.25", "--refine-passes", "1", "--no-progress", "--out", str(tmp_path)])
+               "--config", "pvq-3.25", "--bpw", "2.5,3.5", "--refine-passes", "1", "--no-progress",
+               "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
     stem = tmp_path / "compare_model"
     result = json.loads(stem.with_suffix(".json").read_text())
     methods = [r["method"] for r in result["results"]]
     assert methods[0] == "fp32" and "gptq-rot-int2" in methods
-    assert methods[-2:] == ["pvq-datafree:pvq-3.25", "pvq:pvq-3.25"]
+    assert methods[-4:] == ["pvq-datafree:pvq-3.25", "pvq:pvq-3.25", "pvq:2.5bpw", "pvq:3.5bpw"]
+    allocated = result["results"][-2:]  # the Pareto curve's points: their own family in the plot
+    assert {r["family"] for r in allocated} == {"PVQ Hessian-aware, allocated"}
+    assert [r["bpw"] for r in allocated] == pytest.approx([2.5, 3.5], abs=0.01)
     assert all(r["perplexity"] > 0 and r["bpw"] > 0 for r in result["results"])
     assert stem.with_suffix(".png").stat().st_size > 1000 and "| GPTQ rotated INT3 g128 |" in out
     log = json.loads((tmp_path / "compare_model_log.json").read_text())
@@ -97,7 +120,7 @@ def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
     # every quantized row carries the standard error of its ratio over the 3 held-out windows
     assert all(r["ratio_se"] > 0 for r in result["results"][1:]) and result["results"][0]["ratio_se"] is None
     assert " ± " in out
-    # the seven Hessian runs went together, sharing one fp pass; the data-free ones alone
+    # the nine Hessian runs went together, sharing one fp pass; the data-free ones alone
     shared = {log["runs"][m].get("shared_seconds") for m in methods[1:]}
     assert len(shared - {None}) == 1 and "shared one pass of the fp model" in out
     assert "shared_seconds" in log["runs"]["gptq-rot-int2"] and "shared_seconds" not in log["runs"]["rtn-int2"]

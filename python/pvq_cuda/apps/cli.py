@@ -45,6 +45,25 @@ def _non_negative(s: str) -> int:
     return v
 
 
+def _rate(s: str) -> float:
+    from ..pipeline.allocate import BPW_RANGE
+
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of bits per weight, got {s!r}") from None
+    if not BPW_RANGE[0] <= v <= BPW_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be in [{BPW_RANGE[0]}, {BPW_RANGE[1]}], got {s}")
+    return v
+
+
+def _rates(s: str) -> list[float]:
+    """'sweep' (2.0 to 4.5 in steps of 0.25) or comma-separated rates."""
+    if s == "sweep":
+        return [2.0 + 0.25 * i for i in range(11)]
+    return [_rate(r) for r in s.split(",")]
+
+
 def _data_options(p: argparse.ArgumentParser, calibration: bool = True, nsamples: int = 32) -> None:
     p.add_argument("--model", help="a local Hugging Face model directory, a .gguf file, or a directory written by "
                                    "pvq-cuda quantize (default: SmolLM2-135M-Instruct, Q4_1-dequantized, offline)")
@@ -98,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("quantize", help="PVQ-quantize a model, save it, compare with fp32 and baselines")
     _data_options(q)
     _quant_options(q)
-    q.add_argument("--config", choices=list(PRESETS), help="PVQ preset (default pvq-3.25)")
+    rate = q.add_mutually_exclusive_group()
+    rate.add_argument("--config", choices=list(PRESETS), help="PVQ preset (default pvq-3.25)")
+    rate.add_argument("--bpw", type=_rate, metavar="R",
+                      help="any mean rate R in [2.0, 4.5] bits per weight instead of a preset: each layer gets the "
+                           "D, K and gain bits that minimise the summed predicted loss (from its weight and "
+                           "calibration Hessian) at R, to within 0.01 bpw; the choices are saved with the model")
     q.add_argument("--method", default="pvq", help="'pvq' (Hessian-aware, default) or 'pvq-datafree'")
     q.add_argument("--act-config", dest="act_config", choices=list(ACT_PRESETS),
                    help="also code every quantized layer's input activations online with this PVQ activation preset "
@@ -124,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     _quant_options(c)
     c.add_argument("--config", help="comma-separated PVQ presets (default pvq-2.25,pvq-3.25,pvq-4.25; with --act "
                                     "pvq-4.25,pvq-3.25)")
+    c.add_argument("--bpw", type=_rates, metavar="RATES",
+                   help="also PVQ (Hessian-aware) at these mean rates, each layer's config allocated by predicted "
+                        "loss: comma-separated bits per weight in [2.0, 4.5], or 'sweep' (2.0 to 4.5 in steps of "
+                        "0.25): the Pareto curve beside the baselines in the plot")
     c.add_argument("--act", action="store_true",
                    help="weights and activations: perplexity against bits per activation for PVQ-coded activations "
                         "and INT baselines on each --config weight rate, into bench/results/wa_<model>.{md,json,png}")

@@ -118,12 +118,27 @@ def _slug(model_arg: str | None) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") or "model"
 
 
+def rate_preset(bpw: float) -> str:
+    """The name a run at an allocated mean rate goes by where a preset name would ("3.25bpw")."""
+    return f"{bpw:g}bpw"
+
+
+def _rate_of(preset: str | None) -> float | None:
+    """The rate of a :func:`rate_preset` name, None for a preset."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)bpw", preset or "")
+    return float(m.group(1)) if m else None
+
+
 def _labels(method: str, preset: str | None, log: dict | None) -> tuple[str, str, str]:
     """(label, family, note) of a row."""
     m = parse_method(method)
     if m.kind != "pvq":
         fam = "GPTQ rotated" if m.rotate else m.kind.upper()
         return f"{fam} INT{m.bits} g{m.group}", f"{fam} (simulated)", ""
+    rate = _rate_of(preset)
+    if rate is not None:  # its own family: the plot draws the allocated rates as one curve
+        label, family, note = _labels(method, DEFAULT_PRESET, log)
+        return (label.replace(DEFAULT_PRESET, f"at {rate:g} bpw (allocated)"), family + ", allocated", note)
     act = (log or {}).get("act_config")
     if act:
         preset = f"{preset} + activations D={act['D']}, K={act['K']}, {act['gain_bits']} gain bits"
@@ -140,7 +155,9 @@ def _run_options(job: Job, method: str, preset: str | None, log_path: Path | Non
     args = job.args
     m = parse_method(method)
     act = getattr(args, "act_config", None) if m.kind == "pvq" else None  # quantize --act-config
-    return dict(config=preset or DEFAULT_PRESET, method=method, ignore=args.ignore, device=job.device, act_config=act,
+    rate = _rate_of(preset)
+    return dict(config=DEFAULT_PRESET if rate is not None else preset or DEFAULT_PRESET, bpw=rate, method=method,
+                ignore=args.ignore, device=job.device, act_config=act,
                 offload=args.offload, act_order=args.act_order, metric_search=args.metric_search and m.kind == "pvq",
                 refine_passes=args.refine_passes, fp_targets=args.fp_targets, progress=not args.no_progress,
                 batch_size=args.batch_size, seed=args.seed, log_path=log_path,
@@ -255,7 +272,7 @@ def cmd_quantize(args) -> int:
     from ..layers.quantized_model import save_quantized
 
     t0 = time.perf_counter()
-    preset = args.config or DEFAULT_PRESET
+    preset = rate_preset(args.bpw) if args.bpw is not None else args.config or DEFAULT_PRESET
     method = args.method
     if parse_method(method).kind != "pvq":
         raise SystemExit(f"--method {method!r}: quantize saves a PVQ model; run baselines with `pvq-cuda compare`")
@@ -333,6 +350,7 @@ def cmd_compare(args) -> int:
         if p not in PRESETS:
             raise SystemExit(f"--config {p!r}: unknown preset; choose from {', '.join(PRESETS)}")
     runs += [(m, p) for p in presets for m in ("pvq-datafree", "pvq")]
+    runs += [("pvq", rate_preset(r)) for r in args.bpw or []]
     done = {}
     for k, row, log, model in run_methods(job, [(m, p, None) for m, p in runs], fp32_eval):
         del model

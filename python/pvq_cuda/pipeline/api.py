@@ -17,6 +17,7 @@ from ..layers.quantized_model import set_activation_coding
 from ..quantization.hessian import DEFAULT_DAMP
 from ..quantization.methods import parse_method, width_problem
 from ..quantization.quantize import check_refine_passes
+from .allocate import allocate_run, check_bpw
 from .calibration import calibration_chunks, calibration_digest
 from .resume import Resume, fingerprint
 from .run import LOSS_DEFINITION, Run, config_for, progress_bar
@@ -63,7 +64,8 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
                    overrides: Mapping[str, PVQConfig | str] | None = None, damp: float = DEFAULT_DAMP,
                    batch_size: int = 8, seed: int = 0, log_path: str | os.PathLike | None = None,
                    calibration_info: Mapping | None = None, metric_search: bool = False,
-                   fp_targets: bool = False, refine_passes: int = 0, act_config=None) -> dict:
+                   fp_targets: bool = False, refine_passes: int = 0, act_config=None,
+                   bpw: float | None = None) -> dict:
     """Quantize the decoder linears of a causal LM in place, block by block.
 
     Args:
@@ -105,6 +107,15 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
             the weights are quantized, every quantized layer codes its input activations online
             with it (W+A, paper.md §7; recorded in the saved ``quantization_config``). PVQ methods
             only; the weights are calibrated as without it.
+        bpw: a mean rate R in [2.0, 4.5] bits per weight (everything stored counted) instead of one
+            config for all: before quantizing, each linear gets the D, K and gain bits that minimise
+            the summed predicted loss of all of them at R (:mod:`pvq_cuda.quantization.allocation`:
+            the loss of config c on a layer is predicted as d(c)·‖W‖²/n·tr(D), with d(c) the
+            config's relative error on Gaussian rows and D the pivots of the layer's rotated
+            calibration Hessian, as error feedback sees them; the identity for data-free methods).
+            The achieved mean is within 0.01 of R (ValueError otherwise). PVQ methods only, not with
+            ``overrides``; ``config`` then only supplies the rotation seed. The chosen configs are
+            in the log (``allocation``) and in the saved checkpoint (``module_overrides``).
 
     Returns:
         The log: ``{"method", "label", "config", "loss_definition", "device", "kept", "layers":
@@ -117,7 +128,7 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
                    resume_dir=resume_dir, progress=progress, method=method, overrides=overrides, damp=damp,
                    batch_size=batch_size, seed=seed, log_path=log_path, calibration_info=calibration_info,
                    metric_search=metric_search, fp_targets=fp_targets, refine_passes=refine_passes,
-                   act_config=act_config)
+                   act_config=act_config, bpw=bpw)
     execute([run])
     _install_activation_coding(model, run)
     return run.log
@@ -136,7 +147,7 @@ def uses_fp_targets(method: str, fp_targets: bool) -> bool:
 
 #: quantize_models: the options each run may set for itself; the others are shared.
 PER_RUN_OPTIONS = frozenset({"method", "config", "overrides", "act_order", "metric_search", "refine_passes",
-                             "log_path", "calibration_info", "act_config"})
+                             "log_path", "calibration_info", "act_config", "bpw"})
 
 
 def quantize_models(models: Sequence[nn.Module], calibration=None, runs: Sequence[Mapping] | None = None,
@@ -155,7 +166,7 @@ def quantize_models(models: Sequence[nn.Module], calibration=None, runs: Sequenc
         calibration: token ids, as for :func:`quantize_model`, shared by all runs.
         runs: one mapping per model of the options in :data:`PER_RUN_OPTIONS` (``method``,
             ``config``, ``overrides``, ``act_order``, ``metric_search``, ``refine_passes``,
-            ``log_path``, ``calibration_info``).
+            ``log_path``, ``calibration_info``, ``act_config``, ``bpw``).
         **options: any other :func:`quantize_model` keyword argument, shared by all runs;
             ``resume_dir`` is not taken (resume single runs with :func:`quantize_model`).
 
@@ -196,7 +207,7 @@ def quantize_models(models: Sequence[nn.Module], calibration=None, runs: Sequenc
 
 def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, act_order, resume_dir, progress,
              method, overrides, damp, batch_size, seed, log_path, calibration_info, metric_search, fp_targets,
-             refine_passes, act_config=None) -> Run:
+             refine_passes, act_config=None, bpw=None) -> Run:
     """Check quantize_model's arguments and set up its run (nothing is quantized yet)."""
     layers = decoder_layers(model)
     check_dense_blocks(layers)
@@ -223,6 +234,14 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
     if act is not None and m.kind != "pvq":
         raise ValueError(f"quantize_model: act_config codes activations against PVQ weights, but method {method!r} "
                          f"leaves dense layers; use method 'pvq' or 'pvq-datafree'")
+    if bpw is not None:
+        check_bpw(bpw)
+        if m.kind != "pvq":
+            raise ValueError(f"quantize_model: bpw chooses a PVQ config per layer, but method {method!r} is not PVQ; "
+                             f"use method 'pvq' or 'pvq-datafree'")
+        if overrides:
+            raise ValueError("quantize_model: bpw chooses every layer's config itself; it cannot be combined with "
+                             "overrides (use ignore= to keep layers in full precision)")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     overrides_c = compile_overrides(overrides)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -264,6 +283,13 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
     if chunks is not None:
         run.log["calibration"].update(nsamples=sum(c.shape[0] for c in chunks),
                                       tokens=sum(c.numel() for c in chunks))
+    if bpw is not None:  # before the fingerprint: resuming needs the same allocation
+        a = allocate_run(run, todo, bpw)
+        config, overrides_c = run.config, run.overrides
+        run.log["config"] = config.to_dict()
+        run.log["overrides"] = {p.pattern: c.to_dict() for p, c in overrides_c}
+        run.log["allocation"] = {"bpw": bpw, "achieved": a.bpw, "predicted_loss": a.predicted_loss,
+                                 "layers": {n: c.to_dict() for n, c in a.configs.items()}}
     if resume_dir is not None:
         run.resume = Resume(resume_dir, fingerprint(model, m, config, overrides_c, ignore, act_order, metric_search,
                                                       run.fp_targets, refine_passes, damp, seed,

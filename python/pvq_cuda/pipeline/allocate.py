@@ -1,0 +1,80 @@
+"""quantize_model(bpw=R): a config per layer chosen before quantizing, from each layer's weight and
+the Hessian of its inputs in the unquantized model (quantization/allocation.py has the prediction
+and the knapsack)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..format.config import PVQConfig
+from ..layers.decoder import linears
+from ..quantization.allocation import Allocation, LayerStats, allocate, candidates, layer_stats
+from ..quantization.hessian import HessianCollector
+from .run import Run, block_to
+from .stream import Stream
+
+#: quantize_model(bpw=R) takes R in this range (the candidates reach a little beyond it).
+BPW_RANGE = (2.0, 4.5)
+#: how close to R the mean rate of the quantized linears must come.
+BPW_TOLERANCE = 0.01
+
+
+def check_bpw(bpw, caller: str = "quantize_model") -> None:
+    if isinstance(bpw, bool) or not isinstance(bpw, (int, float)) or not BPW_RANGE[0] <= bpw <= BPW_RANGE[1]:
+        raise ValueError(f"{caller}: bpw must be a number in [{BPW_RANGE[0]}, {BPW_RANGE[1]}], got {bpw!r}")
+
+
+def fp_layer_stats(run: Run, names: set[str]) -> dict[str, LayerStats]:
+    """LayerStats of the named linears, block by block on the unquantized model's calibration
+    activations (one forward per block; the model is left as it was). Without calibration data
+    (data-free runs) every Hessian is the identity."""
+    stats: dict[str, LayerStats] = {}
+    seed = run.config.seed
+    if run.chunks is None:
+        for i, block in enumerate(run.layers):
+            for rel, lin in linears(block).items():
+                if f"model.layers.{i}.{rel}" in names:
+                    n = lin.in_features
+                    stats[f"model.layers.{i}.{rel}"] = layer_stats(lin.weight.detach(), torch.eye(n), seed)
+        return stats
+    stream = Stream(run)
+    stream.fp_hidden = list(stream.hidden)  # the pass below moves this fp stream, nothing else
+    for i, block in enumerate(run.layers):
+        prefix = f"model.layers.{i}."
+        fp_inputs = stream.fp_pass(i)
+        mods = {rel: lin for rel, lin in linears(block).items() if prefix + rel in names}
+        hessians: dict[tuple, torch.Tensor] = {}  # q/k/v (gate/up) see one input: one Hessian
+        for rel, lin in mods.items():
+            xs = fp_inputs[rel]
+            key = (xs[0].data_ptr(), tuple(xs[0].shape))
+            if key not in hessians:
+                hc = HessianCollector({rel: lin}, run.damp, hooks=False)
+                for x in xs:
+                    hc.new_batch()
+                    hc.add(rel, x)
+                hessians[key] = hc.hessian(rel)
+            stats[prefix + rel] = layer_stats(lin.weight.detach(), hessians[key], seed)
+        del fp_inputs, hessians
+        block_to(block, run, "cpu")
+    return stats
+
+
+def allocate_run(run: Run, names: list[str], bpw: float) -> Allocation:
+    """Choose every named layer's config for a mean of ``bpw`` bits per weight, and install them
+    as the run's overrides (exact names, so they win over nothing else)."""
+    base = run.config
+    configs = [PVQConfig(D=c.D, K=c.K, scale_bits=c.scale_bits, rotate=True, seed=base.seed)
+               for c in candidates(code_bpw_range=(max(1.0, bpw - 2.0), bpw + 2.0))]
+    stats = fp_layer_stats(run, set(names))
+    a = allocate(stats, bpw, configs)
+    if abs(a.bpw - bpw) > BPW_TOLERANCE:
+        raise ValueError(f"quantize_model: bpw={bpw} cannot be met to within {BPW_TOLERANCE} on this model with "
+                         f"the kernels' configs (the closest allocation has {a.bpw:.4f})")
+    run.overrides = [(re.compile(f"^{re.escape(n)}$"), c) for n, c in a.configs.items()]
+    counts: dict[PVQConfig, int] = {}
+    for c in a.configs.values():
+        counts[c] = counts.get(c, 0) + 1
+    run.config = max(counts, key=counts.get)  # the most common one: the checkpoint lists the others
+    return a

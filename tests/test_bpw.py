@@ -1,0 +1,88 @@
+"""quantize_model(bpw=R): per-layer configs allocated for a mean rate R on a tiny random Llama
+(CPU, offline): the rate is met, the choices are saved and load back, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import pvq_cuda  # noqa: E402
+from pvq_cuda.format import PVQConfig, stored_bits  # noqa: E402
+from pvq_cuda.pipeline.allocate import BPW_TOLERANCE  # noqa: E402
+from tiny_llama import logits, quantize_quietly, random_ids, tiny_model  # noqa: E402
+
+
+def stored_rate(model) -> float:
+    """Mean stored bits per weight of the model's PVQ layers, counted from the layers themselves."""
+    bits = weights = 0
+    for mod in model.modules():
+        if isinstance(mod, pvq_cuda.PVQLinear):
+            bits += stored_bits(mod.config, mod.out_features, mod.in_features)
+            weights += mod.out_features * mod.in_features
+    return bits / weights
+
+
+@pytest.mark.parametrize("method,rate", [("pvq", 3.0), ("pvq", 2.0), ("pvq-datafree", 4.5), ("pvq", 2.61)])
+def test_rate_is_met(method, rate):
+    model = tiny_model(1)
+    log = quantize_quietly(model, random_ids(8, 32, seed=3), method=method, bpw=rate)
+    assert abs(log["bpw"] - rate) <= BPW_TOLERANCE
+    assert stored_rate(model) == pytest.approx(log["bpw"], rel=1e-12)
+    alloc = log["allocation"]
+    assert alloc["bpw"] == rate and alloc["achieved"] == pytest.approx(log["bpw"], rel=1e-12)
+    assert alloc["predicted_loss"] > 0 and len(alloc["layers"]) == 14
+    # every layer got what the allocation chose
+    for e in log["layers"]:
+        cfg = PVQConfig(**alloc["layers"][e["name"]])
+        assert model.get_submodule(e["name"]).config == cfg
+
+
+def test_rates_order_the_loss():
+    """More bits, less predicted and less actual loss."""
+    calib = random_ids(8, 32, seed=4)
+    logs = [quantize_quietly(tiny_model(2), calib, bpw=r) for r in (2.25, 3.25, 4.25)]
+    predicted = [log["allocation"]["predicted_loss"] for log in logs]
+    actual = [sum(e["loss"] for e in log["layers"]) for log in logs]
+    assert predicted[0] > predicted[1] > predicted[2]
+    assert actual[0] > actual[1] > actual[2]
+
+
+def test_saved_choices_load_back(tmp_path):
+    model = tiny_model(3)
+    log = quantize_quietly(model, random_ids(8, 32, seed=5), bpw=2.8)
+    configs = {c["K"] for c in log["allocation"]["layers"].values()}
+    assert len(configs) > 1, "the tiny model's layers should not all get one config"
+    out = pvq_cuda.save_quantized(model, tmp_path / "q")
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["module_overrides"], "layers that differ from the default config are listed"
+    loaded = pvq_cuda.load_quantized(out)
+    for name, cfg in log["allocation"]["layers"].items():
+        assert loaded.get_submodule(name).config == PVQConfig(**cfg)
+    ids = random_ids(2, 16, seed=6)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_several_rates_in_one_call():
+    calib = random_ids(8, 32, seed=7)
+    models = [tiny_model(4), tiny_model(4)]
+    logs = pvq_cuda.quantize_models(models, calib, [{"bpw": 2.5}, {"bpw": 3.5}], progress=False, batch_size=4,
+                                    fp_targets=True)
+    assert [round(log["bpw"], 2) for log in logs] == pytest.approx([2.5, 3.5], abs=BPW_TOLERANCE)
+
+
+@pytest.mark.parametrize("bad", [1.9, 4.6, True, "3", float("nan")])
+def test_bad_rate(bad):
+    with pytest.raises(ValueError, match=r"bpw must be a number in \[2.0, 4.5\]"):
+        pvq_cuda.quantize_model(tiny_model(), random_ids(4, 16, seed=1), bpw=bad, progress=False)
+
+
+def test_bpw_refuses_other_methods_and_overrides():
+    calib = random_ids(4, 16, seed=1)
+    with pytest.raises(ValueError, match="method 'rtn-int4' is not PVQ"):
+        pvq_cuda.quantize_model(tiny_model(), calib, method="rtn-int4", bpw=3.0, progress=False)
+    with pytest.raises(ValueError, match="cannot be combined with overrides"):
+        pvq_cuda.quantize_model(tiny_model(), calib, bpw=3.0, overrides={"mlp": "pvq-4.25"}, progress=False)
