@@ -18,7 +18,7 @@ from .format import (ACT_PRESETS, FORMAT_VERSION, PRESETS, ActivationConfig, For
 from .layers import PVQLinear, load_quantized, save_quantized
 from .ops import (HADAMARD_BASES, HADAMARD_MAX_N, MAX_INDEX_BITS, MAX_K, SUPPORTED_D, cuda_built, decode, encode,
                   hadamard_split, hadamard_transform, hessian_accumulate_, index_bits, max_pulses, pyramid_size, search)
-from .pipeline import quantize_model, quantize_models
+from .pipeline import finetune_scales, quantize_model, quantize_models
 from .quantization import HessianCollector, quantize_weight
 from .integrations import register_all as _register_integrations
 
@@ -45,6 +45,7 @@ __all__ = [
     "cuda_built",
     "decode",
     "encode",
+    "finetune_scales",
     "hadamard_split",
     "hadamard_transform",
     "hessian_accumulate_",

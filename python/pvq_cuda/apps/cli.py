@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--act-config", dest="act_config", choices=list(ACT_PRESETS),
                    help="also code every quantized layer's input activations online with this PVQ activation preset "
                         "(W+A; recorded in the saved model)")
+    q.add_argument("--finetune", type=_non_negative, default=0, metavar="STEPS",
+                   help="after coding, train row scales, gain levels and norm weights toward the unquantized model "
+                        "for STEPS Adam steps on the calibration windows, the codes fixed (KL of the next-token "
+                        "distributions); the table shows the model before and after (default 0: off)")
     q.add_argument("--baselines", default=",".join(jobs.QUANTIZE_BASELINES),
                    help="comma-separated baseline methods to run beside it, or 'none' "
                         f"(default {','.join(jobs.QUANTIZE_BASELINES)})")

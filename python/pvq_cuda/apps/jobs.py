@@ -284,7 +284,8 @@ def cmd_quantize(args) -> int:
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
     runs = [(b, None, None) for b in baselines] + [(method, preset, args.out_dir / "quantization_log.json")]
     done = {}
-    for k, row, log, model in run_methods(job, runs, fp32_eval, keep_base=False):
+    finetune = getattr(args, "finetune", 0)
+    for k, row, log, model in run_methods(job, runs, fp32_eval, keep_base=bool(finetune)):
         done[k] = row
         logs[row.method] = log
         if k == len(runs) - 1:
@@ -292,6 +293,9 @@ def cmd_quantize(args) -> int:
         del model
     rows += [done[k] for k in range(len(runs))]
     row, model = rows[-1], quantized
+    if finetune:  # the same model before and after, in one table
+        row = _finetuned_row(job, model, method, preset, logs[row.method], fp32_eval, finetune)
+        rows.append(row)
     save_quantized(model, args.out_dir, tokenizer=job.lm.tokenizer, calibration_info=job.data_info)
     write_json(args.out_dir / "quantization_log.json",
                {"data": job.data_info, "results": [asdict(r) for r in rows], "runs": logs})
@@ -303,6 +307,27 @@ def cmd_quantize(args) -> int:
           f"job time {time.perf_counter() - t0:.0f} s")
     print(f"perplexity: {row.perplexity:.4f}")
     return 0
+
+
+def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: dict, steps: int) -> Row:
+    """--finetune: train ``model``'s row scales, gain levels and norm weights toward the fp32 model
+    on the calibration windows (the last eighth held out to watch), then evaluate it again."""
+    from ..pipeline import finetune_scales
+
+    held_out = max(1, job.calibration.shape[0] // 8) if job.calibration.shape[0] > 1 else 0
+    _say(f"pvq-cuda: finetuning row scales, gain levels and norms ({steps} steps)")
+    ft = finetune_scales(model, job.lm.model, job.calibration, steps=steps, held_out=held_out,
+                         progress=not job.args.no_progress)
+    _say(f"pvq-cuda: finetune: KL on {held_out} held-out calibration windows {ft['kl_held_out_before']:.4f} -> "
+         f"{ft['kl_held_out_after']:.4f} nats/token, {ft['seconds']:.0f} s" if held_out else
+         f"pvq-cuda: finetune: {ft['seconds']:.0f} s")
+    log["finetune"] = ft
+    log = dict(log, seconds=log["seconds"] + ft["seconds"])
+    row = _row(job, method, preset, model, log, fp32)
+    row.method += "+finetune"
+    row.label += f" + finetuned scales ({steps} steps)"
+    row.family += ", finetuned"
+    return row
 
 
 def cmd_eval(args) -> int:

@@ -36,7 +36,8 @@ block, one run or several in lockstep).
 """
 
 from .api import PER_RUN_OPTIONS, quantize_model, quantize_models, uses_fp_targets
+from .finetune import finetune_scales
 from .run import LOSS_DEFINITION, fp_target_weight
 
-__all__ = ["LOSS_DEFINITION", "PER_RUN_OPTIONS", "fp_target_weight", "quantize_model", "quantize_models",
+__all__ = ["LOSS_DEFINITION", "PER_RUN_OPTIONS", "finetune_scales", "fp_target_weight", "quantize_model", "quantize_models",
            "uses_fp_targets"]

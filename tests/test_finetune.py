@@ -1,0 +1,106 @@
+"""finetune_scales: row scales, gain levels and norm weights trained toward the unquantized model
+with the codes fixed (tiny random Llama, CPU, offline)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import pvq_cuda  # noqa: E402
+from tiny_llama import logits, quantize_quietly, random_ids, tiny_model  # noqa: E402
+
+
+def quantized_pair(seed: int = 0, config: str = "pvq-2.25"):
+    reference = tiny_model(seed)
+    model = copy.deepcopy(reference)
+    quantize_quietly(model, None, config, method="pvq-datafree")
+    return model, reference
+
+
+def packed_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def pvq_layers(model) -> dict[str, pvq_cuda.PVQLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, pvq_cuda.PVQLinear)}
+
+
+def test_lowers_the_kl_and_keeps_the_codes(tmp_path):
+    model, reference = quantized_pair()
+    before = packed_state(model)
+    ref_before = packed_state(reference)
+    calib = random_ids(10, 32, seed=11)
+    log = pvq_cuda.finetune_scales(model, reference, calib, steps=40, lr=1e-2, batch_size=4, held_out=2,
+                                   progress=False)
+    assert log["kl_train_last"] < 0.8 * log["kl_train_first"]
+    assert log["kl_held_out_after"] < log["kl_held_out_before"]
+    after = model.state_dict()
+    for name in pvq_layers(model):
+        assert torch.equal(after[f"{name}.codes"], before[f"{name}.codes"])  # the codes stay
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.endswith("row_scale"))
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.endswith("levels"))
+    assert any(not torch.equal(after[k], before[k]) for k in before if "norm" in k)
+    for k, v in ref_before.items():  # the teacher is untouched
+        assert torch.equal(reference.state_dict()[k], v)
+    assert all(p.requires_grad for p in model.parameters())  # as the model came
+    # what was trained is what the model now computes: the KL on the held-out windows agrees
+    ids = calib[-2:]
+    kl = torch.nn.functional.kl_div(torch.log_softmax(logits(model, ids), -1), torch.log_softmax(logits(reference, ids), -1),
+                                    log_target=True, reduction="none").sum(-1).mean()
+    assert float(kl) == pytest.approx(log["kl_held_out_after"], rel=1e-3)
+    # and it saves and loads as any PVQ model
+    out = pvq_cuda.save_quantized(model, tmp_path / "ft")
+    loaded = pvq_cuda.load_quantized(out)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_without_norms_only_the_packed_scales_change():
+    model, reference = quantized_pair(1)
+    before = packed_state(model)
+    pvq_cuda.finetune_scales(model, reference, random_ids(4, 16, seed=2), steps=3, lr=1e-2, norms=False,
+                             progress=False)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(after[k], before[k])}
+    assert changed and all(k.endswith(("row_scale", "levels")) for k in changed)
+
+
+def test_an_error_leaves_the_model_as_it_came():
+    model, reference = quantized_pair(2)
+    before = packed_state(model)
+    norm_params = {n: p for n, p in model.named_parameters() if "norm" in n}
+    calls = 0
+
+    def failing_forward(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls > 2:
+            raise RuntimeError("teacher failed")
+        return original(*args, **kwargs)
+
+    original = reference.forward
+    reference.forward = failing_forward
+    with pytest.raises(RuntimeError, match="teacher failed"):
+        pvq_cuda.finetune_scales(model, reference, random_ids(4, 16, seed=3), steps=5, lr=1e-2, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(dict(model.named_parameters())[n] is p for n, p in norm_params.items())
+    assert len(pvq_layers(model)) == 14  # the packed layers are back in place
+
+
+def test_bad_input():
+    model, reference = quantized_pair(3)
+    calib = random_ids(4, 16, seed=4)
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        pvq_cuda.finetune_scales(model, reference, calib, steps=0)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        pvq_cuda.finetune_scales(model, reference, calib, lr=float("nan"))
+    with pytest.raises(ValueError, match=r"held_out must be an int in \[0, 3\]"):
+        pvq_cuda.finetune_scales(model, reference, calib, held_out=4)
+    with pytest.raises(ValueError, match="calibration must be int64 token ids"):
+        pvq_cuda.finetune_scales(model, reference, calib.float())
+    with pytest.raises(ValueError, match="no PVQLinear layers"):
+        pvq_cuda.finetune_scales(tiny_model(), reference, calib)
