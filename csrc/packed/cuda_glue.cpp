@@ -1,5 +1,6 @@
-// CUDA glue of packed-layer ops: pvq_dequantize and pvq_matmul (fused GEMV for batches up to 16,
-// dequantized tiles through cuBLAS above that).
+// CUDA glue of packed-layer ops: pvq_dequantize, pvq_matmul (fused GEMV for batches up to 16,
+// dequantized tiles through cuBLAS above that) and its input gradient (dequantized tiles through
+// cuBLAS at every batch).
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -9,6 +10,8 @@
 
 #include "packed/args.h"
 #include "common/cuda_glue.h"
+#include "hadamard/args.h"
+#include "hadamard/cuda_glue.h"
 #include "packed/launchers.h"
 #include "packed/tiled_matmul.h"
 
@@ -80,11 +83,62 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   return out.reshape(sizes);
 }
 
+// grad_x = (grad Ŵ') R without a dense Ŵ': Ŵ' is dequantized a tile of rows at a time (the
+// forward's ~64 MB tiles) and each tile's GEMM adds grad[:, tile] · Ŵ'[tile, :] to a float32
+// accumulator; packed/tiled_matmul.cpp then rotates back to the input basis and rounds once.
+// Why tiles at every batch: a backward pass mostly sees training batches (many tokens), where the
+// GEMM dominates. A fused small-batch kernel like the forward's GEMV (decode in registers) is not
+// written yet; transposed, it would also have to sum each group's D columns over a tile's 32 rows,
+// across the lanes of a warp.
+at::Tensor matmul_grad_input_cuda(const at::Tensor& grad, const at::Tensor& codes, const at::Tensor& row_scale,
+                                  const at::Tensor& levels, const std::optional<at::Tensor>& signs,
+                                  int64_t in_features, int64_t D, int64_t K, int64_t scale_bits) {
+  // Below pvq_matmul's autograd formula (this op is its backward, and is also called directly):
+  // the kernel's own views and in-place writes must not be tracked.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const PackedShape s = check_matmul_grad_args(grad, codes, row_scale, levels, signs, in_features, D, K, scale_bits);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor g2 = grad.reshape({-1, s.rows}).contiguous();
+  const int64_t M = g2.size(0);
+  std::vector<int64_t> sizes(grad.sizes().begin(), grad.sizes().end());
+  sizes.back() = s.cols;
+  at::Tensor out = at::empty({M, s.cols}, g2.options());
+  if (M == 0) return out.reshape(sizes);
+  at::Tensor z = at::zeros({M, s.cols}, g2.options().dtype(at::kFloat));
+  at::Tensor rotated, signs_f;
+  if (signs) {
+    check_hadamard_args(z, std::nullopt);  // the ValueError of the CPU op's unrotation for an unsupported n
+    check_hadamard_fits("pvq_cuda.pvq_matmul_grad_input", s.cols, grad.device());
+    rotated = at::empty_like(z);
+    signs_f = signs_as_float(signs);
+  }
+  const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
+  const int64_t tile_rows = dense_tile_rows(s.rows, s.cols, kTileWeights);
+  at::Tensor dense = at::empty({tile_rows, s.cols}, g2.options());
+  const TileGemm gemm = [&](int64_t r0, int64_t r1) {
+    const at::Tensor g_tile = g2.narrow(1, r0, r1 - r0), w_tile = dense.narrow(0, 0, r1 - r0);
+    // fp16/bf16: cuBLAS's product in the activation type (as the forward's), summed over tiles in
+    // float32 so that only one rounding per tile reaches the result.
+    if (g2.scalar_type() == at::kFloat)
+      z.addmm_(g_tile, w_tile);
+    else
+      z.add_(at::mm(g_tile, w_tile));
+    return cudaSuccess;  // torch reports its own errors by throwing
+  };
+  const GradInputBuffers buffers{z.data_ptr<float>(), signs ? rotated.data_ptr<float>() : nullptr,
+                                 signs ? signs_f.data_ptr<float>() : nullptr, out.data_ptr()};
+  C10_CUDA_CHECK(grad_input_by_dense_tiles(split_tables_on(c), packed_view(s, c, rs, lv), s.D,
+                                           float_kind_of(g2.scalar_type()), M, tile_rows, dense.data_ptr(), gemm,
+                                           buffers, c10::cuda::getCurrentCUDAStream()));
+  return out.reshape(sizes);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pvq_cuda, CUDA, m) {
   m.impl("pvq_dequantize", &dequantize_cuda);
   m.impl("pvq_matmul", &matmul_cuda);
+  m.impl("pvq_matmul_grad_input", &matmul_grad_input_cuda);
 }
 
 }  // namespace pvq_cuda

@@ -40,4 +40,10 @@ cudaError_t launch_gemv(const pvq::SplitTables& tables, const pvq::PackedLayer& 
                         FloatKind kind, int64_t M, const void* bias, FloatKind bias_kind, void* out, float* workspace,
                         const GemvPlan& plan, cudaStream_t stream);
 
+// out[r, c] = signs[c] * z[r, c] (signs null: z[r, c]) rounded once to `out_kind`, for `rows`
+// contiguous rows of `cols` floats: the input gradient's return to the input basis after the
+// Hadamard transform (packed/grad_input.cu).
+cudaError_t launch_signed_cast(const float* z, const float* signs, int64_t rows, int64_t cols, void* out,
+                               FloatKind out_kind, cudaStream_t stream);
+
 }  // namespace pvq_cuda
