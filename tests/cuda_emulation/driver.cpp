@@ -290,11 +290,14 @@ std::string run_grad_input(const Args& a) {
   check(cudaMemset(z.get(), 0, size_t(M) * cols * sizeof(float)), "cudaMemset");
   std::unique_ptr<DeviceBuffer> signs;
   if (arg(a, "signs") != "none") signs = std::make_unique<DeviceBuffer>(read_file(arg(a, "signs")));
+  // gemm=none (dry runs of large shapes, bench/kernel_static.py): the tile loop without the host GEMM.
+  const bool with_gemm = a.count("gemm") == 0 || arg(a, "gemm") != "none";
   int tiles = 0;
   const pvq_cuda::TileGemm gemm = [&](int64_t r0, int64_t r1) {
     ++tiles;
     if (r1 - r0 > tile_rows || r0 % pvq::kTileRows != 0)
       die("tile [" + std::to_string(r0) + ", " + std::to_string(r1) + ") does not fit the dense buffer");
+    if (!with_gemm) return cudaSuccess;
     auto run = [&](auto* type) {
       using T = std::remove_pointer_t<decltype(type)>;
       host_grad_gemm(g.get<T>(), dense.get<T>(), z.get<float>(), M, rows, cols, r0, r1);
