@@ -15,8 +15,8 @@ from typing import Callable
 import pytest
 import torch
 
-from test_cuda_emulation import (SEED, Plan, dequantize_case, decode_case, gemv_case, grad_input_case, hadamard_case,
-                                 hessian_case, random_layer, require_toolchain)
+from test_cuda_emulation import (SEED, Plan, dequantize_case, decode_case, gemv_case, grad_gemv_case, grad_input_case,
+                                 hadamard_case, hessian_case, random_layer, require_toolchain)
 
 import emulation  # noqa: E402  (tests/cuda_emulation, on sys.path once test_cuda_emulation is imported)
 
@@ -60,6 +60,10 @@ def _gemv(plan: Plan) -> None:
 def _grad_input(plan: Plan) -> None:
     # Rotated (96 = 12 · 8), 3 tiles of 32 rows, the last partial.
     grad_input_case(plan, random_layer(plan.gen, 70, 8 * 12, 8, 16), 3, torch.float32, True, 32, 2)
+
+
+def _grad_gemv(plan: Plan) -> None:
+    grad_gemv_case(plan, random_layer(plan.gen, 70, 8 * 12, 8, 16), 4, torch.float32, True, 2)
 
 
 MUTATIONS = {
@@ -107,11 +111,17 @@ MUTATIONS = {
         "launch_hadamard(b.z, b.rotated, FloatKind::kFloat32, nullptr, M, cols, stream)",
         "launch_hadamard(b.z, b.rotated, FloatKind::kFloat32, b.signs, M, cols, stream)",
         "plain", _grad_input, "wrong result:relative error .* against the CPU op"),
+    # The fused gradient's lane reduction skips the lane^1 exchange: odd lanes' rows are lost.
+    "gradient reduction misses a lane": Mutation(
+        "csrc/packed/grad_input.cu",
+        "for (int offset = 16; offset > 0; offset >>= 1)",
+        "for (int offset = 16; offset > 1; offset >>= 1)",
+        "plain", _grad_gemv, "wrong result:relative error .* against the CPU op"),
     # The signed cast's grid-stride loop one element too far: reads z and writes out past their ends.
     "signed cast bound off by one": Mutation(
         "csrc/packed/grad_input.cu",
-        "e < total; e += int64_t(gridDim.x) * blockDim.x",
-        "e <= total; e += int64_t(gridDim.x) * blockDim.x",
+        "e < total; e += int64_t(gridDim.x) * blockDim.x) {\n    const float v = z[e];",
+        "e <= total; e += int64_t(gridDim.x) * blockDim.x) {\n    const float v = z[e];",
         "asan", _grad_input, "overflow"),
     # Dynamic shared memory one warp's cross-warp sums too small.
     "shared memory too small": Mutation(

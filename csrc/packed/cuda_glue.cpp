@@ -1,6 +1,6 @@
 // CUDA glue of packed-layer ops: pvq_dequantize, pvq_matmul (fused GEMV for batches up to 16,
-// dequantized tiles through cuBLAS above that) and its input gradient (dequantized tiles through
-// cuBLAS at every batch).
+// dequantized tiles through cuBLAS above that) and its input gradient (fused up to 8 rows of grad,
+// 4 at D=32; dequantized tiles through cuBLAS above).
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -83,13 +83,11 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   return out.reshape(sizes);
 }
 
-// grad_x = (grad Ŵ') R without a dense Ŵ': Ŵ' is dequantized a tile of rows at a time (the
-// forward's ~64 MB tiles) and each tile's GEMM adds grad[:, tile] · Ŵ'[tile, :] to a float32
-// accumulator; packed/tiled_matmul.cpp then rotates back to the input basis and rounds once.
-// Why tiles at every batch: a backward pass mostly sees training batches (many tokens), where the
-// GEMM dominates. A fused small-batch kernel like the forward's GEMV (decode in registers) is not
-// written yet; transposed, it would also have to sum each group's D columns over a tile's 32 rows,
-// across the lanes of a warp.
+// grad_x = (grad Ŵ') R without a whole dense Ŵ': up to grad_gemv_max_batch(D) rows of grad, the
+// fused kernel decodes Ŵ' in registers (packed/grad_input.cu); above, Ŵ' is dequantized a tile of
+// rows at a time (the forward's ~64 MB tiles) and each tile's cuBLAS GEMM adds grad[:, tile] ·
+// Ŵ'[tile, :] to the float32 accumulator. Either way z = grad Ŵ' is float32, and
+// packed/tiled_matmul.cpp's grad_input_to_input_basis rotates it back and rounds once.
 at::Tensor matmul_grad_input_cuda(const at::Tensor& grad, const at::Tensor& codes, const at::Tensor& row_scale,
                                   const at::Tensor& levels, const std::optional<at::Tensor>& signs,
                                   int64_t in_features, int64_t D, int64_t K, int64_t scale_bits) {
@@ -104,15 +102,35 @@ at::Tensor matmul_grad_input_cuda(const at::Tensor& grad, const at::Tensor& code
   sizes.back() = s.cols;
   at::Tensor out = at::empty({M, s.cols}, g2.options());
   if (M == 0) return out.reshape(sizes);
-  at::Tensor z = at::zeros({M, s.cols}, g2.options().dtype(at::kFloat));
   at::Tensor rotated, signs_f;
   if (signs) {
-    check_hadamard_args(z, std::nullopt);  // the ValueError of the CPU op's unrotation for an unsupported n
+    check_hadamard_args(out, std::nullopt);  // the ValueError of the CPU op's unrotation for an unsupported n
     check_hadamard_fits("pvq_cuda.pvq_matmul_grad_input", s.cols, grad.device());
-    rotated = at::empty_like(z);
+    rotated = at::empty({M, s.cols}, g2.options().dtype(at::kFloat));
     signs_f = signs_as_float(signs);
   }
   const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
+  const pvq::PackedLayer layer = packed_view(s, c, rs, lv);
+  const pvq::SplitTables tables = split_tables_on(c);
+  const FloatKind kind = float_kind_of(g2.scalar_type());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  if (M <= grad_gemv_max_batch(s.D)) {
+    at::Tensor z = at::empty({M, s.cols}, g2.options().dtype(at::kFloat));  // written whole by the kernel
+    const GradInputBuffers buffers{z.data_ptr<float>(), signs ? rotated.data_ptr<float>() : nullptr,
+                                   signs ? signs_f.data_ptr<float>() : nullptr, out.data_ptr()};
+    GradGemvPlan plan;
+    C10_CUDA_CHECK(plan_grad_gemv(layer, s.D, kind, M, &plan));
+    at::Tensor workspace = at::empty({plan.workspace_floats}, g2.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(launch_grad_gemv(tables, layer, s.D, g2.data_ptr(), kind, M, buffers.z,
+                                    workspace.data_ptr<float>(), plan, stream));
+    C10_CUDA_CHECK(grad_input_to_input_basis(M, s.cols, kind, buffers, stream));
+    return out.reshape(sizes);
+  }
+
+  at::Tensor z = at::zeros({M, s.cols}, g2.options().dtype(at::kFloat));
+  const GradInputBuffers buffers{z.data_ptr<float>(), signs ? rotated.data_ptr<float>() : nullptr,
+                                 signs ? signs_f.data_ptr<float>() : nullptr, out.data_ptr()};
   const int64_t tile_rows = dense_tile_rows(s.rows, s.cols, kTileWeights);
   at::Tensor dense = at::empty({tile_rows, s.cols}, g2.options());
   const TileGemm gemm = [&](int64_t r0, int64_t r1) {
@@ -125,11 +143,8 @@ at::Tensor matmul_grad_input_cuda(const at::Tensor& grad, const at::Tensor& code
       z.add_(at::mm(g_tile, w_tile));
     return cudaSuccess;  // torch reports its own errors by throwing
   };
-  const GradInputBuffers buffers{z.data_ptr<float>(), signs ? rotated.data_ptr<float>() : nullptr,
-                                 signs ? signs_f.data_ptr<float>() : nullptr, out.data_ptr()};
-  C10_CUDA_CHECK(grad_input_by_dense_tiles(split_tables_on(c), packed_view(s, c, rs, lv), s.D,
-                                           float_kind_of(g2.scalar_type()), M, tile_rows, dense.data_ptr(), gemm,
-                                           buffers, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(grad_input_by_dense_tiles(tables, layer, s.D, kind, M, tile_rows, dense.data_ptr(), gemm, buffers,
+                                           stream));
   return out.reshape(sizes);
 }
 

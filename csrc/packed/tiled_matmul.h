@@ -26,17 +26,23 @@ using TileGemm = std::function<cudaError_t(int64_t r0, int64_t r1)>;
 cudaError_t matmul_by_dense_tiles(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, int D, FloatKind kind,
                                   int64_t tile_rows, void* dense, const TileGemm& gemm, cudaStream_t stream);
 
-// The buffers of grad_input_by_dense_tiles, all on the device. z and rotated are [M, cols] float32.
+// The input gradient's buffers, all on the device. z and rotated are [M, cols] float32.
 struct GradInputBuffers {
-  float* z;             // zeroed by the caller; the tile GEMMs accumulate grad · Ŵ' (rotated basis) here
+  float* z;             // grad · Ŵ' (rotated basis): zeroed by the caller for the tile GEMMs to accumulate
+                        // into, or written whole by launch_grad_gemv
   float* rotated;       // scratch for H z, used only when signs is not null
   const float* signs;   // the layer's cols ±1 signs, or null for an unrotated layer
   void* out;            // [M, cols] of `kind`: the gradient with respect to the (unrotated) input
 };
 
+// The input gradient's last step, shared by the fused and the tiled path: out = diag(signs) · H ·
+// z / sqrt(cols) per row (rotated layers; cols must be a size launch_hadamard takes) or z, rounded
+// once to `kind`, for M rows of b.z.
+cudaError_t grad_input_to_input_basis(int64_t M, int64_t cols, FloatKind kind, const GradInputBuffers& b,
+                                      cudaStream_t stream);
+
 // pvq_matmul's input gradient for M rows of grad: z = Σ_tiles grad[:, tile] · Ŵ'[tile, :] through
-// matmul_by_dense_tiles (gemm accumulates into b.z), then out = diag(signs) · H · z / sqrt(cols)
-// per row (rotated layers; cols must be a size launch_hadamard takes) or z, rounded once to `kind`.
+// matmul_by_dense_tiles (gemm accumulates into b.z), then grad_input_to_input_basis.
 cudaError_t grad_input_by_dense_tiles(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, int D,
                                       FloatKind kind, int64_t M, int64_t tile_rows, void* dense, const TileGemm& gemm,
                                       const GradInputBuffers& b, cudaStream_t stream);

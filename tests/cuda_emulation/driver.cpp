@@ -12,7 +12,8 @@
 //   sms n=<SMs>            its SM count from now on
 //   dry_run on=<0|1>       check and log launches without running them
 //   tables id=            upload the split tables (device_split_tables) and compare with the host's
-//   decode|encode|search|dequantize|gemv|tiled_matmul|grad_input|hadamard|hessian id= ...   (see run_* below)
+//   decode|encode|search|dequantize|gemv|tiled_matmul|grad_input|grad_gemv|hadamard|hessian id= ...
+//                          (see run_* below)
 //   occupancy id= gpu=<a100|h100> threads= registers= static_smem= dynamic_smem= max_dynamic_smem=
 //   selftest id= name=     one of selftest.cu's checks of the emulator itself
 #include <chrono>
@@ -317,6 +318,31 @@ std::string run_grad_input(const Args& a) {
   return result(err) + " tiles=" + std::to_string(tiles) + " tile_rows=" + std::to_string(tile_rows);
 }
 
+// The fused small-batch input gradient, then the same return to the input basis as the tiled path.
+std::string run_grad_gemv(const Args& a) {
+  Layer layer(a);
+  const FloatKind kind = kind_arg(a, "kind");
+  const int64_t M = int_arg(a, "M"), cols = layer.cols();
+  pvq_cuda::GradGemvPlan plan;
+  cudaError_t err = pvq_cuda::plan_grad_gemv(layer.view, layer.D, kind, M, &plan);
+  if (err != cudaSuccess) return result(err);
+  DeviceBuffer g(read_file(arg(a, "grad"))), out(size_t(M) * cols * kind_bytes(kind)),
+      z(size_t(M) * cols * sizeof(float)), rotated(size_t(M) * cols * sizeof(float)),
+      workspace(size_t(plan.workspace_floats) * sizeof(float));
+  std::unique_ptr<DeviceBuffer> signs;
+  if (arg(a, "signs") != "none") signs = std::make_unique<DeviceBuffer>(read_file(arg(a, "signs")));
+  const pvq_cuda::GradInputBuffers buffers{z.get<float>(), signs ? rotated.get<float>() : nullptr,
+                                           signs ? signs->get<float>() : nullptr, out.get()};
+  err = pvq_cuda::launch_grad_gemv(device_tables(), layer.view, layer.D, g.get(), kind, M, z.get<float>(),
+                                   workspace.get<float>(), plan, nullptr);
+  if (err == cudaSuccess) err = pvq_cuda::grad_input_to_input_basis(M, cols, kind, buffers, nullptr);
+  out.save(arg(a, "out"));
+  std::ostringstream r;
+  r << result(err) << " splits=" << plan.splits << " blocks=" << plan.blocks << " smem_leaf_k=" << plan.smem_leaf_k
+    << " sum_blocks=" << plan.sum_blocks << " max_batch=" << pvq_cuda::grad_gemv_max_batch(layer.D);
+  return r.str();
+}
+
 // ----- Hadamard and Hessian ---------------------------------------------------------------------------
 std::string run_hadamard(const Args& a) {
   const FloatKind kind = kind_arg(a, "kind");
@@ -387,7 +413,7 @@ int main(int argc, char** argv) {
   const std::map<std::string, std::function<std::string(const Args&)>> commands = {
       {"decode", run_decode},   {"encode", run_encode},   {"search", run_search},
       {"dequantize", run_dequantize}, {"gemv", run_gemv}, {"tiled_matmul", run_tiled_matmul},
-      {"grad_input", run_grad_input},
+      {"grad_input", run_grad_input}, {"grad_gemv", run_grad_gemv},
       {"hadamard", run_hadamard}, {"hessian", run_hessian}, {"tables", run_tables},
       {"occupancy", run_occupancy},
       {"selftest", [](const Args& a) { return pvq_emulation::run_selftest(arg(a, "name")); }}};
