@@ -146,21 +146,22 @@ CUDA_GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 @requires_cuda
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M", [1, 7, 40])
-def test_cuda_input_grad_matches_cpu(preset, dtype, M):
-    """The CUDA gradient (dequantized tiles through cuBLAS, rotated back on the GPU) against the CPU
-    op's float64 gradient, which test_gradcheck_float64 checks with gradcheck: one layer, quantized
-    once on the CPU and moved, rotated (192 = 12 · 16) with an odd row count."""
-    g = torch.Generator().manual_seed(M + len(preset))
+@pytest.mark.parametrize("lead", [(1,), (5,), (2, 4), (9,), (4, 16)])
+def test_cuda_input_grad_matches_cpu(preset, dtype, lead):
+    """The CUDA gradient against the CPU op's float64 gradient, which test_gradcheck_float64 checks
+    with gradcheck: up to 8 rows the fused kernel (decoded in registers), above dequantized tiles
+    through cuBLAS, both rotated back on the GPU. One layer, quantized once on the CPU and moved,
+    rotated (192 = 12 · 16), an odd row count."""
+    g = torch.Generator().manual_seed(sum(lead) + len(preset))
     w = quantize_weight(torch.randn(75, 192, generator=g), PVQConfig.preset(preset))
-    x = torch.randn(3, M, 192, generator=g, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(3, M, 75, generator=g, dtype=torch.float64)
+    x = torch.randn(*lead, 192, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(*lead, 75, generator=g, dtype=torch.float64)
     (want,) = torch.autograd.grad(pvq_cuda.pvq_matmul(x, w), x, grad)
     xc = x.detach().to("cuda", dtype).requires_grad_()
     (got,) = torch.autograd.grad(pvq_cuda.pvq_matmul(xc, w.to("cuda")), xc, grad.to("cuda", dtype))
     assert got.dtype == dtype and got.shape == x.shape and got.device.type == "cuda"
     err = _relative_error(got.cpu(), want)
-    assert err < CUDA_GRAD_TOL[dtype], f"{preset} M={M} {dtype}: relative error {err:.2e} against float64 on the CPU"
+    assert err < CUDA_GRAD_TOL[dtype], f"{preset} {lead} {dtype}: relative error {err:.2e} against float64 on the CPU"
     # The op called directly (not through autograd) gives the same values.
     c = w.config
     direct = torch.ops.pvq_cuda.pvq_matmul_grad_input(grad.to("cuda", dtype), w.codes.cuda(), w.row_scale.cuda(),
@@ -169,14 +170,15 @@ def test_cuda_input_grad_matches_cpu(preset, dtype, M):
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_input_grad_several_tiles(dtype):
-    """8224 x 4096 is 33.7 M weights, above one dense tile (2^25 weights: 8192 rows here), so the
-    gradient sums two tiles, the second 32 rows; against the CPU op in float64 and, unrotated, in
-    the same dtype."""
+@pytest.mark.parametrize("dtype,M", [(torch.float32, 24), (torch.bfloat16, 24), (torch.float16, 4)])
+def test_cuda_input_grad_large_layer(dtype, M):
+    """8224 x 4096 is 33.7 M weights. M=24 takes the tiled path and is above one dense tile (2^25
+    weights: 8192 rows here), so the gradient sums two tiles, the second 32 rows; M=4 takes the fused
+    kernel, whose 257 tiles are cut into ranges on a big GPU. Against the CPU op in float64 and,
+    unrotated, in the same dtype."""
     g = torch.Generator().manual_seed(5)
     w = quantize_weight(torch.randn(8224, 4096, generator=g).cuda(), PVQConfig.preset("pvq-3.25")).to("cpu")
-    grad = torch.randn(24, 8224, generator=g, dtype=torch.float64)
+    grad = torch.randn(M, 8224, generator=g, dtype=torch.float64)
     c = w.config
     want = torch.ops.pvq_cuda.pvq_matmul_grad_input(grad, w.codes, w.row_scale, w.levels, w.signs, 4096, c.D, c.K,
                                                     c.scale_bits)
