@@ -193,3 +193,20 @@ def test_cuda_input_grad_large_layer(dtype, M):
                                                           c.D, c.K, c.scale_bits)
     err = _relative_error(plain.cpu(), plain_cpu)
     assert err < CUDA_GRAD_TOL[dtype], f"{dtype} unrotated: relative error {err:.2e} against the CPU op"
+
+
+@requires_cuda
+def test_cuda_input_grad_bad_input():
+    """The CUDA kernel runs the CPU op's checks: float64 is refused on the GPU, shapes are named."""
+    q = quantize_weight(torch.randn(40, 64, device="cuda"))
+    c = q.config
+    op = torch.ops.pvq_cuda.pvq_matmul_grad_input
+    with pytest.raises(TypeError, match=r"grad must be float32, float16 or bfloat16 \(float64 on CPU\)"):
+        op(torch.randn(3, 40, device="cuda", dtype=torch.float64), q.codes, q.row_scale, q.levels, q.signs, 64, c.D,
+           c.K, c.scale_bits)
+    with pytest.raises(ValueError, match=r"grad must have shape \[\.\.\., 40\]"):
+        op(torch.randn(3, 41, device="cuda"), q.codes, q.row_scale, q.levels, q.signs, 64, c.D, c.K, c.scale_bits)
+    with pytest.raises(ValueError, match="grad is on cpu but the weight is on cuda"):
+        op(torch.randn(3, 40), q.codes, q.row_scale, q.levels, q.signs, 64, c.D, c.K, c.scale_bits)
+    assert op(torch.randn(0, 40, device="cuda"), q.codes, q.row_scale, q.levels, q.signs, 64, c.D, c.K,
+              c.scale_bits).shape == (0, 64)

@@ -11,7 +11,8 @@
 // one column j and walks a range of tiles, each lane accumulating acc[m][d] += grad[m, row] ·
 // w[row, jD + d] for its own rows only (grad[m, 32t : 32t+32] is one coalesced load per m). Only
 // after its last tile does the warp sum acc over its 32 lanes, M·D butterfly reductions of 5
-// shuffles, so the reduction is amortised over the tiles of the range (>= 4). A 4096-column layer
+// shuffles, so the reduction is amortised over the tiles of the range (at least 4 once the tiles
+// are split; a layer of fewer tiles is one range). A 4096-column layer
 // at D=16 has 256 columns only, so the tiles are cut into S ranges (S from the resident warps,
 // as the GEMV cuts its columns); each (range, column) writes one fp32 partial and split_sum_kernel
 // adds the S partials in a fixed order: deterministic, unlike atomics. The accumulators are M·D
