@@ -352,11 +352,11 @@ def packed_cases(plan: Plan) -> None:
 
 
 def grad_input_cases(plan: Plan) -> None:
-    """pvq_matmul_grad_input's large-batch CUDA path: dequantized row tiles, each tile's GEMM accumulated in float32
-    (a host GEMM standing for cuBLAS), the Hadamard transform back to the input basis and the signed
-    cast. Presets and random layers of every kind of D, rows not multiples of 32, batches 1 to 17,
-    all dtypes, rotated (cols a Hadamard size) and not; tiles of 32 or 64 rows (2 or 3 tiles, the
-    last partial) and one single-tile case."""
+    """pvq_matmul_grad_input's large-batch CUDA path: dequantized row tiles, each tile's GEMM
+    accumulated in float32 (a host GEMM standing for cuBLAS), the Hadamard transform back to the
+    input basis and the signed cast. Presets and random layers of every D, rows not multiples of
+    32, batches 1 to 17, all dtypes, rotated (cols a Hadamard size) and not; tiles of 32 or 64 rows
+    (2 or 3 tiles, the last partial) and one single-tile case."""
     g = plan.gen
     # (layer, M, dtype, rotated, tile rows or None for one tile)
     specs = [
@@ -408,29 +408,41 @@ def grad_gemv_cases(plan: Plan) -> None:
         grad_gemv_case(plan, wide, 2, torch.bfloat16, True, 1, expect_loops=True)
 
 
-def grad_gemv_case(plan: Plan, layer: Layer, M: int, dtype: torch.dtype, rotated: bool, sms: int,
-                   expect_splits: bool = False, expect_loops: bool = False) -> None:
-    """Against the CPU op (whose fused path this kernel mirrors) and grad · Ŵ in float64, within the GPU
-    matmul tests' tolerances; expect_splits asserts split ranges (the split sum runs), expect_loops
-    that the warps loop over work items."""
-    g, m = plan.gen, plan.manifest
-    grad = torch.randn(M, layer.rows, generator=g).to(dtype)
-    signs = torch.where(torch.rand(layer.cols, generator=g) < 0.5, -1.0, 1.0) if rotated else None
+def _grad_input_references(gen, layer: Layer, M: int, dtype: torch.dtype, rotated: bool):
+    """(grad, signs or None, the CPU op's gradient, grad · Ŵ in float64 rotated back)."""
+    grad = torch.randn(M, layer.rows, generator=gen).to(dtype)
+    signs = torch.where(torch.rand(layer.cols, generator=gen) < 0.5, -1.0, 1.0) if rotated else None
     want = torch.ops.pvq_cuda.pvq_matmul_grad_input(grad, *layer.cpu_args(), signs, layer.cols, layer.D, layer.K,
                                                     layer.scale_bits)
     exact = grad.double() @ layer.dequantized().double()
     if rotated:
         exact = pvq_cuda.hadamard_transform(exact) * signs.double()
+    return grad, signs, want, exact
+
+
+def _check_grad_input(got: torch.Tensor, want: torch.Tensor, exact: torch.Tensor, where: str) -> None:
+    """Within the GPU matmul tests' tolerance of the dtype, against the CPU op and float64."""
+    assert float(exact.abs().max()) > 0, f"{where}: a zero gradient tests nothing"
+    tol = MATMUL_TOL[got.dtype]
+    for name, ref in (("the CPU op", want), ("float64 grad · W", exact)):
+        err = _rel_err(got, ref)
+        assert err <= tol, f"{where}: relative error {err:.2e} > {tol:.0e} against {name}"
+
+
+def grad_gemv_case(plan: Plan, layer: Layer, M: int, dtype: torch.dtype, rotated: bool, sms: int,
+                   expect_splits: bool = False, expect_loops: bool = False) -> None:
+    """Against the CPU op (whose fused path this kernel mirrors) and grad · Ŵ in float64, within the GPU
+    matmul tests' tolerances; expect_splits asserts split ranges (the split sum runs), expect_loops
+    that the warps loop over work items."""
+    m = plan.manifest
+    grad, signs, want, exact = _grad_input_references(plan.gen, layer, M, dtype, rotated)
     cid = plan.new_id("grad_gemv")
 
     def check_grad_gemv(run, res, cid=cid, want=want, exact=exact):
         got = run.output(f"{cid}.gx", dtype, want.shape)
         where = (f"D={layer.D} K={layer.K} rows={layer.rows} cols={layer.cols} M={M} {dtype} rotated={rotated} "
                  f"plan={res}")
-        assert float(exact.abs().max()) > 0, f"{where}: a zero gradient tests nothing"
-        for name, ref in (("the CPU op", want), ("float64 grad · W", exact)):
-            err = _rel_err(got, ref)
-            assert err <= MATMUL_TOL[dtype], f"{where}: relative error {err:.2e} > {MATMUL_TOL[dtype]:.0e} against {name}"
+        _check_grad_input(got, want, exact, where)
         items = int(res["splits"]) * layer.groups
         if expect_splits:
             assert int(res["splits"]) > 1 and int(res["sum_blocks"]) > 0, f"{where}: the tiles were not split"
@@ -446,14 +458,8 @@ def grad_input_case(plan: Plan, layer: Layer, M: int, dtype: torch.dtype, rotate
                     sms: int) -> None:
     """Against the CPU op and against grad · Ŵ from the dequantized weight in float64 (rotated back),
     within the GPU matmul tests' tolerances; the tile count as planned."""
-    g, m = plan.gen, plan.manifest
-    grad = torch.randn(M, layer.rows, generator=g).to(dtype)
-    signs = torch.where(torch.rand(layer.cols, generator=g) < 0.5, -1.0, 1.0) if rotated else None
-    want = torch.ops.pvq_cuda.pvq_matmul_grad_input(grad, *layer.cpu_args(), signs, layer.cols, layer.D, layer.K,
-                                                    layer.scale_bits)
-    exact = grad.double() @ layer.dequantized().double()
-    if rotated:
-        exact = pvq_cuda.hadamard_transform(exact) * signs.double()
+    m = plan.manifest
+    grad, signs, want, exact = _grad_input_references(plan.gen, layer, M, dtype, rotated)
     tile_rows = layer.rows if tile is None else tile
     tile_weights = (2**20 if tile is None else tile) * layer.cols
     expected_tiles = math.ceil(layer.rows / tile_rows)
@@ -462,10 +468,7 @@ def grad_input_case(plan: Plan, layer: Layer, M: int, dtype: torch.dtype, rotate
     def check_grad_input(run, res, cid=cid, want=want, exact=exact):
         got = run.output(f"{cid}.gx", dtype, want.shape)
         where = f"D={layer.D} K={layer.K} rows={layer.rows} cols={layer.cols} M={M} {dtype} rotated={rotated}"
-        assert float(exact.abs().max()) > 0, f"{where}: a zero gradient tests nothing"
-        for name, ref in (("the CPU op", want), ("float64 grad · W", exact)):
-            err = _rel_err(got, ref)
-            assert err <= MATMUL_TOL[dtype], f"{where}: relative error {err:.2e} > {MATMUL_TOL[dtype]:.0e} against {name}"
+        _check_grad_input(got, want, exact, where)
         assert int(res["tiles"]) == expected_tiles, f"{where}: {res['tiles']} tiles, expected {expected_tiles}"
         assert int(res["tile_rows"]) == tile_rows, f"{where}: tiles of {res['tile_rows']} rows, expected {tile_rows}"
 
