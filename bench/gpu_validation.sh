@@ -44,8 +44,8 @@
 #   quantize-smollm2        45      120   a SmolLM2-135M-sized model (30 blocks, 210 linears), the same
 #   tests                   75      180   pytest -x -m cuda: ~1050 CUDA cases (433 requires_cuda, and the
 #                                         [cuda] case of each of the 614 device-fixture cases)
-#   sanitizer-memcheck      45      120   memcheck on a 23-test kernel subset, allocator caching off
-#   sanitizer-racecheck     30       90   racecheck on 6 shared-memory kernel tests, with time to spare
+#   sanitizer-memcheck      45      120   memcheck on a 25-test kernel subset, allocator caching off
+#   sanitizer-racecheck     30       90   racecheck on 7 shared-memory kernel tests, with time to spare
 #   summary                  1        -
 #   total                  ~440 of 480 (the build, the least certain, is budgeted high)
 #
@@ -244,7 +244,8 @@ run_step quantize-smollm2 120 quantize.md plain "$PY" bench/bench_quantize_time.
 run_step tests 180 tests.log plain "$PY" -m pytest -x -q -p no:cacheprovider -m cuda --durations=15 tests
 
 # compute-sanitizer on a small set of kernel tests: every kernel family (search, decode, encode,
-# Hadamard, GEMV and tile dequantization with cuBLAS, Hessian, quantize_weight on CUDA), graph
+# Hadamard, GEMV and tile dequantization with cuBLAS, the input gradient fused and tiled, Hessian,
+# quantize_weight on CUDA), graph
 # capture and the bad-data sentinels; the slowest under the tool (16k x 4096 Hessian and its fp64
 # cuBLAS reference) last. With the caching allocator off, an access past a tensor's end leaves
 # its cudaMalloc block instead of landing in a neighbour.
@@ -270,18 +271,21 @@ KERNEL_TESTS=(
   "tests/test_matmul.py::test_cuda_matmul_matches_cpu[16]"
   "tests/test_matmul.py::test_cuda_matmul_matches_cpu[33]"
   "tests/test_matmul.py::test_pvq_linear_cuda_graph[dtype0]"
+  "tests/test_autograd.py::test_cuda_input_grad_matches_cpu[lead0-dtype0-pvq-3.25]"
+  "tests/test_autograd.py::test_cuda_input_grad_matches_cpu[lead4-dtype1-pvq8-3.25]"
   tests/test_weight.py::test_quantize_on_cuda_matches_cpu
   tests/test_hessian.py::test_cuda_accumulate_large_bf16_against_fp64
 )
 # racecheck (shared-memory hazards) on the kernels that share memory: decode's prefix tables, the
-# Hadamard tiles, the GEMV and the Hessian's tensor-core tiles (the one large test, last: the step
-# is optional, and a cut-short racecheck still logs the tests it finished).
+# Hadamard tiles, the GEMV, the fused input gradient and the Hessian's tensor-core tiles (the one
+# large test, last: the step is optional, and a cut-short racecheck still logs the tests it finished).
 RACE_TESTS=(
   "tests/test_cuda.py::test_decode_and_encode_match_cpu[8-16]"
   "tests/test_cuda.py::test_search_matches_cpu[dtype0-8-16]"
   "tests/test_hadamard.py::test_cuda_matches_cpu[1536-dtype1]"
   "tests/test_matmul.py::test_cuda_matmul_matches_cpu[1]"
   "tests/test_matmul.py::test_cuda_matmul_matches_cpu[33]"
+  "tests/test_autograd.py::test_cuda_input_grad_matches_cpu[lead2-dtype1-pvq-3.25]"
   tests/test_hessian.py::test_cuda_accumulate_large_bf16_against_fp64
 )
 SANITIZER=$(command -v compute-sanitizer || true)

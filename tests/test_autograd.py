@@ -131,3 +131,82 @@ def test_activation_checkpointing_and_no_grad_views(device, M):
     (ckpt,) = torch.autograd.grad(checkpoint(lambda t: pvq_cuda.pvq_matmul(t, w).square().sum(), x,
                                              use_reentrant=False), x)
     torch.testing.assert_close(ckpt, plain)
+
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+# Norm-relative error of a CUDA gradient against the float64 one: grad, the dense tile and each
+# tile's product are rounded to the dtype (2^-11 fp16, 2^-8 bf16 relative), float32 rounds at 2^-24.
+CUDA_GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@requires_cuda
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(1,), (5,), (2, 4), (9,), (4, 16)])
+def test_cuda_input_grad_matches_cpu(preset, dtype, lead):
+    """The CUDA gradient against the CPU op's float64 gradient, which test_gradcheck_float64 checks
+    with gradcheck: up to 8 rows the fused kernel (decoded in registers), above dequantized tiles
+    through cuBLAS, both rotated back on the GPU. One layer, quantized once on the CPU and moved,
+    rotated (192 = 12 · 16), an odd row count."""
+    g = torch.Generator().manual_seed(sum(lead) + len(preset))
+    w = quantize_weight(torch.randn(75, 192, generator=g), PVQConfig.preset(preset))
+    x = torch.randn(*lead, 192, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(*lead, 75, generator=g, dtype=torch.float64)
+    (want,) = torch.autograd.grad(pvq_cuda.pvq_matmul(x, w), x, grad)
+    xc = x.detach().to("cuda", dtype).requires_grad_()
+    (got,) = torch.autograd.grad(pvq_cuda.pvq_matmul(xc, w.to("cuda")), xc, grad.to("cuda", dtype))
+    assert got.dtype == dtype and got.shape == x.shape and got.device.type == "cuda"
+    err = _relative_error(got.cpu(), want)
+    assert err < CUDA_GRAD_TOL[dtype], f"{preset} {lead} {dtype}: relative error {err:.2e} against float64 on the CPU"
+    # The op called directly (not through autograd) gives the same values.
+    c = w.config
+    direct = torch.ops.pvq_cuda.pvq_matmul_grad_input(grad.to("cuda", dtype), w.codes.cuda(), w.row_scale.cuda(),
+                                                       w.levels.cuda(), w.signs.cuda(), 192, c.D, c.K, c.scale_bits)
+    assert torch.equal(direct, got)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,M", [(torch.float32, 24), (torch.bfloat16, 24), (torch.float16, 4)])
+def test_cuda_input_grad_large_layer(dtype, M):
+    """8224 x 4096 is 33.7 M weights. M=24 takes the tiled path and is above one dense tile (2^25
+    weights: 8192 rows here), so the gradient sums two tiles, the second 32 rows; M=4 takes the fused
+    kernel, whose 257 tiles are cut into ranges on a big GPU. Against the CPU op in float64 and,
+    unrotated, in the same dtype."""
+    g = torch.Generator().manual_seed(5)
+    w = quantize_weight(torch.randn(8224, 4096, generator=g).cuda(), PVQConfig.preset("pvq-3.25")).to("cpu")
+    grad = torch.randn(M, 8224, generator=g, dtype=torch.float64)
+    c = w.config
+    want = torch.ops.pvq_cuda.pvq_matmul_grad_input(grad, w.codes, w.row_scale, w.levels, w.signs, 4096, c.D, c.K,
+                                                    c.scale_bits)
+    wc = w.to("cuda")
+    got = torch.ops.pvq_cuda.pvq_matmul_grad_input(grad.to("cuda", dtype), wc.codes, wc.row_scale, wc.levels,
+                                                    wc.signs, 4096, c.D, c.K, c.scale_bits)
+    err = _relative_error(got.cpu(), want)
+    assert err < CUDA_GRAD_TOL[dtype], f"{dtype}: relative error {err:.2e} against float64 on the CPU"
+    plain = torch.ops.pvq_cuda.pvq_matmul_grad_input(grad.to("cuda", dtype), wc.codes, wc.row_scale, wc.levels, None,
+                                                      4096, c.D, c.K, c.scale_bits)
+    plain_cpu = torch.ops.pvq_cuda.pvq_matmul_grad_input(grad.to(dtype), w.codes, w.row_scale, w.levels, None, 4096,
+                                                          c.D, c.K, c.scale_bits)
+    err = _relative_error(plain.cpu(), plain_cpu)
+    assert err < CUDA_GRAD_TOL[dtype], f"{dtype} unrotated: relative error {err:.2e} against the CPU op"
+
+
+@requires_cuda
+def test_cuda_input_grad_bad_input():
+    """The CUDA kernel runs the CPU op's checks: float64 is refused on the GPU, shapes are named."""
+    q = quantize_weight(torch.randn(40, 64, device="cuda"))
+    c = q.config
+    op = torch.ops.pvq_cuda.pvq_matmul_grad_input
+    with pytest.raises(TypeError, match=r"grad must be float32, float16 or bfloat16 \(float64 on CPU\)"):
+        op(torch.randn(3, 40, device="cuda", dtype=torch.float64), q.codes, q.row_scale, q.levels, q.signs, 64, c.D,
+           c.K, c.scale_bits)
+    with pytest.raises(ValueError, match=r"grad must have shape \[\.\.\., 40\]"):
+        op(torch.randn(3, 41, device="cuda"), q.codes, q.row_scale, q.levels, q.signs, 64, c.D, c.K, c.scale_bits)
+    with pytest.raises(ValueError, match="grad is on cpu but the weight is on cuda"):
+        op(torch.randn(3, 40), q.codes, q.row_scale, q.levels, q.signs, 64, c.D, c.K, c.scale_bits)
+    assert op(torch.randn(0, 40, device="cuda"), q.codes, q.row_scale, q.levels, q.signs, 64, c.D, c.K,
+              c.scale_bits).shape == (0, 64)

@@ -351,6 +351,132 @@ def packed_cases(plan: Plan) -> None:
                  tile_weights=tile_weights, x=m.tensor(x), out=m.out(cid, "y"), **layer.args(m))
 
 
+def grad_input_cases(plan: Plan) -> None:
+    """pvq_matmul_grad_input's large-batch CUDA path: dequantized row tiles, each tile's GEMM
+    accumulated in float32 (a host GEMM standing for cuBLAS), the Hadamard transform back to the
+    input basis and the signed cast. Presets and random layers of every D, rows not multiples of
+    32, batches 1 to 17, all dtypes, rotated (cols a Hadamard size) and not; tiles of 32 or 64 rows
+    (2 or 3 tiles, the last partial) and one single-tile case."""
+    g = plan.gen
+    # (layer, M, dtype, rotated, tile rows or None for one tile)
+    specs = [
+        (lambda: quantized_layer(g, 90, 640, "pvq-3.25"), 1, torch.float32, True, 64),
+        (lambda: quantized_layer(g, 75, 576, "pvq8-3.25"), 5, torch.float16, True, 32),
+        (lambda: quantized_layer(g, 33, 16 * 37, "pvq-2.25"), 17, torch.bfloat16, False, 32),
+        (lambda: quantized_layer(g, 71, 8 * 23, "pvq-4.25"), 3, torch.float32, False, 64),
+        (lambda: random_layer(g, 150, 96, 4, 20), 3, torch.bfloat16, True, 64),
+        (lambda: random_layer(g, 45, 320, 32, 11), 2, torch.float16, False, 32),
+        (lambda: random_layer(g, 37, 12, 1, 37), 4, torch.float32, True, 32),
+        (lambda: random_layer(g, 65, 2 * 20, 2, 23), 9, torch.float16, True, 32),
+        (lambda: quantized_layer(g, 40, 640, "pvq-3.25"), 8, torch.float16, True, None),
+    ]
+    if plan.variant == "asan":
+        specs = [specs[i] for i in (0, 2, 4, 5)]
+    elif plan.variant == "tsan":
+        specs = [specs[1]]
+    for i, (make, M, dtype, rotated, tile) in enumerate(specs):
+        grad_input_case(plan, make(), M, dtype, rotated, tile, plan.cycle_sms(i))
+
+
+def grad_gemv_cases(plan: Plan) -> None:
+    """The fused small-batch input gradient (then the same return to the input basis): every D at every
+    batch bound it takes (1, 4, 8 rows; 4 at D=32) and between them, all dtypes, rotated and not; rows
+    not multiples of 32, group counts not multiples of the 4 warps. Narrow tall layers cut their tiles
+    into several ranges (the split sum) at every SM count; a wide one at 1 SM has every warp loop."""
+    g = plan.gen
+    tops = {D: pvq_cuda.max_pulses(D) for D in pvq_cuda.SUPPORTED_D}
+    cols = {1: 20, 2: 40, 4: 96, 8: 576, 16: 640, 32: 320}  # Hadamard sizes: rotated cases need one
+    layers = {D: random_layer(g, 70 + D, cols[D], D, min(tops[D], 30 if D < 16 else 14)) for D in cols}
+    layers[16] = quantized_layer(g, 90, 640, "pvq-3.25")
+    layers[8] = quantized_layer(g, 75, 576, "pvq8-3.25")
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    i = 0
+    for D, layer in layers.items():
+        batches = [1, 3, 4] if D == 32 else [1, 2, 4, 5, 8]
+        for M in batches:
+            i += 1
+            if plan.variant == "asan" and M != batches[-1] and not (D == 16 and M == 1):
+                continue
+            if plan.variant == "tsan" and (D, M) not in ((16, 5), (4, 1)):
+                continue
+            grad_gemv_case(plan, layer, M, dtypes[i % 3], i % 2 == 0, plan.cycle_sms(i))
+    narrow = random_layer(g, 650, 64, 16, 30)  # 21 tiles, 4 columns: few items, so the tiles split
+    for j, sms in enumerate(SMS if plan.variant == "plain" else [2]):
+        grad_gemv_case(plan, narrow, [8, 1, 5][j], dtypes[j], j != 1, sms, expect_splits=True)
+    if plan.variant != "tsan":
+        wide = quantized_layer(g, 200, 16 * 160, "pvq-3.25")  # 160 columns: more than a 1-SM grid's warps
+        grad_gemv_case(plan, wide, 2, torch.bfloat16, True, 1, expect_loops=True)
+
+
+def _grad_input_references(gen, layer: Layer, M: int, dtype: torch.dtype, rotated: bool):
+    """(grad, signs or None, the CPU op's gradient, grad · Ŵ in float64 rotated back)."""
+    grad = torch.randn(M, layer.rows, generator=gen).to(dtype)
+    signs = torch.where(torch.rand(layer.cols, generator=gen) < 0.5, -1.0, 1.0) if rotated else None
+    want = torch.ops.pvq_cuda.pvq_matmul_grad_input(grad, *layer.cpu_args(), signs, layer.cols, layer.D, layer.K,
+                                                    layer.scale_bits)
+    exact = grad.double() @ layer.dequantized().double()
+    if rotated:
+        exact = pvq_cuda.hadamard_transform(exact) * signs.double()
+    return grad, signs, want, exact
+
+
+def _check_grad_input(got: torch.Tensor, want: torch.Tensor, exact: torch.Tensor, where: str) -> None:
+    """Within the GPU matmul tests' tolerance of the dtype, against the CPU op and float64."""
+    assert float(exact.abs().max()) > 0, f"{where}: a zero gradient tests nothing"
+    tol = MATMUL_TOL[got.dtype]
+    for name, ref in (("the CPU op", want), ("float64 grad · W", exact)):
+        err = _rel_err(got, ref)
+        assert err <= tol, f"{where}: relative error {err:.2e} > {tol:.0e} against {name}"
+
+
+def grad_gemv_case(plan: Plan, layer: Layer, M: int, dtype: torch.dtype, rotated: bool, sms: int,
+                   expect_splits: bool = False, expect_loops: bool = False) -> None:
+    """Against the CPU op (whose fused path this kernel mirrors) and grad · Ŵ in float64, within the GPU
+    matmul tests' tolerances; expect_splits asserts split ranges (the split sum runs), expect_loops
+    that the warps loop over work items."""
+    m = plan.manifest
+    grad, signs, want, exact = _grad_input_references(plan.gen, layer, M, dtype, rotated)
+    cid = plan.new_id("grad_gemv")
+
+    def check_grad_gemv(run, res, cid=cid, want=want, exact=exact):
+        got = run.output(f"{cid}.gx", dtype, want.shape)
+        where = (f"D={layer.D} K={layer.K} rows={layer.rows} cols={layer.cols} M={M} {dtype} rotated={rotated} "
+                 f"plan={res}")
+        _check_grad_input(got, want, exact, where)
+        items = int(res["splits"]) * layer.groups
+        if expect_splits:
+            assert int(res["splits"]) > 1 and int(res["sum_blocks"]) > 0, f"{where}: the tiles were not split"
+        if expect_loops:
+            assert items > 4 * int(res["blocks"]), f"{where}: warps do not loop over work items"
+
+    plan.add("grad_gemv", sms, "grad_gemv", check_grad_gemv, id=cid, kind=emulation.kind(dtype), M=M,
+             grad=m.tensor(grad), signs="none" if signs is None else m.tensor(signs), out=m.out(cid, "gx"),
+             **layer.args(m))
+
+
+def grad_input_case(plan: Plan, layer: Layer, M: int, dtype: torch.dtype, rotated: bool, tile: int | None,
+                    sms: int) -> None:
+    """Against the CPU op and against grad · Ŵ from the dequantized weight in float64 (rotated back),
+    within the GPU matmul tests' tolerances; the tile count as planned."""
+    m = plan.manifest
+    grad, signs, want, exact = _grad_input_references(plan.gen, layer, M, dtype, rotated)
+    tile_rows = layer.rows if tile is None else tile
+    tile_weights = (2**20 if tile is None else tile) * layer.cols
+    expected_tiles = math.ceil(layer.rows / tile_rows)
+    cid = plan.new_id("grad_input")
+
+    def check_grad_input(run, res, cid=cid, want=want, exact=exact):
+        got = run.output(f"{cid}.gx", dtype, want.shape)
+        where = f"D={layer.D} K={layer.K} rows={layer.rows} cols={layer.cols} M={M} {dtype} rotated={rotated}"
+        _check_grad_input(got, want, exact, where)
+        assert int(res["tiles"]) == expected_tiles, f"{where}: {res['tiles']} tiles, expected {expected_tiles}"
+        assert int(res["tile_rows"]) == tile_rows, f"{where}: tiles of {res['tile_rows']} rows, expected {tile_rows}"
+
+    plan.add("grad_input", sms, "grad_input", check_grad_input, id=cid, kind=emulation.kind(dtype), M=M,
+             tile_weights=tile_weights, grad=m.tensor(grad), signs="none" if signs is None else m.tensor(signs),
+             out=m.out(cid, "gx"), **layer.args(m))
+
+
 def dequantize_case(plan: Plan, layer: Layer, r0: int, r1: int, dtype: torch.dtype, sms: int,
                     full: torch.Tensor | None = None) -> None:
     """Rows [r0, r1) as dtype: fp32 is the CPU op's bit for bit, fp16/bf16 that float rounded once."""
@@ -496,8 +622,9 @@ def table_cases(plan: Plan) -> None:
     plan.add("tables", 2, "tables", check_tables, id=plan.new_id("tables"))
 
 
-FAMILIES = {"codec": codec_cases, "packed": packed_cases, "hadamard": hadamard_cases, "hessian": hessian_cases,
-            "tables": table_cases}
+FAMILIES = {"codec": codec_cases, "packed": packed_cases, "grad_input": grad_input_cases,
+            "grad_gemv": grad_gemv_cases, "hadamard": hadamard_cases,
+            "hessian": hessian_cases, "tables": table_cases}
 
 
 # ----- Running --------------------------------------------------------------------------------------------
@@ -550,8 +677,8 @@ def _check_family(emulated, variant: str, family: str) -> None:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("family", ["decode", "encode", "search", "dequantize", "gemv", "tiled", "hadamard",
-                                    "hessian", "tables"])
+@pytest.mark.parametrize("family", ["decode", "encode", "search", "dequantize", "gemv", "tiled", "grad_input",
+                                    "grad_gemv", "hadamard", "hessian", "tables"])
 def test_emulated_kernels_match_cpu(emulated, variant, family):
     _check_family(emulated, variant, family)
 
@@ -570,7 +697,8 @@ def test_every_sm_count_and_grid_stride_wrap(emulated):
                 threads = launch["grid"][0] * launch["block"][0]
                 wrapped.setdefault((name, case.sms), []).append(threads < case.threads_needed)
     for kernel in ("decode_kernel", "encode_kernel", "search_kernel", "dequantize_kernel", "gemv_kernel",
-                   "finalize_kernel", "hadamard_kernel", "hessian_kernel"):
+                   "finalize_kernel", "grad_gemv_kernel", "split_sum_kernel", "signed_cast_kernel",
+                   "hadamard_kernel", "hessian_kernel"):
         assert sms_seen.get(kernel) == set(SMS), f"{kernel} ran at SM counts {sms_seen.get(kernel)}"
     for kernel in ("decode_kernel", "encode_kernel", "search_kernel"):
         for sms in (1, 2):

@@ -15,8 +15,8 @@ from typing import Callable
 import pytest
 import torch
 
-from test_cuda_emulation import (SEED, Plan, dequantize_case, decode_case, gemv_case, hadamard_case, hessian_case,
-                                 random_layer, require_toolchain)
+from test_cuda_emulation import (SEED, Plan, dequantize_case, decode_case, gemv_case, grad_gemv_case, grad_input_case,
+                                 hadamard_case, hessian_case, random_layer, require_toolchain)
 
 import emulation  # noqa: E402  (tests/cuda_emulation, on sys.path once test_cuda_emulation is imported)
 
@@ -28,7 +28,8 @@ class Mutation:
     planted: str     # what replaces it
     variant: str     # the build that must catch it
     cases: Callable[[Plan], None]
-    caught: str      # "race", "overflow", "harness:<message regex>", "wrong result", "launch error"
+    caught: str      # "race", "overflow", "harness:<message regex>", "wrong result:<check message regex>",
+                     # "launch error"
 
 
 def _hadamard(plan: Plan) -> None:
@@ -54,6 +55,15 @@ def _decode(plan: Plan) -> None:
 
 def _gemv(plan: Plan) -> None:
     gemv_case(plan, random_layer(plan.gen, 64, 8 * 40, 8, 16), 4, torch.float32, None, 2)
+
+
+def _grad_input(plan: Plan) -> None:
+    # Rotated (96 = 12 · 8), 3 tiles of 32 rows, the last partial.
+    grad_input_case(plan, random_layer(plan.gen, 70, 8 * 12, 8, 16), 3, torch.float32, True, 32, 2)
+
+
+def _grad_gemv(plan: Plan) -> None:
+    grad_gemv_case(plan, random_layer(plan.gen, 70, 8 * 12, 8, 16), 4, torch.float32, True, 2)
 
 
 MUTATIONS = {
@@ -93,7 +103,26 @@ MUTATIONS = {
         "csrc/codec/status.cuh",
         "for (int offset = 16; offset > 0; offset >>= 1)",
         "for (int offset = 16; offset > 1; offset >>= 1)",
-        "plain", _decode, "wrong result"),
+        "plain", _decode, "wrong result:status 0, bad data: True"),
+    # The input gradient's rotation transposed wrongly: the signs go into the Hadamard kernel (before
+    # H, as the forward rotates) instead of after it.
+    "gradient signs before the transform": Mutation(
+        "csrc/packed/tiled_matmul.cpp",
+        "launch_hadamard(b.z, b.rotated, FloatKind::kFloat32, nullptr, M, cols, stream)",
+        "launch_hadamard(b.z, b.rotated, FloatKind::kFloat32, b.signs, M, cols, stream)",
+        "plain", _grad_input, "wrong result:relative error .* against the CPU op"),
+    # The fused gradient's lane reduction skips the lane^1 exchange: odd lanes' rows are lost.
+    "gradient reduction misses a lane": Mutation(
+        "csrc/packed/grad_input.cu",
+        "for (int offset = 16; offset > 0; offset >>= 1)",
+        "for (int offset = 16; offset > 1; offset >>= 1)",
+        "plain", _grad_gemv, "wrong result:relative error .* against the CPU op"),
+    # The signed cast's grid-stride loop one element too far: reads z and writes out past their ends.
+    "signed cast bound off by one": Mutation(
+        "csrc/packed/grad_input.cu",
+        "e < total; e += int64_t(gridDim.x) * blockDim.x) {\n    const float v = z[e];",
+        "e <= total; e += int64_t(gridDim.x) * blockDim.x) {\n    const float v = z[e];",
+        "asan", _grad_input, "overflow"),
     # Dynamic shared memory one warp's cross-warp sums too small.
     "shared memory too small": Mutation(
         "csrc/packed/gemv.cu",
@@ -168,9 +197,10 @@ def test_planted_bug_is_caught(name, builds, tmp_path):
     elif m.caught.startswith("harness:"):
         assert run.returncode == emulation.HARNESS_ERROR, run.describe()
         assert re.search(m.caught.split(":", 1)[1], report), run.describe()
-    elif m.caught == "wrong result":
+    elif m.caught.startswith("wrong result:"):
         assert run.returncode == 0, run.describe()
-        assert any("status 0, bad data: True" in f for f in _failures(plan, run)), _failures(plan, run)
+        symptom = m.caught.split(":", 1)[1]
+        assert any(re.search(symptom, f) for f in _failures(plan, run)), _failures(plan, run)
     elif m.caught == "launch error":
         assert run.returncode == 0, run.describe()
         assert any("launcher returned cudaErrorInvalidValue" in f for f in _failures(plan, run)), _failures(plan, run)

@@ -11,6 +11,7 @@
 
 #include "common/cuda_glue.h"
 #include "hadamard/args.h"
+#include "hadamard/cuda_glue.h"
 #include "hadamard/launchers.h"
 
 namespace pvq_cuda {
@@ -23,12 +24,7 @@ at::Tensor hadamard_transform_cuda(const at::Tensor& x, const std::optional<at::
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.numel() == 0) return out;
 
-  const size_t smem = hadamard_smem_bytes(n);
-  int smem_optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
-  TORCH_CHECK_VALUE(smem <= size_t(smem_optin), "pvq_cuda.hadamard_transform: n=", n, " needs ", smem,
-                    " bytes of shared memory per block, but ", x.device(), " allows at most ", smem_optin,
-                    "; transform on the CPU or split n");
+  check_hadamard_fits("pvq_cuda.hadamard_transform", n, x.device());
 
   at::Tensor x2 = x.reshape({-1, n}).contiguous();
   // A contiguous view can still start at an odd offset (x[1:] of a contiguous tensor); the kernel's

@@ -1,5 +1,6 @@
-// CUDA glue of packed-layer ops: pvq_dequantize and pvq_matmul (fused GEMV for batches up to 16,
-// dequantized tiles through cuBLAS above that).
+// CUDA glue of packed-layer ops: pvq_dequantize, pvq_matmul (fused GEMV for batches up to 16,
+// dequantized tiles through cuBLAS above that) and its input gradient (fused up to 8 rows of grad,
+// 4 at D=32; dequantized tiles through cuBLAS above).
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -9,6 +10,8 @@
 
 #include "packed/args.h"
 #include "common/cuda_glue.h"
+#include "hadamard/args.h"
+#include "hadamard/cuda_glue.h"
 #include "packed/launchers.h"
 #include "packed/tiled_matmul.h"
 
@@ -80,11 +83,77 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   return out.reshape(sizes);
 }
 
+// grad_x = (grad Ŵ') R without a whole dense Ŵ': up to grad_gemv_max_batch(D) rows of grad, the
+// fused kernel decodes Ŵ' in registers (packed/grad_input.cu); above, Ŵ' is dequantized a tile of
+// rows at a time (the forward's ~64 MB tiles) and each tile's cuBLAS GEMM adds grad[:, tile] ·
+// Ŵ'[tile, :] to the float32 accumulator. Either way z = grad Ŵ' is float32, and
+// packed/tiled_matmul.cpp's grad_input_to_input_basis rotates it back and rounds once.
+at::Tensor matmul_grad_input_cuda(const at::Tensor& grad, const at::Tensor& codes, const at::Tensor& row_scale,
+                                  const at::Tensor& levels, const std::optional<at::Tensor>& signs,
+                                  int64_t in_features, int64_t D, int64_t K, int64_t scale_bits) {
+  // Below pvq_matmul's autograd formula (this op is its backward, and is also called directly):
+  // the kernel's own views and in-place writes must not be tracked.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const PackedShape s = check_matmul_grad_args(grad, codes, row_scale, levels, signs, in_features, D, K, scale_bits);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor g2 = grad.reshape({-1, s.rows}).contiguous();
+  const int64_t M = g2.size(0);
+  std::vector<int64_t> sizes(grad.sizes().begin(), grad.sizes().end());
+  sizes.back() = s.cols;
+  at::Tensor out = at::empty({M, s.cols}, g2.options());
+  if (M == 0) return out.reshape(sizes);
+  at::Tensor rotated, signs_f;
+  if (signs) {
+    check_hadamard_args(out, std::nullopt);  // the ValueError of the CPU op's unrotation for an unsupported n
+    check_hadamard_fits("pvq_cuda.pvq_matmul_grad_input", s.cols, grad.device());
+    rotated = at::empty({M, s.cols}, g2.options().dtype(at::kFloat));
+    signs_f = signs_as_float(signs);
+  }
+  const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
+  const pvq::PackedLayer layer = packed_view(s, c, rs, lv);
+  const pvq::SplitTables tables = split_tables_on(c);
+  const FloatKind kind = float_kind_of(g2.scalar_type());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  if (M <= grad_gemv_max_batch(s.D)) {
+    at::Tensor z = at::empty({M, s.cols}, g2.options().dtype(at::kFloat));  // written whole by the kernel
+    const GradInputBuffers buffers{z.data_ptr<float>(), signs ? rotated.data_ptr<float>() : nullptr,
+                                   signs ? signs_f.data_ptr<float>() : nullptr, out.data_ptr()};
+    GradGemvPlan plan;
+    C10_CUDA_CHECK(plan_grad_gemv(layer, s.D, kind, M, &plan));
+    at::Tensor workspace = at::empty({plan.workspace_floats}, g2.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(launch_grad_gemv(tables, layer, s.D, g2.data_ptr(), kind, M, buffers.z,
+                                    workspace.data_ptr<float>(), plan, stream));
+    C10_CUDA_CHECK(grad_input_to_input_basis(M, s.cols, kind, buffers, stream));
+    return out.reshape(sizes);
+  }
+
+  at::Tensor z = at::zeros({M, s.cols}, g2.options().dtype(at::kFloat));
+  const GradInputBuffers buffers{z.data_ptr<float>(), signs ? rotated.data_ptr<float>() : nullptr,
+                                 signs ? signs_f.data_ptr<float>() : nullptr, out.data_ptr()};
+  const int64_t tile_rows = dense_tile_rows(s.rows, s.cols, kTileWeights);
+  at::Tensor dense = at::empty({tile_rows, s.cols}, g2.options());
+  const TileGemm gemm = [&](int64_t r0, int64_t r1) {
+    const at::Tensor g_tile = g2.narrow(1, r0, r1 - r0), w_tile = dense.narrow(0, 0, r1 - r0);
+    // fp16/bf16: cuBLAS's product in the activation type (as the forward's), summed over tiles in
+    // float32 so that only one rounding per tile reaches the result.
+    if (g2.scalar_type() == at::kFloat)
+      z.addmm_(g_tile, w_tile);
+    else
+      z.add_(at::mm(g_tile, w_tile));
+    return cudaSuccess;  // torch reports its own errors by throwing
+  };
+  C10_CUDA_CHECK(grad_input_by_dense_tiles(tables, layer, s.D, kind, M, tile_rows, dense.data_ptr(), gemm, buffers,
+                                           stream));
+  return out.reshape(sizes);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pvq_cuda, CUDA, m) {
   m.impl("pvq_dequantize", &dequantize_cuda);
   m.impl("pvq_matmul", &matmul_cuda);
+  m.impl("pvq_matmul_grad_input", &matmul_grad_input_cuda);
 }
 
 }  // namespace pvq_cuda

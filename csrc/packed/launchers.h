@@ -40,4 +40,33 @@ cudaError_t launch_gemv(const pvq::SplitTables& tables, const pvq::PackedLayer& 
                         FloatKind kind, int64_t M, const void* bias, FloatKind bias_kind, void* out, float* workspace,
                         const GemvPlan& plan, cudaStream_t stream);
 
+// Largest batch (rows of grad) the fused input-gradient kernel takes at group size D: its
+// accumulators are batch x D floats a lane (8 up to D=16, 4 at D=32).
+int grad_gemv_max_batch(int D);
+
+// How the fused input gradient runs a layer for a batch (from the SM count and the kernel's occupancy).
+struct GradGemvPlan {
+  int maxm = 0;                  // the kernel instance's batch bound (1, 4 or 8)
+  int splits = 1;                // the tiles are cut into this many ranges, one fp32 partial each
+  int blocks = 0;                // the kernel's grid (a warp per work item: one column of one range)
+  int smem_leaf_k = -1;          // leaf prefix staged in shared memory (-1: none)
+  size_t smem = 0;               // dynamic shared memory per block (the leaf prefix)
+  int sum_blocks = 0;            // the split sum's grid (splits > 1)
+  int64_t workspace_floats = 0;  // splits * M * cols partial sums when splits > 1, else 0
+};
+cudaError_t plan_grad_gemv(const pvq::PackedLayer& layer, int D, FloatKind kind, int64_t M, GradGemvPlan* plan);
+
+// Fused small-batch input gradient in the weights' rotated basis: z[m, c] = sum_r grad[m, r] Ŵ'[r, c]
+// as float32, for M <= grad_gemv_max_batch(D) rows of grad (row stride = out_features) of `kind`.
+// `plan` comes from plan_grad_gemv for the same arguments; `workspace` holds plan.workspace_floats.
+cudaError_t launch_grad_gemv(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, int D, const void* grad,
+                             FloatKind kind, int64_t M, float* z, float* workspace, const GradGemvPlan& plan,
+                             cudaStream_t stream);
+
+// out[r, c] = signs[c] * z[r, c] (signs null: z[r, c]) rounded once to `out_kind`, for `rows`
+// contiguous rows of `cols` floats: the input gradient's return to the input basis after the
+// Hadamard transform (packed/grad_input.cu).
+cudaError_t launch_signed_cast(const float* z, const float* signs, int64_t rows, int64_t cols, void* out,
+                               FloatKind out_kind, cudaStream_t stream);
+
 }  // namespace pvq_cuda

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "hadamard/launchers.h"
 #include "packed/launchers.h"
 
 namespace pvq_cuda {
@@ -20,6 +21,29 @@ cudaError_t matmul_by_dense_tiles(const pvq::SplitTables& tables, const pvq::Pac
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+cudaError_t grad_input_to_input_basis(int64_t M, int64_t cols, FloatKind kind, const GradInputBuffers& b,
+                                      cudaStream_t stream) {
+  if (M <= 0) return cudaSuccess;
+  // (grad Ŵ') R, R = H diag(signs) / sqrt(n): the transform first, without signs, then the signs
+  // (hadamard's own signs would multiply before H).
+  const float* z = b.z;
+  if (b.signs != nullptr) {
+    const cudaError_t err = launch_hadamard(b.z, b.rotated, FloatKind::kFloat32, nullptr, M, cols, stream);
+    if (err != cudaSuccess) return err;
+    z = b.rotated;
+  }
+  return launch_signed_cast(z, b.signs, M, cols, b.out, kind, stream);
+}
+
+cudaError_t grad_input_by_dense_tiles(const pvq::SplitTables& tables, const pvq::PackedLayer& layer, int D,
+                                      FloatKind kind, int64_t M, int64_t tile_rows, void* dense, const TileGemm& gemm,
+                                      const GradInputBuffers& b, cudaStream_t stream) {
+  if (M <= 0) return cudaSuccess;
+  const cudaError_t err = matmul_by_dense_tiles(tables, layer, D, kind, tile_rows, dense, gemm, stream);
+  if (err != cudaSuccess) return err;
+  return grad_input_to_input_basis(M, layer.groups * D, kind, b, stream);
 }
 
 }  // namespace pvq_cuda

@@ -12,7 +12,8 @@
 //   sms n=<SMs>            its SM count from now on
 //   dry_run on=<0|1>       check and log launches without running them
 //   tables id=            upload the split tables (device_split_tables) and compare with the host's
-//   decode|encode|search|dequantize|gemv|tiled_matmul|hadamard|hessian id= ...   (see run_* below)
+//   decode|encode|search|dequantize|gemv|tiled_matmul|grad_input|grad_gemv|hadamard|hessian id= ...
+//                          (see run_* below)
 //   occupancy id= gpu=<a100|h100> threads= registers= static_smem= dynamic_smem= max_dynamic_smem=
 //   selftest id= name=     one of selftest.cu's checks of the emulator itself
 #include <chrono>
@@ -258,6 +259,90 @@ std::string run_tiled_matmul(const Args& a) {
   return result(err) + " tiles=" + std::to_string(tiles) + " tile_rows=" + std::to_string(tile_rows);
 }
 
+// The input gradient's tile GEMM, as the glue runs it through cuBLAS: z[m, c] += sum_r g[m, r]
+// dense[r - r0, c], the sum in float from the activation type's values and, for fp16/bf16, rounded
+// once to that type (at::mm's result) before it joins the float32 accumulator.
+template <typename T>
+void host_grad_gemm(const T* g, const T* dense, float* z, int64_t M, int64_t rows, int64_t cols, int64_t r0,
+                    int64_t r1) {
+  auto f = [](T v) {
+    if constexpr (std::is_same_v<T, float>) return v;
+    else if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+    else return __bfloat162float(v);
+  };
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < cols; ++c) {
+      float acc = 0.f;
+      for (int64_t r = r0; r < r1; ++r) acc += f(g[m * rows + r]) * f(dense[(r - r0) * cols + c]);
+      if constexpr (std::is_same_v<T, __half>) acc = __half2float(__float2half_rn(acc));
+      else if constexpr (std::is_same_v<T, __nv_bfloat16>) acc = __bfloat162float(__float2bfloat16_rn(acc));
+      z[m * cols + c] += acc;
+    }
+}
+
+std::string run_grad_input(const Args& a) {
+  Layer layer(a);
+  const FloatKind kind = kind_arg(a, "kind");
+  const int64_t M = int_arg(a, "M"), rows = layer.view.rows, cols = layer.cols();
+  const int64_t tile_rows = pvq_cuda::dense_tile_rows(rows, cols, int_arg(a, "tile_weights"));
+  DeviceBuffer g(read_file(arg(a, "grad"))), out(size_t(M) * cols * kind_bytes(kind)),
+      dense(size_t(tile_rows) * cols * kind_bytes(kind)), z(size_t(M) * cols * sizeof(float)),
+      rotated(size_t(M) * cols * sizeof(float));
+  check(cudaMemset(z.get(), 0, size_t(M) * cols * sizeof(float)), "cudaMemset");
+  std::unique_ptr<DeviceBuffer> signs;
+  if (arg(a, "signs") != "none") signs = std::make_unique<DeviceBuffer>(read_file(arg(a, "signs")));
+  // gemm=none (dry runs of large shapes, bench/kernel_static.py): the tile loop without the host GEMM.
+  const bool with_gemm = a.count("gemm") == 0 || arg(a, "gemm") != "none";
+  int tiles = 0;
+  const pvq_cuda::TileGemm gemm = [&](int64_t r0, int64_t r1) {
+    ++tiles;
+    if (r1 - r0 > tile_rows || r0 % pvq::kTileRows != 0)
+      die("tile [" + std::to_string(r0) + ", " + std::to_string(r1) + ") does not fit the dense buffer");
+    if (!with_gemm) return cudaSuccess;
+    auto run = [&](auto* type) {
+      using T = std::remove_pointer_t<decltype(type)>;
+      host_grad_gemm(g.get<T>(), dense.get<T>(), z.get<float>(), M, rows, cols, r0, r1);
+    };
+    switch (kind) {
+      case FloatKind::kFloat32: run(static_cast<float*>(nullptr)); break;
+      case FloatKind::kFloat16: run(static_cast<__half*>(nullptr)); break;
+      case FloatKind::kBFloat16: run(static_cast<__nv_bfloat16*>(nullptr)); break;
+    }
+    return cudaSuccess;
+  };
+  const pvq_cuda::GradInputBuffers buffers{z.get<float>(), signs ? rotated.get<float>() : nullptr,
+                                           signs ? signs->get<float>() : nullptr, out.get()};
+  const cudaError_t err = pvq_cuda::grad_input_by_dense_tiles(device_tables(), layer.view, layer.D, kind, M,
+                                                              tile_rows, dense.get(), gemm, buffers, nullptr);
+  out.save(arg(a, "out"));
+  return result(err) + " tiles=" + std::to_string(tiles) + " tile_rows=" + std::to_string(tile_rows);
+}
+
+// The fused small-batch input gradient, then the same return to the input basis as the tiled path.
+std::string run_grad_gemv(const Args& a) {
+  Layer layer(a);
+  const FloatKind kind = kind_arg(a, "kind");
+  const int64_t M = int_arg(a, "M"), cols = layer.cols();
+  pvq_cuda::GradGemvPlan plan;
+  cudaError_t err = pvq_cuda::plan_grad_gemv(layer.view, layer.D, kind, M, &plan);
+  if (err != cudaSuccess) return result(err);
+  DeviceBuffer g(read_file(arg(a, "grad"))), out(size_t(M) * cols * kind_bytes(kind)),
+      z(size_t(M) * cols * sizeof(float)), rotated(size_t(M) * cols * sizeof(float)),
+      workspace(size_t(plan.workspace_floats) * sizeof(float));
+  std::unique_ptr<DeviceBuffer> signs;
+  if (arg(a, "signs") != "none") signs = std::make_unique<DeviceBuffer>(read_file(arg(a, "signs")));
+  const pvq_cuda::GradInputBuffers buffers{z.get<float>(), signs ? rotated.get<float>() : nullptr,
+                                           signs ? signs->get<float>() : nullptr, out.get()};
+  err = pvq_cuda::launch_grad_gemv(device_tables(), layer.view, layer.D, g.get(), kind, M, z.get<float>(),
+                                   workspace.get<float>(), plan, nullptr);
+  if (err == cudaSuccess) err = pvq_cuda::grad_input_to_input_basis(M, cols, kind, buffers, nullptr);
+  out.save(arg(a, "out"));
+  std::ostringstream r;
+  r << result(err) << " splits=" << plan.splits << " blocks=" << plan.blocks << " smem_leaf_k=" << plan.smem_leaf_k
+    << " sum_blocks=" << plan.sum_blocks << " max_batch=" << pvq_cuda::grad_gemv_max_batch(layer.D);
+  return r.str();
+}
+
 // ----- Hadamard and Hessian ---------------------------------------------------------------------------
 std::string run_hadamard(const Args& a) {
   const FloatKind kind = kind_arg(a, "kind");
@@ -328,6 +413,7 @@ int main(int argc, char** argv) {
   const std::map<std::string, std::function<std::string(const Args&)>> commands = {
       {"decode", run_decode},   {"encode", run_encode},   {"search", run_search},
       {"dequantize", run_dequantize}, {"gemv", run_gemv}, {"tiled_matmul", run_tiled_matmul},
+      {"grad_input", run_grad_input}, {"grad_gemv", run_grad_gemv},
       {"hadamard", run_hadamard}, {"hessian", run_hessian}, {"tables", run_tables},
       {"occupancy", run_occupancy},
       {"selftest", [](const Args& a) { return pvq_emulation::run_selftest(arg(a, "name")); }}};

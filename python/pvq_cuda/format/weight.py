@@ -181,7 +181,8 @@ def pvq_matmul(x: torch.Tensor, weight: PVQWeight, bias: torch.Tensor | None = N
     Returns:
         ``[..., out_features]`` in x's dtype. Codes are decoded on the fly; the dense weight is never
         materialized (CPU: per 32-row tile; CUDA: in registers). Differentiable in x (and bias): the
-        input gradient ``grad @ W`` decodes the codes on the fly too (``pvq_matmul_grad_input``).
+        input gradient ``grad @ W`` (``pvq_matmul_grad_input``) never materializes it whole either
+        (decoded on the fly up to 8 rows of grad, bounded row blocks or tiles of ~32 M weights above).
     """
     if not isinstance(weight, PVQWeight):
         raise TypeError(f"pvq_cuda.pvq_matmul: weight must be a PVQWeight, got {type(weight).__name__}")

@@ -27,8 +27,9 @@ def matmul_packed(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor,
 def matmul_grad_input(grad: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, levels: torch.Tensor,
                       signs: torch.Tensor | None, in_features: int, D: int, K: int, scale_bits: int) -> torch.Tensor:
     """``grad @ W``: the gradient of :func:`matmul_packed` with respect to its input, for
-    ``grad`` = dL/dy ``[..., out_features]``; the codes are decoded on the fly (the rotation's
-    inverse included), so no dense copy of W is ever made."""
+    ``grad`` = dL/dy ``[..., out_features]``, the rotation's inverse included. No whole dense copy
+    of W is made: up to 8 rows of grad (CUDA: 4 at D=32) the codes are decoded on the fly; above,
+    in row blocks of at most 32 MB (CPU) or row tiles of ~32 M weights for cuBLAS (CUDA)."""
     check_float_input("pvq_cuda.pvq_matmul_grad_input", "grad", grad)
     return torch.ops.pvq_cuda.pvq_matmul_grad_input.default(grad, codes, row_scale, levels, signs, in_features, D, K,
                                                             scale_bits)
