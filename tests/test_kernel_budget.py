@@ -168,11 +168,19 @@ def test_loop_cost_per_path_and_weighted():
     # block 0xa0 mixes a split line and N=2 lines, both at 0.75: they agree
     assert cost == pytest.approx(3 + 0.75 * 2 + 3 * 0.75 * 2.5 + 0.75 * 4 + 0.25 * 2 + 4)
     assert disagree == 0
-    # Lines that disagree with their block are reported: make the N=2 code rarer than the split.
+    # A block runs as often as its most frequent line (code hoisted into it runs with it), and the
+    # lines that run less often are reported: make the N=2 code rarer than the split around it.
     events[(1, "n2_mid")] = 0.5
     cost, disagree = kb.loop_cost(blocks, loop, SMAP, events, 4)
-    assert disagree == pytest.approx(1 / loop.instructions)  # the one split instruction of block 0xa0
-    assert cost == pytest.approx(3 + 0.75 * 2 + 3 * 0.75 * 2.5 + 0.5 * 4 + 0.25 * 2 + 4)
+    assert disagree == pytest.approx(3 / loop.instructions)  # the three N=2 instructions of block 0xa0
+    assert cost == pytest.approx(3 + 0.75 * 2 + 3 * 0.75 * 2.5 + 0.75 * 4 + 0.25 * 2 + 4)
+    # The lower bracket: each block at the count of most of its instructions (3 of 4 at 0.5 here).
+    mode, _ = kb.loop_cost(blocks, loop, SMAP, events, 4, rule="mode")
+    assert mode == pytest.approx(cost - 0.25 * 4)
+    by_source = kb.cost_by_source(blocks, loop, SMAP, events, 4)
+    assert by_source[(1, "n2_mid")] == (3, pytest.approx(3 * 0.75))
+    assert by_source[(0, "walk")] == (3, pytest.approx(3 * 0.75 * 2.5))
+    assert sum(e for _, e in by_source.values()) == pytest.approx(cost)
 
 
 @pytest.mark.parametrize("D,K,leaf_k", [(16, 30, 5), (16, 30, -1), (8, 16, 16), (4, 7, 7), (4, 7, 6), (2, 5, -1)])
@@ -248,3 +256,17 @@ def test_real_report_runs(tmp_path):
     assert "gemv_kernel<16, 1, __half>" in text and "gemv_kernel<16, 16, __half>" in text
     assert "dequantize_kernel<16, __half>" in text
     assert "instructions per weight per warp" in proc.stdout
+
+
+def test_before_section_keeps_the_old_figures():
+    old = "\n".join(["# Decode-GEMV instruction budget (old, 2026-12-01)", "intro", "## Instructions per weight (x)",
+                     "| 1 | 63.6 |", "### Where they go", "| a | b |", "## Branch frequencies on the real codes",
+                     "| 23.1 % |", "## Resources, occupancy, bytes in flight", "| 56 regs |",
+                     "## Predicted fraction of the bandwidth bound", "| 6 % |", "Targets (issue 14): ...",
+                     "## Tile dequantization", "| stores |"])
+    got = kb.before_section(old, "old.md")
+    assert got[1] == "## Before: Decode-GEMV instruction budget (old, 2026-12-01) (`old.md`)"
+    text = "\n".join(got)
+    assert "### Instructions per weight (x)" in text and "#### Where they go" in text and "| 63.6 |" in text
+    assert "| 23.1 % |" in text and "| 6 % |" in text
+    assert "56 regs" not in text and "stores" not in text and "Targets" not in text
