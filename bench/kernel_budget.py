@@ -260,8 +260,8 @@ DECODE_NODE_LINES = [
     ("} else if (i < 2) {", "n2_nz"),
     ("y[0] = 0;", "n2_lt2"),
     ("y[1] = int8_t(i ? -k : k);", "n2_lt2"),
-    ("} else if (i >= uint64_t(4 * k - 2)) {", "n2_ge"),
-    ("y[0] = int8_t(i > uint64_t(4 * k - 2) ? -k : k);", "n2_hi"),
+    ("} else if (i >= I(4 * k - 2)) {", "n2_ge"),
+    ("y[0] = int8_t(i > I(4 * k - 2) ? -k : k);", "n2_hi"),
     ("y[1] = 0;", "n2_hi"),
     ("} else {", "n2_mid"),
     ("const uint32_t u = uint32_t(i) - 2u;", "n2_mid"),
@@ -277,17 +277,25 @@ DECODE_NODE_LINES = [
     ("y[3] = int8_t(w >> 24);", "leaf_hit"),
     ("return;", "leaf_hit"),
     ("constexpr int L = Log2<N>::value, H = N / 2;", "split"),
+    ("using Child = std::conditional_t<(H <= 4), uint32_t, I>;", "split"),
     ("const int node = (L - 1) * (kMaxK + 1) + k;", "split"),
     ("const uint64_t* off = t.offset + (L - 1) * kOffsetsPerLevel + tri(k);", "split"),
     ("int k1 = t.guide[node * (1 << kGuideBits) + int(i >> t.guide_shift[node])];", "split"),
-    ("while (off[k1 + 1] <= i) ++k1;", "walk"),
+    ("while (I(off[k1 + 1]) <= i) ++k1;", "walk"),
     ("const int k2 = k - k1;", "split"),
-    ("const uint64_t r = i - off[k1];", "split"),
+    ("const I r = i - I(off[k1]);", "split"),
     ("const int child = (L - 1) * (kMaxK + 1) + k2;", "split"),
-    ("const uint64_t i1 = divide(r, t.magic[child], t.magic_log[child]);", "split"),
-    ("const uint64_t i2 = r - i1 * count_at(t, L - 1, k2);", "split"),
-    ("decode_node<H>(t, i1, k1, y);", "child0"),
-    ("decode_node<H>(t, i2, k2, y + H);", "child1"),
+    ("Child i1, i2;", "split"),
+    ("if constexpr (N <= 4) {", "split"),
+    ("const uint32_t r32 = uint32_t(r);", "split"),
+    ("i1 = divide32(r32, t.magic[child], t.magic_log[child]);", "split"),
+    ("i2 = r32 - i1 * uint32_t(count_at(t, L - 1, k2));", "split"),
+    ("} else {", "split"),
+    ("const uint64_t q = divide(r, t.magic[child], t.magic_log[child]);", "split"),
+    ("i1 = Child(q);", "split"),
+    ("i2 = Child(r - q * count_at(t, L - 1, k2));", "split"),
+    ("decode_node<H, Child>(t, i1, k1, y);", "child0"),
+    ("decode_node<H, Child>(t, i2, k2, y + H);", "child1"),
 ]
 # decode_group (packed/packed_layer.h): the corrupt-index path; every other line runs once a group.
 DECODE_GROUP_INVALID = ("for (int j = 0; j < D; ++j) y[j] = 0;", "return 0.f;")
@@ -712,6 +720,8 @@ def main() -> None:
     parser.add_argument("--label", default="current kernel", help="what the report describes")
     parser.add_argument("--before", type=Path, help="an earlier report of this script: its figures are appended "
                                                     "under 'Before', for an old-vs-new comparison")
+    parser.add_argument("--before-name", help="how the report names --before (default: its file name)")
+    parser.add_argument("--note", default="", help="a sentence under the old-vs-new table: what changed")
     args = parser.parse_args()
     for name in ("nvdisasm", "cuobjdump"):
         if tool(name) is None:
@@ -799,11 +809,40 @@ def main() -> None:
     write_report(args, rows_out, store_rows, layers, bits, D, plans)
 
 
+def headline(text: str) -> dict:
+    """batch -> figures of a report of this script: its per-weight and resources tables' rows."""
+    out, section = {}, ""
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section = line
+        cells = [c.strip().strip("*`") for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or not cells[0].isdigit():
+            continue
+        fig = out.setdefault(int(cells[0]), {})
+        if section.startswith("## Instructions per weight"):
+            fig.update(static=cells[2], table=cells[4], split=cells[5], lane=cells[7], warp=cells[8])
+        elif section.startswith("## Resources"):
+            fig.update(regs=cells[1], spills=cells[2])
+    return out
+
+
+def compare_section(old_text: str, new_text: str, name: str) -> list[str]:
+    old, new = headline(old_text), headline(new_text)
+    L = ["", f"## Old vs new (old: {name})", "",
+         "| batch | per warp | per lane | all leaves in table | all leaves split | static instr. in loop | registers |",
+         "|---|---|---|---|---|---|---|"]
+    for M in sorted(set(old) & set(new)):
+        o, n = old[M], new[M]
+        L.append(f"| {M} | " + " | ".join(f"{o.get(k, '-')} -> {n.get(k, '-')}"
+                                         for k in ("warp", "lane", "table", "split", "static", "regs")) + " |")
+    return L + ["", "Instructions per weight except the static count (per iteration) and registers."]
+
+
 def before_section(text: str, name: str) -> list[str]:
     """The per-weight, branch-frequency and bandwidth tables of an earlier report, headings one level down."""
     lines = text.splitlines()
     title = lines[0].lstrip("# ") if lines else name
-    keep, out = False, ["", f"## Before: {title} (`{name}`)", ""]
+    keep, out = False, ["", f"## Before: {title} ({name})", ""]
     for line in lines:
         if line.startswith("## "):
             keep = line.startswith(("## Instructions per weight", "## Branch frequencies", "## Predicted fraction"))
@@ -941,7 +980,11 @@ def write_report(args, rows, stores, layers, bits, D, plans) -> None:
         L.append(f"| `{s['name']}` | {s['group_bytes']} | {n} ({widths}) | {32 * w} | 32 | {min(w, 32)} of 32 "
                  f"({100 * min(w, 32) / 32:.0f} %) | {s['calls']} |")
     if args.before is not None:
-        L += before_section(args.before.read_text(), args.before.name)
+        name = args.before_name or args.before.name
+        L[L.index("## Instructions per weight (hot loop: one group column of a 32-row tile per warp iteration)") - 1:
+          ] = compare_section(args.before.read_text(), "\n".join(L), name) + [args.note, "", *L[L.index(
+              "## Instructions per weight (hot loop: one group column of a 32-row tile per warp iteration)"):]]
+        L += before_section(args.before.read_text(), name)
     L += ["", "## How to read and rerun", "",
           "`python bench/kernel_budget.py [--blocks 0,15] [--projections ...] [--label ...] [--out ...]`. "
           "A changed decoder (codec/pyramid.h decode_node) makes the script stop until its replay "

@@ -228,8 +228,8 @@ def test_source_map_matches_the_real_decoder():
     assert sorted(set(smap.node_lines.values())) == sorted({e for _, e in kb.DECODE_NODE_LINES})
     assert len(smap.invalid_lines) == 2
     # A decoder edited without the replay makes the script stop.
-    changed = (REPO / "csrc/codec/pyramid.h").read_text().replace("while (off[k1 + 1] <= i) ++k1;",
-                                                                   "while (off[k1 + 1] <= i) k1 += 1;")
+    changed = (REPO / "csrc/codec/pyramid.h").read_text().replace("while (I(off[k1 + 1]) <= i) ++k1;",
+                                                                   "while (I(off[k1 + 1]) <= i) k1 += 1;")
     with pytest.raises(ValueError, match="does not match the replay"):
         kb.source_map(changed, (REPO / "csrc/packed/packed_layer.h").read_text())
 
@@ -265,8 +265,20 @@ def test_before_section_keeps_the_old_figures():
                      "## Predicted fraction of the bandwidth bound", "| 6 % |", "Targets (issue 14): ...",
                      "## Tile dequantization", "| stores |"])
     got = kb.before_section(old, "old.md")
-    assert got[1] == "## Before: Decode-GEMV instruction budget (old, 2026-12-01) (`old.md`)"
+    assert got[1] == "## Before: Decode-GEMV instruction budget (old, 2026-12-01) (old.md)"
     text = "\n".join(got)
     assert "### Instructions per weight (x)" in text and "#### Where they go" in text and "| 63.6 |" in text
     assert "| 23.1 % |" in text and "| 6 % |" in text
     assert "56 regs" not in text and "stores" not in text and "Targets" not in text
+
+
+def test_compare_section_pairs_old_and_new_figures():
+    def report(warp, regs):
+        return "\n".join(["# t", "## Instructions per weight (x)", "| batch | kernel | a | b | c | d | e | f | g |",
+                          f"| 1 | `k` | 950 | 6.9 / 55.5 | 27.3 | 55.5 | +0.65 | 48.0 | **{warp}** |",
+                          "## Resources, occupancy, bytes in flight", f"| 1 | {regs} | 0/0 | 792 |"])
+    old, new = report("63.6", 56), report("57.5", 48)
+    assert kb.headline(old) == {1: dict(static="950", table="27.3", split="55.5", lane="48.0", warp="63.6",
+                                        regs="56", spills="0/0")}
+    rows = [l for l in kb.compare_section(old, new, "old.md") if l.startswith("| 1 |")]
+    assert rows == ["| 1 | 63.6 -> 57.5 | 48.0 -> 48.0 | 27.3 -> 27.3 | 55.5 -> 55.5 | 950 -> 950 | 56 -> 48 |"]
