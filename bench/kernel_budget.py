@@ -15,7 +15,9 @@ What is measured and what is modelled:
   (a block runs if any of its 32 lanes needs it; a loop runs as often as its slowest lane).
 - *Modelled*: the throughput bounds (issue slots, HBM bandwidth, latency covered by bytes in flight).
 
-Usage: python bench/kernel_budget.py [--out bench/results/kernel-budget-<date>.md] [--groups N]
+Usage: python bench/kernel_budget.py [--out bench/results/kernel-budget-<date>.md] [--blocks 0,15]
+       [--projections self_attn.q_proj,...] [--label TEXT] [--before OLD_REPORT.md --note TEXT]
+(--before puts an earlier report's figures beside this one's: an old-vs-new table and its tables.)
 Needs nvcc (as bench/kernel_static.py), nvdisasm and cuobjdump (PATH, $CUDA_HOME/bin, or the pip
 wheels nvidia-cuda-nvdisasm / nvidia-cuda-cuobjdump), and the built pvq_cuda for the real codes.
 """
@@ -982,7 +984,7 @@ def write_report(args, rows, stores, layers, bits, D, plans) -> None:
     if args.before is not None:
         name = args.before_name or args.before.name
         L[L.index("## Instructions per weight (hot loop: one group column of a 32-row tile per warp iteration)") - 1:
-          ] = compare_section(args.before.read_text(), "\n".join(L), name) + [args.note, "", *L[L.index(
+          ] = compare_section(args.before.read_text(), "\n".join(L), name) + ["", args.note, "", *L[L.index(
               "## Instructions per weight (hot loop: one group column of a 32-row tile per warp iteration)"):]]
         L += before_section(args.before.read_text(), name)
     L += ["", "## How to read and rerun", "",
