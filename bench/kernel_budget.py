@@ -727,7 +727,8 @@ def main() -> None:
     args = parser.parse_args()
     for name in ("nvdisasm", "cuobjdump"):
         if tool(name) is None:
-            sys.exit(f"kernel_budget: no {name} (PATH, $CUDA_HOME/bin, or pip install nvidia-cuda-{name[:-3] if name == 'nvdisasm' else name})")
+            sys.exit(f"kernel_budget: no {name} (looked on PATH, in $CUDA_HOME/bin and in the pip wheel: "
+                     f"pip install nvidia-cuda-{name})")
     sys.path.insert(0, str(REPO / "bench"))
     import kernel_static
 
@@ -779,7 +780,8 @@ def main() -> None:
         for _, shape, index in layers:
             sub = index[:32]
             t = Tables(D, K)
-            pulses = [[replay_group(t, int(v), K, D, leaf_k, collections.Counter()) for v in row] for row in sub.tolist()]
+            pulses = [[replay_group(t, int(v), K, D, leaf_k, collections.Counter()) for v in row]
+                      for row in sub.tolist()]
             check(pulses, sub)
         lane, dis_l = loop_cost(blocks, loop, smap, ev.lane, D)
         warp, dis_w = loop_cost(blocks, loop, smap, ev.warp, D)
@@ -871,7 +873,8 @@ def write_report(args, rows, stores, layers, bits, D, plans) -> None:
              f"{r['warp'] / D / (GPUS[0].issue / (GPUS[0].bandwidth / (bpw / 8))):.0f}x the H100 budget;"
              for r in rows) +
          f" {rows[0]['res'].spill_stores + rows[0]['res'].spill_loads} spill bytes at batch 1. The 2+2 leaf fallback "
-         f"(N=4 split nodes and their N=2 children) is the largest item, and since {100 * (1 - rows[0]['ev'].hit_rate):.0f} % "
+         f"(N=4 split nodes and their N=2 children) is the largest item, and since "
+         f"{100 * (1 - rows[0]['ev'].hit_rate):.0f} % "
          "of leaves miss the table, nearly every warp issues both leaf paths.", "",
          "Codes: " + ", ".join(f"`{k.replace('model.', '')}` {s[0]}x{s[1]}" for k, s, _ in layers) +
          f" ({rows[0]['ev'].groups:,} groups in {rows[0]['ev'].chunks:,} chunks).", "",
@@ -901,7 +904,7 @@ def write_report(args, rows, stores, layers, bits, D, plans) -> None:
         if event == "invalid":
             return "corrupt-index path"
         if event.startswith("n2_"):
-            return f"N=2 nodes (leaf split 2+2): closed-form cases"
+            return "N=2 nodes (leaf split 2+2): closed-form cases"
         if event in ("leaf_hit", "n4_entry"):
             return "N=4 leaf test and shared-memory table read"
         return f"N={N} split node{'s' if depth else ''}: guide, walk, divide" + (" (leaf fallback)" if N == 4 else "")
@@ -916,11 +919,13 @@ def write_report(args, rows, stores, layers, bits, D, plans) -> None:
                                          for r in rows) + " |")
     L += ["",
           "## Branch frequencies on the real codes", "",
-          "| batch | leaf prefix in smem (k <=) | 4-leaves decoded by the table | extra guide-walk steps per split node "
-          "| code run more often than its line (hoisted) | per warp if it were not (lower bracket) |", "|---|---|---|---|---|---|"]
+          "| batch | leaf prefix in smem (k <=) | 4-leaves decoded by the table | "
+          "extra guide-walk steps per split node | code run more often than its line (hoisted) | per warp if it were not (lower bracket) |",
+          "|---|---|---|---|---|---|"]
     for r in rows:
         L.append(f"| {r['M']} | {r['leaf_k']} ({r['plan']['smem']} B with the reduction buffer) | "
-                 f"{100 * r['ev'].hit_rate:.1f} % | {r['ev'].walk_extra:.3f} | {100 * r['disagree']:.1f} % of the loop's "
+                 f"{100 * r['ev'].hit_rate:.1f} % | {r['ev'].walk_extra:.3f} | "
+                 f"{100 * r['disagree']:.1f} % of the loop's "
                  f"instructions | {r['warp_mode'] / D:.1f} |")
     L += ["", "The leaf prefix is what `plan_gemv` picks for a 4096x4096 layer on a 132-SM GPU (emulated H100, dry "
           "run; the H200 has the same SMs and shared memory, so the same plan). A block runs as often as the most "
@@ -929,8 +934,9 @@ def write_report(args, rows, stores, layers, bits, D, plans) -> None:
           "every block at the count of most of its instructions instead (as if nothing were hoisted) gives the "
           "last column, a lower bracket of the estimate.", "",
           "## Resources, occupancy, bytes in flight", "",
-          "| batch | regs | spills (st/ld B) | grid | splits x tiles = items (rounds, tail efficiency) | blocks/SM (limited by) | "
-          "warps/SM | global loads in the loop (static) | bytes in flight per SM |", "|---|---|---|---|---|---|---|---|---|"]
+          "| batch | regs | spills (st/ld B) | grid | splits x tiles = items (rounds, tail efficiency) | "
+          "blocks/SM (limited by) | warps/SM | global loads in the loop (static) | bytes in flight per SM |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         res, occ, launch = r["res"], r["occ"], r["launch"]
         per_sm = min(int(occ["blocks_per_sm"]), -(-launch["grid"][0] // 132))
@@ -966,7 +972,8 @@ def write_report(args, rows, stores, layers, bits, D, plans) -> None:
             issue, lat = min(1.0, budget / ipw), min(1.0, r["inflight"] / need)
             L.append(f"| {g.name} | {g.bandwidth / 1e12:.2f} TB/s | {budget:.2f} | {r['M']} | {ipw:.1f} | "
                      f"{100 * issue:.0f} % | {100 * lat:.0f} % | **{100 * min(issue, lat):.0f} %** |")
-    L += ["", "Targets (issue 14): batch 1 <= 6 instructions per weight (3.6 the moonshot), batch 16 <= 12, zero spills.",
+    L += ["", "Targets (issue 14): batch 1 <= 6 instructions per weight (3.6 the moonshot), batch 16 <= 12, "
+          "zero spills.",
           "", "## Tile dequantization: store efficiency (for issue 14 item 3)", "",
           "One lane per row stores its group's D values; the 32 lanes of a warp store to 32 different rows "
           "(row stride = in_features x element size, far apart), so every warp store instruction touches 32 "
