@@ -920,7 +920,8 @@ def write_report(args, rows, stores, layers, bits, D, plans) -> None:
     L += ["",
           "## Branch frequencies on the real codes", "",
           "| batch | leaf prefix in smem (k <=) | 4-leaves decoded by the table | "
-          "extra guide-walk steps per split node | code run more often than its line (hoisted) | per warp if it were not (lower bracket) |",
+          "extra guide-walk steps per split node | code run more often than its line (hoisted) | "
+          "per warp if it were not (lower bracket) |",
           "|---|---|---|---|---|---|"]
     for r in rows:
         L.append(f"| {r['M']} | {r['leaf_k']} ({r['plan']['smem']} B with the reduction buffer) | "
