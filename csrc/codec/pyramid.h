@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "common/device_code.h"
 
@@ -68,13 +69,30 @@ struct Log2 { static constexpr int value = 1 + Log2<N / 2>::value; };
 template <>
 struct Log2<1> { static constexpr int value = 0; };
 
+// V(4, k) = 8k + 8(k^3 - k)/3 for k >= 1: every index and offset of a node of N <= 4 fits 32 bits.
+PVQ_HD constexpr uint64_t count4(uint64_t k) { return k == 0 ? 1 : 8 * k + 8 * (k * k * k - k) / 3; }
+static_assert(count4(kMaxK) < (uint64_t(1) << 32), "N <= 4 nodes must index in 32 bits");
+
+// floor(r / d) as divide() for r < 2^32: the high 64 bits of m r from two 32x64 products, not four.
+PVQ_HD uint32_t divide32(uint32_t r, uint64_t m, int l) {
+  if (l == 0) return r;
+  const uint64_t lo = uint64_t(uint32_t(m)) * r;
+  const uint64_t hi = uint64_t(uint32_t(m >> 32)) * r + (lo >> 32);
+  return uint32_t(hi >> 32) >> (l - 1);  // mulhi64(m, r) < r < 2^32, so the 32-bit shift is exact
+}
+
 // ---------------------------------------------------------------------------------------------
 // Decode: index -> pulses. Each node finds k1 (guide bucket, then a short compare walk), does one
 // multiply-high division, and hands two independent indices to its halves; 4-leaves are one table
-// read. No coordinate waits on another, unlike the sequential Fischer/Opus order.
+// read. No coordinate waits on another, unlike the sequential Fischer/Opus order. Nodes of N <= 4
+// take 32-bit indices (count4 above): on a GPU that halves their compares, subtractions and
+// products, which matter because most leaves miss the shared-memory table and split 2+2
+// (bench/results/kernel-budget-2026-12-01.md).
 // ---------------------------------------------------------------------------------------------
-template <int N>
-PVQ_HD void decode_node(const SplitTables& t, uint64_t i, int k, int8_t* y) {
+// I, the index type, is never deduced (type_identity_t): callers pass any integer index and get the
+// 64-bit decode of the top node; only the recursion narrows it.
+template <int N, typename I = uint64_t>
+PVQ_HD void decode_node(const SplitTables& t, std::type_identity_t<I> i, int k, int8_t* y) {
   if constexpr (N == 1) {
     y[0] = int8_t(k == 0 ? 0 : (i ? -k : k));
   } else if constexpr (N == 2) {
@@ -85,8 +103,8 @@ PVQ_HD void decode_node(const SplitTables& t, uint64_t i, int k, int8_t* y) {
     } else if (i < 2) {
       y[0] = 0;
       y[1] = int8_t(i ? -k : k);
-    } else if (i >= uint64_t(4 * k - 2)) {
-      y[0] = int8_t(i > uint64_t(4 * k - 2) ? -k : k);
+    } else if (i >= I(4 * k - 2)) {
+      y[0] = int8_t(i > I(4 * k - 2) ? -k : k);
       y[1] = 0;
     } else {
       const uint32_t u = uint32_t(i) - 2u;
@@ -104,17 +122,27 @@ PVQ_HD void decode_node(const SplitTables& t, uint64_t i, int k, int8_t* y) {
       return;
     }
     constexpr int L = Log2<N>::value, H = N / 2;
+    using Child = std::conditional_t<(H <= 4), uint32_t, I>;
     const int node = (L - 1) * (kMaxK + 1) + k;
     const uint64_t* off = t.offset + (L - 1) * kOffsetsPerLevel + tri(k);
     int k1 = t.guide[node * (1 << kGuideBits) + int(i >> t.guide_shift[node])];
-    while (off[k1 + 1] <= i) ++k1;
+    while (I(off[k1 + 1]) <= i) ++k1;
     const int k2 = k - k1;
-    const uint64_t r = i - off[k1];
+    const I r = i - I(off[k1]);
     const int child = (L - 1) * (kMaxK + 1) + k2;
-    const uint64_t i1 = divide(r, t.magic[child], t.magic_log[child]);
-    const uint64_t i2 = r - i1 * count_at(t, L - 1, k2);
-    decode_node<H>(t, i1, k1, y);
-    decode_node<H>(t, i2, k2, y + H);
+    Child i1, i2;
+    if constexpr (N <= 4) {
+      const uint32_t r32 = uint32_t(r);  // r < V(4, k) < 2^32 (count4), also when I is 64-bit (D = 4)
+      i1 = divide32(r32, t.magic[child], t.magic_log[child]);
+      i2 = r32 - i1 * uint32_t(count_at(t, L - 1, k2));
+    } else {
+      // Children of N >= 16 nodes at large K need 64 bits; those of an 8-node never do (count4).
+      const uint64_t q = divide(r, t.magic[child], t.magic_log[child]);
+      i1 = Child(q);
+      i2 = Child(r - q * count_at(t, L - 1, k2));
+    }
+    decode_node<H, Child>(t, i1, k1, y);
+    decode_node<H, Child>(t, i2, k2, y + H);
   }
 }
 
