@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> encode_activations_cu
   at::Tensor scale = at::empty(lead, x.options().dtype(at::kHalf));
   if (s.tokens == 0) return {pulses, index, gain, scale};
 
-  const size_t smem = encode_activations_smem_bytes(s.n, s.D);
+  const size_t smem = encode_activations_smem_bytes(s.n, s.D) + encode_activations_static_smem_bytes();
   int smem_optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
   TORCH_CHECK_VALUE(smem <= size_t(smem_optin), "pvq_cuda.encode_activations: n=", s.n, " with D=", s.D, " needs ",

@@ -153,7 +153,7 @@ __device__ PVQ_NOINLINE void code_groups(const pvq::SplitTables& tables, const f
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) encode_activations_kernel(const Params p, const pvq::SplitTables tables) {
-  __shared__ float levels[kMaxLevels];
+  __shared__ float levels[kMaxLevels];  // encode_activations_static_smem_bytes() counts these two
   __shared__ float mid[kMaxLevels];
   unsigned char* const smem = dynamic_shared_memory<unsigned char>();
   const Layout lay = layout_for(p.n, D, p.rows_per_tile);
@@ -264,6 +264,8 @@ cudaError_t launch_typed(const pvq::SplitTables& tables, const Params& p, size_t
 size_t encode_activations_smem_bytes(int64_t n, int D) {
   return layout_for(int(n), D, ht::tile_rows(n)).bytes;
 }
+
+size_t encode_activations_static_smem_bytes() { return 2 * kMaxLevels * sizeof(float); }
 
 cudaError_t launch_encode_activations(const pvq::SplitTables& tables, const void* x, FloatKind kind,
                                       const float* signs, const float* levels, int level_count, int64_t tokens,

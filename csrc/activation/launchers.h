@@ -29,6 +29,10 @@ struct ActivationCodes {
 // supported n, D | n). Over 48 KB the launcher opts in; the glue first checks the device allows it.
 size_t encode_activations_smem_bytes(int64_t n, int D);
 
+// The encoder's static shared memory (the gain levels and their midpoints): a block needs this on
+// top of the dynamic part, within the device's per-block opt-in limit.
+size_t encode_activations_static_smem_bytes();
+
 // activation/activation_code.h's code of every token of x [tokens][n] (16-byte aligned,
 // contiguous), in the basis rotated by H_n · diag(signs) / sqrt(n) (signs: n floats or nullptr),
 // with `levels` (level_count floats, 2^gain_bits) of the gain code; bit for bit the CPU kernel's.

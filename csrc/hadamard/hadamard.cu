@@ -62,8 +62,7 @@
 namespace pvq_cuda {
 namespace {
 
-namespace hm = pvq::hadamard;
-using namespace hadamard_tile;  // the tile's building blocks: Io, load_vector, passes, hm_pass, tile_rows
+using namespace hadamard_tile;  // the tile's building blocks (Io, load_vector, passes, hm_pass, tile_rows) and hm
 
 constexpr int kMinBlocks = 2;           // per SM: caps registers at 128 (see the design notes)
 constexpr size_t kDefaultSmem = 48 * 1024;       // above this a kernel must opt in
