@@ -19,6 +19,11 @@
 // - Shared memory per tile: 33 KB of rotated activations + 12 bytes per group (D = 8: 12 KB;
 //   D = 2: 49 KB) + 16 bytes per token. D = 1 or 2 at n = 32768 does not fit any GPU: the glue
 //   says so and names the CPU path.
+// - Registers (ptxas -v, sm_90a): uncapped, every instance takes 255 registers, so one block (8
+//   warps) per SM; kMinBlocks = 2 caps them at 128, as for the Hadamard kernel, at the price of a
+//   few spills: 12-16 bytes in the H_m pass, 4/52 bytes (stores/loads) at D = 16 and 140/376 bytes
+//   in code_groups<32>; none at the presets' D = 8 and 2. The search's per-group arrays live in
+//   local memory either way (a stack frame of 96-608 bytes), as in codec/search.cu.
 // - Cost: search dominates (a few hundred to ~16k instructions per group, codec/search.cu); the
 //   rotation is the Hadamard kernel's, which runs near copy speed. Nothing here is tuned yet: the
 //   first GPU session should read bench/bench_codec.py's tokens/s.
@@ -46,6 +51,7 @@ namespace {
 namespace ht = hadamard_tile;
 
 constexpr int kThreads = ht::kThreads;  // the tile passes assume this block size
+constexpr int kMinBlocks = 2;  // per SM: caps registers at 128 (the design notes above)
 constexpr size_t kDefaultSmem = 48 * 1024;  // above this a kernel must opt in
 constexpr int kMaxLevels = 256;             // 2^gain_bits, gain_bits <= 8
 
@@ -152,7 +158,7 @@ __device__ PVQ_NOINLINE void code_groups(const pvq::SplitTables& tables, const f
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) encode_activations_kernel(const Params p, const pvq::SplitTables tables) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) encode_activations_kernel(const Params p, const pvq::SplitTables tables) {
   __shared__ float levels[kMaxLevels];  // encode_activations_static_smem_bytes() counts these two
   __shared__ float mid[kMaxLevels];
   unsigned char* const smem = dynamic_shared_memory<unsigned char>();
