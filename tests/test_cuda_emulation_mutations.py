@@ -79,8 +79,8 @@ MUTATIONS = {
     # them: a race between warps of the block.
     "encoder barrier removed": Mutation(
         "csrc/activation/encode.cu",
-        "      if (!finite) atomicOr(&row_flag[g / G], int(kTokenNonFinite));\n    }\n    __syncthreads();\n",
-        "      if (!finite) atomicOr(&row_flag[g / G], int(kTokenNonFinite));\n    }\n",
+        "                   energy, row_flag);\n    __syncthreads();\n",
+        "                   energy, row_flag);\n",
         "tsan", _encode_activations, "race"),
     # The same barrier reached by half of the block only.
     "divergent syncthreads": Mutation(
