@@ -505,11 +505,13 @@ def activation_input(gen, tokens: int, n: int) -> torch.Tensor:
 
 
 def encode_activations_case(plan: Plan, n: int, config, dtype: torch.dtype, with_signs: bool, tokens: int,
-                            sms: int, bad: str | None = None) -> None:
+                            sms: int, bad: str | None = None, tiles_per_block: bool = False) -> None:
     """Every output of the fused kernel (pulses, index, gain code, fp16 scale bits, flags) equals the CPU
     op's bit for bit. bad plants one token with NaN, Inf or (fp32) a norm past fp16's range: the CPU op
     raises for it, so its expected codes are the CPU kernel's zeros (non-finite) or those of the same
-    token scaled down by 2^-24 (overflow: scaling by a power of two changes no code, only the scale)."""
+    token scaled down by 2^-24 (overflow: scaling by a power of two changes no code, only the scale).
+    tiles_per_block also asserts that the persistent grid is smaller than the tiles, so blocks reuse
+    their shared memory for a second tile."""
     g, m = plan.gen, plan.manifest
     x = activation_input(g, tokens, n).to(dtype)
     signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if with_signs else None
@@ -546,11 +548,21 @@ def encode_activations_case(plan: Plan, n: int, config, dtype: torch.dtype, with
             got = got_scale if name == "scale" else run.output(f"{cid}.{name}", dt, want.shape)
             diff = (got != want).reshape(tokens, -1).any(1)
             assert not diff.any(), f"{where}: {name} differs in {int(diff.sum())} tokens (first {int(diff.nonzero()[0])})"
+        if tiles_per_block:
+            tiles = math.ceil(tokens / _encoder_tile_rows(n))
+            grid = run.launches[cid][0]["grid"][0]
+            assert grid < tiles, f"{where}: {grid} blocks for {tiles} tiles: no block loops"
 
     plan.add("encode_activations", sms, "encode_activations", check_encode_activations, id=cid, kind=emulation.kind(dtype), tokens=tokens, n=n, D=D, K=K,
              level_count=2**gain_bits, x=m.tensor(sent), signs="none" if signs is None else m.tensor(signs),
              levels=m.tensor(levels), pulses=m.out(cid, "pulses"), index=m.out(cid, "index"),
              gain=m.out(cid, "gain"), scale=m.out(cid, "scale"), flags=m.out(cid, "flags"))
+
+
+def _encoder_tile_rows(n: int) -> int:
+    """hadamard_tile's tile_rows: tokens per tile, whole 32-element windows, about 8192 elements."""
+    unit = 32 // math.gcd(n, 32)
+    return 1 if n >= 8192 else 8192 // n // unit * unit
 
 
 def encode_activations_cases(plan: Plan) -> None:
@@ -561,7 +573,6 @@ def encode_activations_cases(plan: Plan) -> None:
     presets = [ActivationConfig.preset(name) for name in ACT_PRESETS]
     others = [ActivationConfig(D=1, K=3, gain_bits=2), ActivationConfig(D=4, K=40, gain_bits=0),
               ActivationConfig(D=16, K=50, gain_bits=5), ActivationConfig(D=32, K=21, gain_bits=3)]
-    # (n, config, tokens factor): tokens = factor tiles of tile_rows(n) plus a partial one.
     shapes = [(576, presets[0]), (1536, presets[1]), (3840, presets[2]), (4096, presets[3]), (1664, others[2]),
               (448, others[3]), (2560, presets[0]), (12, others[0]), (640, others[1]), (8192, presets[1]),
               (32768, presets[0]), (1280, presets[3])]
@@ -570,8 +581,7 @@ def encode_activations_cases(plan: Plan) -> None:
     elif plan.variant == "tsan":
         shapes = [(576, presets[0]), (12, others[0])]
     for i, (n, config) in enumerate(shapes):
-        unit = 32 // math.gcd(n, 32)  # hadamard_tile's tile_rows: whole 32-element windows per tile
-        rows = 1 if n >= 8192 else 8192 // n // unit * unit
+        rows = _encoder_tile_rows(n)
         tokens = rows + rows // 2 + 1 if n < 8192 else 3
         if plan.variant != "plain":
             tokens = min(tokens, rows + 1)
@@ -582,6 +592,9 @@ def encode_activations_cases(plan: Plan) -> None:
         encode_activations_case(plan, n, config, dtype, i % 2 == 0, tokens, plan.cycle_sms(i), bad)
     if plan.variant == "plain":
         encode_activations_case(plan, 1024, presets[0], torch.float32, True, 9, 2, "overflow")
+    # At one SM, 8 tokens a tile: more tiles than resident blocks, so blocks loop (the barrier that ends
+    # a tile guards the next one's shared memory: what TSan must see).
+    encode_activations_case(plan, 1024, presets[1], torch.float16, False, 8 * 6 + 3, 1, tiles_per_block=True)
 
 
 def table_cases(plan: Plan) -> None:
