@@ -547,16 +547,18 @@ def encode_activations_case(plan: Plan, n: int, config, dtype: torch.dtype, with
                                ("gain", gain, torch.uint8), ("scale", scale, torch.int16)):
             got = got_scale if name == "scale" else run.output(f"{cid}.{name}", dt, want.shape)
             diff = (got != want).reshape(tokens, -1).any(1)
-            assert not diff.any(), f"{where}: {name} differs in {int(diff.sum())} tokens (first {int(diff.nonzero()[0])})"
+            assert not diff.any(), (f"{where}: {name} differs in {int(diff.sum())} tokens "
+                                    f"(first {int(diff.nonzero()[0])})")
         if tiles_per_block:
             tiles = math.ceil(tokens / _encoder_tile_rows(n))
             grid = run.launches[cid][0]["grid"][0]
             assert grid < tiles, f"{where}: {grid} blocks for {tiles} tiles: no block loops"
 
-    plan.add("encode_activations", sms, "encode_activations", check_encode_activations, id=cid, kind=emulation.kind(dtype), tokens=tokens, n=n, D=D, K=K,
-             level_count=2**gain_bits, x=m.tensor(sent), signs="none" if signs is None else m.tensor(signs),
-             levels=m.tensor(levels), pulses=m.out(cid, "pulses"), index=m.out(cid, "index"),
-             gain=m.out(cid, "gain"), scale=m.out(cid, "scale"), flags=m.out(cid, "flags"))
+    plan.add("encode_activations", sms, "encode_activations", check_encode_activations, id=cid,
+             kind=emulation.kind(dtype), tokens=tokens, n=n, D=D, K=K, level_count=2**gain_bits,
+             x=m.tensor(sent), signs="none" if signs is None else m.tensor(signs), levels=m.tensor(levels),
+             pulses=m.out(cid, "pulses"), index=m.out(cid, "index"), gain=m.out(cid, "gain"),
+             scale=m.out(cid, "scale"), flags=m.out(cid, "flags"))
 
 
 def _encoder_tile_rows(n: int) -> int:

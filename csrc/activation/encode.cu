@@ -17,16 +17,18 @@
 //   tree, one level per barrier, over a shared double array of the tile's groups (reused for all
 //   three sums), so they round exactly as the CPU's serial tree_sum.
 // - Shared memory per tile: 33 KB of rotated activations + 12 bytes per group (D = 8: 12 KB;
-//   D = 2: 49 KB) + 16 bytes per token. D = 1 or 2 at n = 32768 does not fit any GPU: the glue
-//   says so and names the CPU path.
+//   D = 2: 49 KB) + 16 bytes per token. Small D at large n does not fit (D <= 4 at n = 32768 fits
+//   no GPU; README lists the limits): the glue checks it and names the CPU path.
 // - Registers (ptxas -v, sm_90a): uncapped, every instance takes 255 registers, so one block (8
 //   warps) per SM; kMinBlocks = 2 caps them at 128, as for the Hadamard kernel, at the price of a
 //   few spills: 12-16 bytes in the H_m pass, 4/52 bytes (stores/loads) at D = 16 and 140/376 bytes
-//   in code_groups<32>; none at the presets' D = 8 and 2. The search's per-group arrays live in
-//   local memory either way (a stack frame of 96-608 bytes), as in codec/search.cu.
+//   in code_groups<32>; beyond the H_m pass's, none at the presets' D = 8 and 2. The search's
+//   per-group arrays live in local memory either way (a stack frame of 96-608 bytes), as in
+//   codec/search.cu.
 // - Cost: search dominates (a few hundred to ~16k instructions per group, codec/search.cu); the
-//   rotation is the Hadamard kernel's, which runs near copy speed. Nothing here is tuned yet: the
-//   first GPU session should read bench/bench_codec.py's tokens/s.
+//   rotation is the Hadamard kernel's, designed to run near copy speed (hadamard.cu; not measured
+//   yet). Nothing here is tuned: no GPU has run it, so the first GPU session should read
+//   bench/bench_codec.py's tokens/s.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -158,7 +160,8 @@ __device__ PVQ_NOINLINE void code_groups(const pvq::SplitTables& tables, const f
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) encode_activations_kernel(const Params p, const pvq::SplitTables tables) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    encode_activations_kernel(const Params p, const pvq::SplitTables tables) {
   __shared__ float levels[kMaxLevels];  // encode_activations_static_smem_bytes() counts these two
   __shared__ float mid[kMaxLevels];
   unsigned char* const smem = dynamic_shared_memory<unsigned char>();
@@ -234,7 +237,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) encode_activations_kerne
     __syncthreads();
 
     // 4. The scale's denominator, then the per-token scale.
-    for (int g = threadIdx.x; g < groups; g += kThreads) energy[g] = pvq::act::dmul_rn(double(gains[g]), double(gains[g]));
+    for (int g = threadIdx.x; g < groups; g += kThreads)
+      energy[g] = pvq::act::dmul_rn(double(gains[g]), double(gains[g]));
     __syncthreads();
     tree_sums(energy, rows_here, G);
     for (int r = threadIdx.x; r < rows_here; r += kThreads) {
