@@ -32,7 +32,8 @@ import emulation  # noqa: E402
 
 ARCHS = {"sm_80": "a100", "sm_90a": "h100"}
 # Grid-stride kernels whose grid is sized as "every block resident at once" (common/launch.h).
-PERSISTENT = ("decode_kernel", "encode_kernel", "search_kernel", "dequantize_kernel", "gemv_kernel", "finalize_kernel")
+PERSISTENT = ("decode_kernel", "encode_kernel", "search_kernel", "dequantize_kernel", "gemv_kernel", "finalize_kernel",
+              "encode_activations_kernel")
 
 
 @dataclass
@@ -118,6 +119,14 @@ def representative_launches(workdir: Path) -> list[dict]:
                                                                  out="none")),
             ("Hadamard n=14336 fp16, 64 rows", "hadamard", dict(kind="float16", rows=64, n=14336,
                                                                 x=f"zeros:{2 * 64 * 14336}", signs="none", out="none")),
+            ("encode_activations n=4096 pvq-a4.25 fp16, 4096 tokens", "encode_activations",
+             dict(kind="float16", tokens=4096, n=4096, D=8, K=29, level_count=16, x=f"zeros:{2 * 4096 * 4096}",
+                  signs=f"zeros:{4 * 4096}", levels="zeros:64", pulses="none", index="none", gain="none",
+                  scale="none", flags="none")),
+            ("encode_activations n=8192 pvq-a8 bf16, 512 tokens", "encode_activations",
+             dict(kind="bfloat16", tokens=512, n=8192, D=2, K=127, level_count=128, x=f"zeros:{2 * 512 * 8192}",
+                  signs=f"zeros:{4 * 8192}", levels="zeros:512", pulses="none", index="none", gain="none",
+                  scale="none", flags="none")),
             ("Hessian n=4096 fp16, 2048 tokens", "hessian", dict(kind="float16", tokens=2048, n=4096,
                                                                  x=f"zeros:{2 * 2048 * 4096}",
                                                                  H=f"zeros:{4 * 4096 * 4096}", out="none")),

@@ -21,6 +21,7 @@ from pvq_cuda.format.activation import ACT_PRESETS, ActivationConfig, activation
 from pvq_cuda.format.weight import rotation_signs
 from pvq_cuda.ops import encode_activations
 from pvq_cuda.ops import wa_matmul as wa_matmul_op
+from conftest import requires_cuda
 from reference_activation import activation_factors, block_dots, encode_reference, wa_reference, weight_reference
 
 # (n, D) pairs: n a Hadamard size (m * 2^k), D | n; odd token counts below.
@@ -161,6 +162,29 @@ def test_activation_config_validates_and_counts_bits():
     with pytest.raises(ValueError, match="unknown preset"):
         ActivationConfig.preset("pvq-a5")
     assert "ActivationConfig" in pvq_cuda.__all__ and pvq_cuda.ActivationConfig is ActivationConfig
+
+
+@requires_cuda
+@pytest.mark.parametrize("n, preset", [(576, "pvq-a4.25"), (4096, "pvq-a6.25"), (3840, "pvq-a8"), (8192, "pvq-a8.5")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_encoder_matches_cpu_bit_for_bit(n, preset, dtype):
+    """The fused CUDA kernel (activation/encode.cu) gives the CPU kernel's codes: pulses, index, gain code
+    and the fp16 scale's bits; a NaN token raises the CPU path's error."""
+    gen = torch.Generator().manual_seed(n)
+    cfg = ACT_PRESETS[preset]
+    x = _random_tokens(gen, 37, n, dtype, heavy=True)
+    signs = rotation_signs(n, 3)
+    levels = activation_levels(cfg, n)
+    want = encode_activations(x, signs, levels, cfg.D, cfg.K, cfg.gain_bits)
+    got = encode_activations(x.cuda(), signs.cuda(), levels.cuda(), cfg.D, cfg.K, cfg.gain_bits)
+    for name, w, g in zip(("pulses", "index", "gain", "scale"), want, got):
+        g = g.cpu()
+        if name == "scale":
+            w, g = w.view(torch.int16), g.view(torch.int16)
+        assert torch.equal(g, w), f"{name}: {(g != w).reshape(37, -1).any(1).sum()} tokens differ"
+    x[5, 7] = float("nan")
+    with pytest.raises(ValueError, match="token 5 .* holds NaN or Inf"):
+        encode_activations(x.cuda(), signs.cuda(), levels.cuda(), cfg.D, cfg.K, cfg.gain_bits)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import pvq_cuda
+from pvq_cuda.format.activation import ACT_PRESETS, ActivationConfig, activation_levels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
 import emulation  # noqa: E402
@@ -612,6 +613,118 @@ def hessian_cases(plan: Plan) -> None:
             hessian_case(plan, n, tokens, dtype, SMS[i % 3] if plan.full else 2)
 
 
+# ----- Activations ----------------------------------------------------------------------------------------
+
+# encode_activations' flags per token (activation/launchers.h: TokenFlag).
+TOKEN_NON_FINITE, TOKEN_SCALE_OVERFLOW = 1, 2
+
+
+def activation_input(gen, tokens: int, n: int) -> torch.Tensor:
+    """Activation-like tokens: Gaussian, a few outlier channels 20x larger, uneven token norms, one
+    all-zero token."""
+    x = torch.randn(tokens, n, generator=gen)
+    outliers = torch.randperm(n, generator=gen)[: max(1, n // 64)]
+    x[:, outliers] *= 20
+    x *= torch.rand(tokens, 1, generator=gen) * 4 + 0.05
+    x[tokens // 2] = 0
+    return x
+
+
+def encode_activations_case(plan: Plan, n: int, config, dtype: torch.dtype, with_signs: bool, tokens: int,
+                            sms: int, bad: str | None = None, tiles_per_block: bool = False) -> None:
+    """Every output of the fused kernel (pulses, index, gain code, fp16 scale bits, flags) equals the CPU
+    op's bit for bit. bad plants one token with NaN, Inf or (fp32) a norm past fp16's range: the CPU op
+    raises for it, so its expected codes are the CPU kernel's zeros (non-finite) or those of the same
+    token scaled down by 2^-24 (overflow: scaling by a power of two changes no code, only the scale).
+    tiles_per_block also asserts that the persistent grid is smaller than the tiles, so blocks reuse
+    their shared memory for a second tile."""
+    g, m = plan.gen, plan.manifest
+    x = activation_input(g, tokens, n).to(dtype)
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if with_signs else None
+    levels = activation_levels(config, n)
+    D, K, gain_bits = config.D, config.K, config.gain_bits
+    row = tokens - 2
+    sent = x.clone()
+    if bad == "nan":
+        sent[row, n // 3] = float("nan")
+    elif bad == "inf":
+        sent[row, n - 1] = float("-inf")
+    elif bad == "overflow":
+        assert dtype == torch.float32
+        sent[row] = x[row] * 2.0**24
+    pulses, index, gain, scale = torch.ops.pvq_cuda.encode_activations(x, signs, levels, D, K, gain_bits)
+    scale = scale.view(torch.int16)
+    flags = torch.zeros(tokens, dtype=torch.int32)
+    if bad in ("nan", "inf"):
+        pulses[row], index[row], gain[row], scale[row], flags[row] = 0, 0, 0, 0, TOKEN_NON_FINITE
+    elif bad == "overflow":
+        flags[row] = TOKEN_SCALE_OVERFLOW
+    cid = plan.new_id("encode_activations")
+    where = f"n={n} D={D} K={K} gain_bits={gain_bits} {dtype} signs={with_signs} tokens={tokens} bad={bad}"
+
+    def check_encode_activations(run, res):
+        got_flags = run.output(f"{cid}.flags", torch.int32, (tokens,))
+        assert torch.equal(got_flags, flags), f"{where}: flags {got_flags.nonzero().flatten().tolist()}"
+        got_scale = run.output(f"{cid}.scale", torch.int16, (tokens,))
+        if bad == "overflow":  # the scale past fp16's range is +Inf, the other tokens' as on the CPU
+            assert int(got_scale[row]) == 0x7C00, f"{where}: overflowing scale {int(got_scale[row]):#x}"
+            got_scale[row] = scale[row]
+        for name, want, dt in (("pulses", pulses, torch.int8), ("index", index, torch.int64),
+                               ("gain", gain, torch.uint8), ("scale", scale, torch.int16)):
+            got = got_scale if name == "scale" else run.output(f"{cid}.{name}", dt, want.shape)
+            diff = (got != want).reshape(tokens, -1).any(1)
+            assert not diff.any(), (f"{where}: {name} differs in {int(diff.sum())} tokens "
+                                    f"(first {int(diff.nonzero()[0])})")
+        if tiles_per_block:
+            tiles = math.ceil(tokens / _encoder_tile_rows(n))
+            grid = run.launches[cid][0]["grid"][0]
+            assert grid < tiles, f"{where}: {grid} blocks for {tiles} tiles: no block loops"
+
+    plan.add("encode_activations", sms, "encode_activations", check_encode_activations, id=cid,
+             kind=emulation.kind(dtype), tokens=tokens, n=n, D=D, K=K, level_count=2**gain_bits,
+             x=m.tensor(sent), signs="none" if signs is None else m.tensor(signs), levels=m.tensor(levels),
+             pulses=m.out(cid, "pulses"), index=m.out(cid, "index"), gain=m.out(cid, "gain"),
+             scale=m.out(cid, "scale"), flags=m.out(cid, "flags"))
+
+
+def _encoder_tile_rows(n: int) -> int:
+    """hadamard_tile's tile_rows: tokens per tile, whole 32-element windows, about 8192 elements."""
+    unit = 32 // math.gcd(n, 32)
+    return 1 if n >= 8192 else 8192 // n // unit * unit
+
+
+def encode_activations_cases(plan: Plan) -> None:
+    """Every activation preset and every other D, hidden sizes with every Hadamard base m (576 = 36·16,
+    1536 = 12·128, 3840 = 60·64, ...), the smallest and the largest n, tokens that leave the last
+    tile partial, all three dtypes, with and without signs, and bad tokens."""
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    presets = [ActivationConfig.preset(name) for name in ACT_PRESETS]
+    others = [ActivationConfig(D=1, K=3, gain_bits=2), ActivationConfig(D=4, K=40, gain_bits=0),
+              ActivationConfig(D=16, K=50, gain_bits=5), ActivationConfig(D=32, K=21, gain_bits=3)]
+    shapes = [(576, presets[0]), (1536, presets[1]), (3840, presets[2]), (4096, presets[3]), (1664, others[2]),
+              (448, others[3]), (2560, presets[0]), (12, others[0]), (640, others[1]), (8192, presets[1]),
+              (32768, presets[0]), (1280, presets[3])]
+    if plan.variant == "asan":
+        shapes = [shapes[i] for i in (0, 2, 5, 7, 10)]
+    elif plan.variant == "tsan":
+        shapes = [(576, presets[0]), (12, others[0])]
+    for i, (n, config) in enumerate(shapes):
+        rows = _encoder_tile_rows(n)
+        tokens = rows + rows // 2 + 1 if n < 8192 else 3
+        if plan.variant != "plain":
+            tokens = min(tokens, rows + 1)
+        if n == 32768:
+            tokens = 2
+        dtype = dtypes[i % 3]
+        bad = [None, "nan", None, "inf"][i % 4] if plan.variant == "plain" else None
+        encode_activations_case(plan, n, config, dtype, i % 2 == 0, tokens, plan.cycle_sms(i), bad)
+    if plan.variant == "plain":
+        encode_activations_case(plan, 1024, presets[0], torch.float32, True, 9, 2, "overflow")
+    # At one SM, 8 tokens a tile: more tiles than resident blocks, so blocks loop (the barrier that ends
+    # a tile guards the next one's shared memory: what TSan must see).
+    encode_activations_case(plan, 1024, presets[1], torch.float16, False, 8 * 6 + 3, 1, tiles_per_block=True)
+
+
 def table_cases(plan: Plan) -> None:
     def check_tables(run, res):
         assert res["equal"] == "1", "the device tables differ from the host's"
@@ -623,8 +736,8 @@ def table_cases(plan: Plan) -> None:
 
 
 FAMILIES = {"codec": codec_cases, "packed": packed_cases, "grad_input": grad_input_cases,
-            "grad_gemv": grad_gemv_cases, "hadamard": hadamard_cases,
-            "hessian": hessian_cases, "tables": table_cases}
+            "grad_gemv": grad_gemv_cases, "hadamard": hadamard_cases, "hessian": hessian_cases,
+            "encode_activations": encode_activations_cases, "tables": table_cases}
 
 
 # ----- Running --------------------------------------------------------------------------------------------
@@ -678,7 +791,7 @@ def _check_family(emulated, variant: str, family: str) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("family", ["decode", "encode", "search", "dequantize", "gemv", "tiled", "grad_input",
-                                    "grad_gemv", "hadamard", "hessian", "tables"])
+                                    "grad_gemv", "hadamard", "hessian", "encode_activations", "tables"])
 def test_emulated_kernels_match_cpu(emulated, variant, family):
     _check_family(emulated, variant, family)
 
@@ -698,7 +811,7 @@ def test_every_sm_count_and_grid_stride_wrap(emulated):
                 wrapped.setdefault((name, case.sms), []).append(threads < case.threads_needed)
     for kernel in ("decode_kernel", "encode_kernel", "search_kernel", "dequantize_kernel", "gemv_kernel",
                    "finalize_kernel", "grad_gemv_kernel", "split_sum_kernel", "signed_cast_kernel",
-                   "hadamard_kernel", "hessian_kernel"):
+                   "hadamard_kernel", "hessian_kernel", "encode_activations_kernel"):
         assert sms_seen.get(kernel) == set(SMS), f"{kernel} ran at SM counts {sms_seen.get(kernel)}"
     for kernel in ("decode_kernel", "encode_kernel", "search_kernel"):
         for sms in (1, 2):

@@ -15,8 +15,10 @@ from typing import Callable
 import pytest
 import torch
 
-from test_cuda_emulation import (SEED, Plan, dequantize_case, decode_case, gemv_case, grad_gemv_case, grad_input_case,
-                                 hadamard_case, hessian_case, random_layer, require_toolchain)
+from pvq_cuda.format.activation import ActivationConfig
+from test_cuda_emulation import (SEED, Plan, dequantize_case, decode_case, encode_activations_case, gemv_case,
+                                 grad_gemv_case, grad_input_case, hadamard_case, hessian_case, random_layer,
+                                 require_toolchain)
 
 import emulation  # noqa: E402  (tests/cuda_emulation, on sys.path once test_cuda_emulation is imported)
 
@@ -39,6 +41,10 @@ def _hadamard(plan: Plan) -> None:
 
 def _hadamard_largest(plan: Plan) -> None:
     hadamard_case(plan, 32768, torch.bfloat16, True, 2, 2)
+
+
+def _encode_activations(plan: Plan) -> None:
+    encode_activations_case(plan, 576, ActivationConfig.preset("pvq-a4.25"), torch.float16, True, 15, 2)
 
 
 def _hessian(plan: Plan) -> None:
@@ -80,11 +86,18 @@ MUTATIONS = {
         "    __syncthreads();  // staging is overwritten by the next chunk\n",
         "",
         "tsan", _hessian, "race"),
+    # The barrier between the encoder's group phase (energies written) and the token sums that read
+    # them: a race between warps of the block.
+    "encoder barrier removed": Mutation(
+        "csrc/activation/encode.cu",
+        "                   energy, row_flag);\n    __syncthreads();\n",
+        "                   energy, row_flag);\n",
+        "tsan", _encode_activations, "race"),
     # The same barrier reached by half of the block only.
     "divergent syncthreads": Mutation(
-        "csrc/hadamard/hadamard.cu",
-        "      __syncthreads();  // the next pass, the H_m pass or the next tile's load reuse these words\n",
-        "      if (threadIdx.x < 128) __syncthreads();\n",
+        "csrc/hadamard/tile_transform.cuh",
+        "    __syncthreads();  // the next pass, the H_m pass or the next tile's load reuse these words\n",
+        "    if (threadIdx.x < 128) __syncthreads();\n",
         "plain", _hadamard, r"harness:divergent __syncthreads"),
     # Off by one in a bounds check: the row past the range's end is written.
     "bounds check off by one": Mutation(

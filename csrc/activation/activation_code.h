@@ -26,32 +26,34 @@
 
 namespace pvq::act {
 
-// On a GPU the round-to-nearest intrinsics, which nvcc never fuses; on the host (and in the CUDA
-// emulator, g++) plain operators, compiled with -ffp-contract=off (CMakeLists.txt), which round
-// the same way.
+// In device code the round-to-nearest intrinsics, which nvcc never fuses into an FMA; in the CUDA
+// emulator (tests/cuda_emulation, where PVQ_DEVICE_CODE is on too) those intrinsics are plain
+// operators compiled with -ffp-contract=off, so the device branch is the one it tests. Host code
+// (the CPU kernels, g++) uses plain operators, compiled with -ffp-contract=off (CMakeLists.txt),
+// which round the same way.
 PVQ_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if PVQ_DEVICE_CODE
   return __fmul_rn(a, b);
 #else
   return a * b;
 #endif
 }
 PVQ_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if PVQ_DEVICE_CODE
   return __fadd_rn(a, b);
 #else
   return a + b;
 #endif
 }
 PVQ_HD double dmul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
+#if PVQ_DEVICE_CODE
   return __dmul_rn(a, b);
 #else
   return a * b;
 #endif
 }
 PVQ_HD double dadd_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
+#if PVQ_DEVICE_CODE
   return __dadd_rn(a, b);
 #else
   return a + b;

@@ -9,3 +9,12 @@
 #else
 #define PVQ_DEVICE_CODE 0
 #endif
+
+// A device function the compiler must not inline: nvcc's __noinline__ keyword, which g++ (the host
+// emulator) does not know and which cannot be a macro there (libstdc++ spells its own attribute
+// __attribute__((__noinline__))).
+#if defined(__CUDACC__)
+#define PVQ_NOINLINE __noinline__
+#else
+#define PVQ_NOINLINE __attribute__((noinline))
+#endif

@@ -244,6 +244,14 @@ inline int __float_as_int(float f) { return std::bit_cast<int>(f); }
 inline double __longlong_as_double(long long i) { return std::bit_cast<double>(i); }
 inline long long __double_as_longlong(double d) { return std::bit_cast<long long>(d); }
 
+// The round-to-nearest arithmetic intrinsics: one IEEE operation each, which is what plain
+// operators are here, since every emulated translation unit is compiled with -ffp-contract=off
+// (emulation.py): g++ never fuses them into an FMA, just as nvcc never fuses the intrinsics.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+
 inline int __popc(unsigned x) { return std::popcount(x); }
 inline int __popcll(unsigned long long x) { return std::popcount(x); }
 inline int __clz(int x) { return std::countl_zero(unsigned(x)); }  // 32 for 0, as on the device

@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "activation/launchers.h"
 #include "codec/launchers.h"
 #include "codec/split_tables.h"
 #include "common/device_tables.h"
@@ -364,6 +365,30 @@ std::string run_hessian(const Args& a) {
   return result(err);
 }
 
+// ----- Activations ----------------------------------------------------------------------------------
+std::string run_encode_activations(const Args& a) {
+  const FloatKind kind = kind_arg(a, "kind");
+  const int64_t tokens = int_arg(a, "tokens"), n = int_arg(a, "n");
+  const int D = int(int_arg(a, "D"));
+  const int64_t groups = tokens * (n / D);
+  DeviceBuffer x(read_file(arg(a, "x"))), levels(read_file(arg(a, "levels")));
+  DeviceBuffer pulses{size_t(tokens * n)}, index{size_t(groups) * 8}, gain{size_t(groups)}, scale{size_t(tokens) * 2},
+      flags{size_t(tokens) * 4};
+  std::unique_ptr<DeviceBuffer> signs;
+  if (arg(a, "signs") != "none") signs = std::make_unique<DeviceBuffer>(read_file(arg(a, "signs")));
+  const pvq_cuda::ActivationCodes out{pulses.get<int8_t>(), index.get<int64_t>(), gain.get<uint8_t>(),
+                                      scale.get<uint16_t>(), flags.get<int>()};
+  const cudaError_t err = pvq_cuda::launch_encode_activations(
+      device_tables(), x.get(), kind, signs ? signs->get<float>() : nullptr, levels.get<float>(),
+      int(int_arg(a, "level_count")), tokens, n, D, int(int_arg(a, "K")), out, nullptr);
+  pulses.save(arg(a, "pulses"));
+  index.save(arg(a, "index"));
+  gain.save(arg(a, "gain"));
+  scale.save(arg(a, "scale"));
+  flags.save(arg(a, "flags"));
+  return result(err) + " smem=" + std::to_string(pvq_cuda::encode_activations_smem_bytes(n, D));
+}
+
 // ----- Device tables and occupancy --------------------------------------------------------------------
 template <typename T>
 bool same_on_device(const std::vector<T>& host, const T* device) {
@@ -414,7 +439,8 @@ int main(int argc, char** argv) {
       {"decode", run_decode},   {"encode", run_encode},   {"search", run_search},
       {"dequantize", run_dequantize}, {"gemv", run_gemv}, {"tiled_matmul", run_tiled_matmul},
       {"grad_input", run_grad_input}, {"grad_gemv", run_grad_gemv},
-      {"hadamard", run_hadamard}, {"hessian", run_hessian}, {"tables", run_tables},
+      {"hadamard", run_hadamard}, {"hessian", run_hessian}, {"encode_activations", run_encode_activations},
+      {"tables", run_tables},
       {"occupancy", run_occupancy},
       {"selftest", [](const Args& a) { return pvq_emulation::run_selftest(arg(a, "name")); }}};
   std::ifstream manifest(argv[1]);

@@ -31,14 +31,16 @@ CACHE = Path(os.environ.get("PVQ_EMULATION_CACHE", REPO / "build" / "cuda-emulat
 # What runs on the emulated device: every .cu file, and the torch-free host code they call.
 KERNEL_SOURCES = [
     "codec/decode.cu", "codec/encode.cu", "codec/search.cu", "common/device_tables.cu", "packed/dequantize.cu",
-    "packed/gemv.cu", "packed/grad_input.cu", "hadamard/hadamard.cu", "hessian/hessian.cu",
+    "packed/gemv.cu", "packed/grad_input.cu", "hadamard/hadamard.cu", "hessian/hessian.cu", "activation/encode.cu",
 ]
 HOST_SOURCES = ["codec/split_tables.cpp", "packed/tiled_matmul.cpp"]
 HARNESS_SOURCES = ["block_runner.cpp", "kernel_symbols.cpp", "occupancy.cpp", "runtime.cpp", "selftest.cu",
                    "driver.cpp"]
 
-COMMON_FLAGS = ["-std=c++20", "-g1", "-fno-strict-aliasing", "-Wall", "-Wextra", "-Wno-unknown-pragmas",
-                "-Wno-unused-parameter", "-Werror", "-pthread"]
+# -ffp-contract=off: every float operation rounds on its own, as the __fmul_rn-style intrinsics the
+# emulator defines with plain operators (cuda_emulation.h) must.
+COMMON_FLAGS = ["-std=c++20", "-g1", "-fno-strict-aliasing", "-ffp-contract=off", "-Wall", "-Wextra",
+                "-Wno-unknown-pragmas", "-Wno-unused-parameter", "-Werror", "-pthread"]
 # The three builds. -O1 keeps the sanitizer builds fast enough; the plain build uses it too so that
 # all three compile the same code.
 VARIANTS = {
