@@ -318,11 +318,22 @@ def test_compile_fullgraph(device):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("n", [12, 576])
-def test_gradient(n, device):
-    # d(w·T(x, s))/dx = Rᵀ w with R = H·diag(s)/sqrt(n), from the dense reference.
-    x = _randn(3, n, device=device).requires_grad_()
-    w = _randn(3, n, device=device, seed=1)
+@pytest.fixture
+def two_cpu_threads():
+    """At least two intra-op threads, so that a CPU op's parallel_for really splits its rows (its
+    worker threads do not inherit the caller's autograd dispatch state)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n,rows", [(12, 3), (576, 3), (576, 96), (4096, 24)])
+def test_gradient(n, rows, device, two_cpu_threads):
+    # d(w·T(x, s))/dx = Rᵀ w with R = H·diag(s)/sqrt(n), from the dense reference. 96 x 576 and
+    # 24 x 4096 span several parallel chunks (16384 elements each) on the CPU.
+    x = _randn(rows, n, device=device).requires_grad_()
+    w = _randn(rows, n, device=device, seed=1)
     s = _signs(n, device=device)
     (pvq_cuda.hadamard_transform(x, s) * w).sum().backward()
     R = torch.from_numpy(_dense(n)) * s.double().cpu() / math.sqrt(n)

@@ -35,6 +35,11 @@ void transform_rows(const at::Tensor& x2, const at::Tensor& out2, const float* p
   const int64_t P = int64_t(1) << log_p;
   const auto dtype = std::is_same_v<T, float> ? at::kFloat : at::kDouble;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / n), [&](int64_t begin, int64_t end) {
+    // hadamard_transform is differentiable through its registered autograd formula: below it, the
+    // block's views and in-place writes must not be tracked. Worker threads do not inherit the
+    // caller's dispatch state, so each sets it (without this, an input that requires grad and
+    // spans several threads' chunks raised "a view was created in no_grad mode ...").
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t block_rows = std::min(end - begin, std::max<int64_t>(1, kBlockElements / n));
     at::Tensor block = at::empty({block_rows, n}, x2.options().dtype(dtype));
     std::vector<T> tmp(m > 1 ? size_t(block_rows * n) : 0);
@@ -69,6 +74,7 @@ void transform_rows(const at::Tensor& x2, const at::Tensor& out2, const float* p
 }
 
 at::Tensor hadamard_transform_cpu(const at::Tensor& x, const std::optional<at::Tensor>& signs) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in transform_rows' workers
   const pvq::hadamard::Split split = check_hadamard_args(x, signs);
   const int64_t n = x.size(-1);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
