@@ -91,10 +91,13 @@ def bench(device: str, groups: int, repeats: int, records: list[dict]) -> list[s
 ACT_HIDDEN = (4096, 8192)
 
 
-def bench_activations(device: str, tokens: int, repeats: int, records: list[dict]) -> list[str]:
-    """encode_activations in tokens/s for each activation preset at hidden 4096 and 8192, and
-    wa_matmul (pvq-4.25 weights, n x n, its weight decode included) in multiply-adds per second on
-    the same tokens, beside the fp32 matmul of the same tokens with the dense decoded weight."""
+def bench_activations(device: str, tokens: int, repeats: int, records: list[dict], hidden=ACT_HIDDEN,
+                      out_features: int = 1024) -> list[str]:
+    """encode_activations in tokens/s for each activation preset at each hidden size n (default
+    4096 and 8192), and wa_matmul (pvq-4.25 weights, out_features x n, its weight decode included:
+    the rate per multiply-add does not depend on out_features, and a smaller weight quantizes in
+    seconds) in multiply-adds per second on the same tokens, beside the fp32 matmul of the same
+    tokens with the dense decoded weight."""
     from pvq_cuda.format.activation import ACT_PRESETS, activation_levels
     from pvq_cuda.format.weight import rotation_signs
 
@@ -109,10 +112,11 @@ def bench_activations(device: str, tokens: int, repeats: int, records: list[dict
              " wa_matmul G multiply-adds/s | fp32 x @ W.T G multiply-adds/s |"
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     gen = torch.Generator().manual_seed(1)
-    for n in ACT_HIDDEN:
+    for n in hidden:
         x = torch.randn(tokens, n, generator=gen).to(device)
         signs = rotation_signs(n, 0).to(device)
-        weight = pvq_cuda.quantize_weight(torch.randn(n, n, generator=gen), pvq_cuda.PVQConfig.preset("pvq-4.25"))
+        weight = pvq_cuda.quantize_weight(torch.randn(out_features, n, generator=gen),
+                                          pvq_cuda.PVQConfig.preset("pvq-4.25"))
         weight = weight.to(device)
         wc = weight.config
         dense = weight.dequantize(rotated=True)
@@ -122,14 +126,14 @@ def bench_activations(device: str, tokens: int, repeats: int, records: list[dict
             args = (x, signs, levels, cfg.D, cfg.K, cfg.gain_bits)
             t_enc = timer(lambda: pvq_cuda.ops.encode_activations(*args), repeats)
             p, _, g, sc = pvq_cuda.ops.encode_activations(*args)
-            mm = (p, g, sc, levels, weight.codes, weight.row_scale, weight.levels, None, n, wc.D, wc.K, wc.scale_bits,
-                  cfg.D, cfg.K)
+            mm = (p, g, sc, levels, weight.codes, weight.row_scale, weight.levels, None, out_features, wc.D, wc.K,
+                  wc.scale_bits, cfg.D, cfg.K)
             t_mm = timer(lambda: pvq_cuda.ops.wa_matmul(*mm), max(3, repeats // 3)) if with_matmul else None
-            gmacs = None if t_mm is None else tokens * n * n / t_mm / 1e9
+            gmacs = None if t_mm is None else tokens * n * out_features / t_mm / 1e9
             rows.append(f"| {n} | {name} | {cfg.D} | {cfg.K} | {cfg.gain_bits} | {cfg.bits_per_activation(n):.3f} | "
                         f"{tokens / t_enc:,.0f} | {tokens * n / t_enc / 1e6:,.1f} | "
                         f"{'no CUDA kernel' if gmacs is None else f'{gmacs:.2f}'} | "
-                        f"{tokens * n * n / t_dense / 1e9:.2f} |")
+                        f"{tokens * n * out_features / t_dense / 1e9:.2f} |")
             records.append({"device": device, "op": "encode_activations", "n": n, "preset": name,
                             "tokens_per_s": tokens / t_enc, "wa_matmul_gmacs": gmacs, "tokens": tokens})
     return rows + [""]
@@ -143,6 +147,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--act-tokens", type=int, default=256, help="tokens per encode_activations call (CPU)")
     parser.add_argument("--act-cuda-tokens", type=int, default=16384, help="tokens per call on CUDA")
+    parser.add_argument("--act-hidden", type=lambda v: [int(n) for n in v.split(",")], default=list(ACT_HIDDEN),
+                        help="comma-separated hidden sizes for the activation encoder (default 4096,8192)")
+    parser.add_argument("--act-out-features", type=int, default=1024,
+                        help="rows of the wa_matmul weight (default 1024)")
     parser.add_argument("--skip-codec", action="store_true", help="only the activation encoder")
     parser.add_argument("--out", help="also write the report (markdown) to this file")
     parser.add_argument("--json", help="append the rows as one JSON line to this file")
@@ -158,14 +166,16 @@ def main() -> None:
         if not args.skip_codec:
             report += bench("cpu", args.cpu_groups, args.repeats, records) + [""]
         report += [f"### Activation encoder, CPU, 1 thread: {args.act_tokens} tokens per call", ""]
-        report += bench_activations("cpu", args.act_tokens, args.repeats, records)
+        report += bench_activations("cpu", args.act_tokens, args.repeats, records, args.act_hidden,
+                                    args.act_out_features)
     if args.device in ("cuda", "all") and torch.cuda.is_available() and pvq_cuda.cuda_built():
         report += [f"## CUDA: {torch.cuda.get_device_name()}; {args.cuda_groups * 8:,} weights per call, "
                    f"median of {args.repeats} (CUDA events)", ""]
         if not args.skip_codec:
             report += bench("cuda", args.cuda_groups, args.repeats, records) + [""]
         report += [f"### Activation encoder, CUDA: {args.act_cuda_tokens} tokens per call", ""]
-        report += bench_activations("cuda", args.act_cuda_tokens, args.repeats, records)
+        report += bench_activations("cuda", args.act_cuda_tokens, args.repeats, records, args.act_hidden,
+                                    args.act_out_features)
     elif args.device == "cuda":
         raise SystemExit("bench_codec: no CUDA device or pvq_cuda built without CUDA")
     emit(report, args.out)

@@ -220,7 +220,7 @@ if [[ $REHEARSAL == 1 ]]; then  # tiny shapes on the CPU
   MATMUL=(--device cpu --shapes 256x512 --batches 1 16 --repeats 3)
   HADAMARD=(--device cpu --sizes 4096 14336 --cpu-mb 1 --repeats 3)
   HESSIAN=(--device cpu --n 256 --tokens 1024 --repeats 3)
-  CODEC=(--device cpu --cpu-groups 4096 --repeats 3)
+  CODEC=(--device cpu --cpu-groups 4096 --repeats 3 --act-hidden 256 --act-tokens 8 --act-out-features 64)
   QUANTIZE_8B=(--device cpu --models tiny --nsamples 2 --seqlen 16)
   QUANTIZE_SMOL=(--device cpu --models tiny --nsamples 4 --seqlen 32)
 else
