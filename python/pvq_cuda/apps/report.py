@@ -100,12 +100,20 @@ def plot(rows: list[Row], path: str | os.PathLike, title: str) -> None:
         ax.plot([r.bpw for r in rs], [r.perplexity for r in rs], marker="o", label=family)
     if fp32 is not None:
         ax.axhline(fp32.perplexity, color="k", linestyle="--", linewidth=1, label=f"fp32 ({fp32.perplexity:.2f})")
-    ax.set_yscale("log")
     ax.set_xlabel("bits per weight (decoder linears, everything stored)")
     ax.set_ylabel("held-out perplexity" + (" (geometric mean over the domains)" if fp32 and fp32.domains else ""))
+    save_perplexity_figure(fig, ax, path, title, legend_size=8)
+
+
+def save_perplexity_figure(fig, ax, path: str | os.PathLike, title: str, legend_size: int) -> None:
+    """Finish a perplexity plot (log scale, title, grid, legend) and write it as PNG, atomically;
+    the figure is closed either way."""
+    import matplotlib.pyplot as plt
+
+    ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     try:
         atomic.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), make_parents=True)

@@ -22,7 +22,7 @@ from ..layers.quantized_model import set_activation_coding
 from ..quantization.act_baselines import parse_activation_baseline, simulated_activations
 from .evaluate import perplexity
 from .jobs import _fp32_row, _header as job_header, _say, _slug, prepare, run_methods
-from .report import domain_summary, write_json, write_text
+from .report import domain_summary, save_perplexity_figure, write_json, write_text
 
 WA_WEIGHTS = ("pvq-4.25", "pvq-3.25")
 WA_ACTIVATIONS = ("pvq-a8.5", "pvq-a8", "pvq-a6.25", "pvq-a4.25")
@@ -95,8 +95,6 @@ def plot(rows: list[WARow], path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..format import atomic
-
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     series: dict[str, list[WARow]] = {}
     styles = {"PVQ": "o-", "INT per-token": "s--", "INT per-group": "^:"}
@@ -117,18 +115,10 @@ def plot(rows: list[WARow], path, title: str) -> None:
             color = "k" if r.weights == "fp32" else colors.get(r.weights, "gray")
             ax.axhline(r.perplexity, color=color, linestyle="-." if r.weights != "fp32" else "--", linewidth=1,
                        label=f"{r.label} ({r.perplexity:.2f})")
-    ax.set_yscale("log")
     ax.set_xlabel("bits per activation (inputs of the quantized linears, scales included)")
     ax.set_ylabel("held-out perplexity" + (" (geometric mean over the texts)" if rows and len(rows[0].domains) > 1
                                            else ""))
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        atomic.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), make_parents=True)
-    finally:
-        plt.close(fig)
+    save_perplexity_figure(fig, ax, path, title, legend_size=7)
 
 
 def _header(job, weight_logs: dict, integer: bool) -> list[str]:
