@@ -318,14 +318,26 @@ def packed_cases(plan: Plan) -> None:
                     continue
                 bias_dtype = [None, dtype, torch.float32][i % 3]
                 gemv_case(plan, layer, M, dtype, bias_dtype, plan.cycle_sms(i))
-    # Large layers at one SM: persistent blocks loop over many work items and the leaf table is at
-    # its largest budget (40 KB).
+    # The tables decoder (K above the staged decoder's range), every D that has such K.
+    for j, D in enumerate(d for d in pvq_cuda.SUPPORTED_D if tops[d] > STAGED_MAX_K):
+        if plan.variant == "tsan" and D != 16:
+            continue
+        layer = random_layer(g, 40 + 9 * j, D * (19 + 3 * j), D, min(tops[D], 40 + 11 * j))
+        i += 1
+        gemv_case(plan, layer, [1, 5, 16][j % 3], dtypes[i % 3], [None, torch.float32][j % 2], plan.cycle_sms(i))
+    # The largest K the staged decoder takes (its records and the batch-16 sums above 48 KB).
+    edge = random_layer(g, 70, 16 * 23, 16, STAGED_MAX_K)
+    gemv_case(plan, edge, 16 if plan.variant != "tsan" else 4, torch.float16, None, plan.cycle_sms(i + 1))
+    # Large layers at one SM: persistent blocks loop over many work items; with the tables decoder
+    # the leaf table is at its largest budget (40 KB).
     if plan.variant != "tsan":
         big = quantized_layer(g, 640, 4096, "pvq-3.25")
-        gemv_case(plan, big, 1, torch.float16, torch.float16, 1, expect_largest_leaf=True)
+        gemv_case(plan, big, 1, torch.float16, torch.float16, 1, loops=True)
         gemv_case(plan, big, 16, torch.bfloat16, None, 132)
         big8 = random_layer(g, 630, 8 * 480, 8, 16)
-        gemv_case(plan, big8, 2, torch.float32, torch.float32, 1, expect_largest_leaf=True)
+        gemv_case(plan, big8, 2, torch.float32, torch.float32, 1, loops=True)
+        wide = random_layer(g, 600, 16 * 192, 16, 48)
+        gemv_case(plan, wide, 1, torch.float16, torch.float16, 1, expect_largest_leaf=True)
     else:  # blocks that loop over work items reuse their cross-warp sums: the barrier TSan must see
         gemv_case(plan, random_layer(g, 320, 16 * 64, 16, 30), 5, torch.float16, torch.float32, 1, loops=True)
 
@@ -513,6 +525,9 @@ def gemv_case(plan: Plan, layer: Layer, M: int, dtype, bias_dtype, sms: int, exp
         where = f"D={layer.D} K={layer.K} M={M} {dtype} bias={bias_dtype} plan={res}"
         assert err <= MATMUL_TOL[dtype], f"{where}: relative error {err:.2e} > {MATMUL_TOL[dtype]:.0e}"
         items = math.ceil(layer.rows / 32) * int(res["splits"])
+        assert res["staged"] == str(int(layer.K <= STAGED_MAX_K)), f"{where}: wrong decoder"
+        rounds = math.ceil(items / int(res["blocks"]))  # no tail: each block runs rounds or rounds - 1 items
+        assert int(res["blocks"]) * rounds - items < rounds, f"{where}: unbalanced work split"
         if expect_largest_leaf:
             assert items > 2 * int(res["blocks"]), f"{where}: blocks do not loop over several items"
             assert int(res["smem_leaf_k"]) == LARGEST_LEAF_K[(layer.D, layer.K)], f"{where}: leaf table not largest"
@@ -536,7 +551,10 @@ def _largest_leaf_k(K: int, budget: int = 40960) -> int:
     return k
 
 
-LARGEST_LEAF_K = {(16, 30): _largest_leaf_k(30), (8, 16): _largest_leaf_k(16)}
+LARGEST_LEAF_K = {(16, 48): _largest_leaf_k(48)}
+# The GEMV's staged decoder takes K up to this (csrc/packed/staged_decode.cuh, kStagedMaxK); above it
+# the tables decoder runs.
+STAGED_MAX_K = 35
 
 
 # ----- Hadamard and Hessian -------------------------------------------------------------------------------

@@ -6,20 +6,26 @@
 //   is one coalesced read of B words (208 B at B=52), every lane needs the same D activations (one
 //   broadcast 16-64 B load per batch row), so no lane ever exchanges data with another until the
 //   end and there is no reduction inside the loop.
-// - Decode cost per group (pvq_decoding.md §4b.1): per split node a guide bucket + a short compare
-//   walk and one 64-bit multiply-high division (D=16: the 16-node and two 8-nodes), then four
-//   4-leaf reads from shared memory (or 4 -> 2+2 splits above the staged prefix), Σy² and one
-//   inv-norm lookup, plus D FMAs per batch row. Review estimate at D=16, K=30: ~20 instructions
-//   a weight (~40 when leaves split) against a budget of ~3.6 at H100 bandwidth; the redesign
-//   against that budget is bench/kernel_budget.py's subject.
-// - Parallelism: a 4096-row layer has only 128 tiles, so columns are split S ways
-//   (S = ceil(resident blocks / tiles), each warp keeping >= 4 chunks). Warps of a block share a tile and a
-//   split, interleaving columns; they reduce through shared memory and write one fp32 partial per
-//   (split, batch row, row). A second tiny kernel sums the S partials, applies the row scale and
-//   bias and casts: deterministic, unlike atomics.
-// - Shared memory: the leaf prefix is refilled by every resident block, so its size is capped
-//   by the weight traffic it would add (<= 1/4 of the layer's bytes over all blocks, 4-40 KB).
-//   Leaves above the prefix split 4 -> 2+2 with the same tables (slower, still exact).
+// - Decoder, two of them (the template's STAGED flag; plan_gemv picks):
+//   * staged (K <= kStagedMaxK, every preset): packed/staged_decode.cuh. The block stages the
+//     layer's per-K records in shared memory (29.9 KB at D=16, K=30); per group the 16-, 8- and
+//     4-nodes each take a guide bucket, a short compare walk and one multiply-high division, and the
+//     eight 2-leaves are one 8-byte read each of a float pair table. No data-dependent branch but
+//     the walks (a warp issues a walk step when any lane needs it).
+//   * tables (any K): codec/pyramid.h's decode_node on the global tables, 4-leaves from a
+//     shared-memory prefix of small k, larger leaves split 4 -> 2+2 (both paths in most warps).
+//   Instructions per weight of each, from the SASS: bench/results/kernel-budget-*.md.
+// - Per group: D pulses as floats, one dot product with the activations per batch row, then one
+//   multiply by the group's scale (level[gain] / |y|) into the row's accumulator.
+// - Parallelism: a 4096-row layer has only 128 tiles, so columns are split S ways. S is the number
+//   of tiles' worth of blocks that are resident at once (at least 1; each warp keeps >= 4 chunks), and
+//   the grid is sized so that every block runs the same number of work items: no tail round.
+//   Warps of a block share a tile and a split, interleaving columns; they reduce through shared
+//   memory and write one fp32 partial per (split, batch row, row). A second tiny kernel sums the S
+//   partials, applies the row scale and bias and casts: deterministic, unlike atomics.
+// - Shared memory is filled by every resident block, so its size counts against the weight traffic:
+//   the staged records are 30 KB a block at pvq-3.25 (bench/kernel_budget.py reports the ratio);
+//   the tables decoder's leaf prefix is capped at 1/4 of the layer's bytes over all blocks (4-40 KB).
 #include <algorithm>
 #include <type_traits>
 
@@ -29,11 +35,12 @@
 #include "common/launch.h"
 #include "common/shared_memory.cuh"
 #include "packed/launchers.h"
+#include "packed/staged_decode.cuh"
 
 namespace pvq_cuda {
 namespace {
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kFinalizeThreads = 256;
 constexpr double kMinLeafBytes = 4096, kMaxLeafBytes = 40960;  // the leaf prefix budget's range
@@ -54,13 +61,20 @@ __device__ __forceinline__ void load_activations(const T* __restrict__ src, floa
   }
 }
 
-template <int D, int MAXM, typename T>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(pvq::SplitTables t, pvq::PackedLayer p,
-                                                        const T* __restrict__ x, int M, float* __restrict__ partial,
-                                                        int splits, int smem_leaf_k) {
-  uint32_t* const smem = dynamic_shared_memory<uint32_t>();
-  float* red = reinterpret_cast<float*>(smem + (smem_leaf_k >= 0 ? t.leaf_base[smem_leaf_k + 1] : 0));
-  stage_leaf_table(t, smem, smem_leaf_k);
+template <int D, int MAXM, typename T, bool STAGED>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(pvq::SplitTables t, pvq::PackedLayer p, StagedLayout s,
+                                                        int smem_leaf_k, const T* __restrict__ x, int M,
+                                                        float* __restrict__ partial, int splits) {
+  unsigned char* const smem = dynamic_shared_memory<unsigned char>();
+  float* red;
+  if constexpr (STAGED) {
+    red = reinterpret_cast<float*>(smem + s.bytes);
+    stage_records<D>(t, s, smem);
+    __syncthreads();
+  } else {
+    red = reinterpret_cast<float*>(smem) + (smem_leaf_k >= 0 ? t.leaf_base[smem_leaf_k + 1] : 0);
+    stage_leaf_table(t, reinterpret_cast<uint32_t*>(smem), smem_leaf_k);
+  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t cols = p.groups * D;
   const int64_t per_split = (p.groups + splits - 1) / splits;
@@ -75,12 +89,16 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(pvq::SplitTables t, pvq:
     for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
     if (row < p.rows) {
       for (int64_t j = split * per_split + warp; j < j_end; j += kWarps) {
-        const uint32_t* chunk = p.words + (tile * p.groups + j) * p.bits;
-        int8_t y[D];
-        const float scale = pvq::decode_group<D>(t, p, pvq::chunk_code(chunk, lane, p.bits), y);
-        float w[D];
+        const uint64_t code = pvq::chunk_code(p.words + (tile * p.groups + j) * p.bits, lane, p.bits);
+        float y[D], scale;
+        if constexpr (STAGED) {
+          scale = staged_decode_group<D>(smem, s, t, p, code, y);
+        } else {
+          int8_t q[D];
+          scale = pvq::decode_group<D>(t, p, code, q);
 #pragma unroll
-        for (int d = 0; d < D; ++d) w[d] = scale * float(y[d]);
+          for (int d = 0; d < D; ++d) y[d] = float(q[d]);
+        }
 #pragma unroll
         for (int m = 0; m < MAXM; ++m) {
           if (m < M) {
@@ -88,8 +106,8 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(pvq::SplitTables t, pvq:
             load_activations<D>(x + m * cols + j * D, a);
             float dot = 0.f;
 #pragma unroll
-            for (int d = 0; d < D; ++d) dot = fmaf(w[d], a[d], dot);
-            acc[m] += dot;
+            for (int d = 0; d < D; ++d) dot = fmaf(y[d], a[d], dot);
+            acc[m] = fmaf(scale, dot, acc[m]);
           }
         }
       }
@@ -127,16 +145,21 @@ __global__ void finalize_kernel(const float* __restrict__ partial, int splits, i
 // The rows of x a kernel instance handles: 1, up to 4, or up to kGemvMaxBatch (acc[] is sized by it).
 int batch_bound(int64_t M) { return M <= 1 ? 1 : (M <= 4 ? 4 : kGemvMaxBatch); }
 
-// Calls f(kernel, (T*)nullptr) with the GEMV kernel instance for (D, x's type T, batch bound).
+// Calls f(kernel, (T*)nullptr) with the GEMV kernel instance for (D, x's type T, batch bound, decoder).
 template <typename F>
-cudaError_t with_gemv_kernel(int D, FloatKind kind, int maxm, F&& f) {
+cudaError_t with_gemv_kernel(int D, FloatKind kind, int maxm, bool staged, F&& f) {
   return dispatch_float_kind(kind, [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     return pvq::dispatch_group_size(D, [&](auto Dc) {
       constexpr int N = decltype(Dc)::value;
-      if (maxm == 1) return f(gemv_kernel<N, 1, T>, type);
-      if (maxm == 4) return f(gemv_kernel<N, 4, T>, type);
-      return f(gemv_kernel<N, kGemvMaxBatch, T>, type);
+      if (staged) {
+        if (maxm == 1) return f(gemv_kernel<N, 1, T, true>, type);
+        if (maxm == 4) return f(gemv_kernel<N, 4, T, true>, type);
+        return f(gemv_kernel<N, kGemvMaxBatch, T, true>, type);
+      }
+      if (maxm == 1) return f(gemv_kernel<N, 1, T, false>, type);
+      if (maxm == 4) return f(gemv_kernel<N, 4, T, false>, type);
+      return f(gemv_kernel<N, kGemvMaxBatch, T, false>, type);
     });
   });
 }
@@ -154,6 +177,27 @@ cudaError_t with_finalize_kernel(FloatKind kind, FloatKind bias_kind, F&& f) {
   });
 }
 
+// Blocks of `kernel` resident per SM at `smem` bytes of dynamic shared memory, after allowing it that
+// much (above 48 KB a kernel must opt in: 8 warps' cross-warp sums at batch 16 alone are 16 KB).
+template <typename Kernel>
+cudaError_t resident_blocks_with(Kernel kernel, size_t smem, int* per_sm) {
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  return resident_blocks_per_sm(kernel, kThreads, smem, per_sm);
+}
+
+// Splits the tiles' columns among the resident blocks: S = the tiles' worth of blocks resident at
+// once (each warp keeping >= 4 chunks), then a grid that gives every block the same number of work
+// items, give or take one (no tail round of a few blocks).
+void split_work(const pvq::PackedLayer& layer, int64_t resident, GemvPlan* p) {
+  const int64_t tiles = (layer.rows + pvq::kTileRows - 1) / pvq::kTileRows;
+  const int64_t most = std::max<int64_t>(1, layer.groups / (4 * kWarps));
+  p->splits = int(std::clamp<int64_t>(resident / tiles, 1, most));
+  const int64_t items = tiles * p->splits;
+  const int64_t rounds = (items + resident - 1) / resident;
+  p->blocks = int((items + rounds - 1) / rounds);
+}
+
 }  // namespace
 
 cudaError_t plan_gemv(const pvq::PackedLayer& layer, int D, FloatKind kind, FloatKind bias_kind, int64_t M,
@@ -161,28 +205,34 @@ cudaError_t plan_gemv(const pvq::PackedLayer& layer, int D, FloatKind kind, Floa
   if (M < 1 || M > kGemvMaxBatch) return cudaErrorInvalidValue;
   GemvPlan p;
   p.maxm = batch_bound(M);
+  p.staged = layer.K <= kStagedMaxK;
   const size_t reduce_bytes = size_t(kWarps) * p.maxm * 32 * sizeof(float);
   int sms = 0, per_sm = 0;
   cudaError_t err = current_sm_count(&sms);
   if (err != cudaSuccess) return err;
-  // Resident blocks at the largest leaf prefix the budget below can pick: a smaller prefix only
-  // lets more blocks in, so the grid sized from this stays resident.
-  const size_t largest_smem = leaf_prefix_bytes(leaf_prefix_k(D, layer.K, size_t(kMaxLeafBytes))) + reduce_bytes;
-  err = with_gemv_kernel(D, kind, p.maxm, [&](auto kernel, auto*) {
-    return resident_blocks_per_sm(kernel, kThreads, largest_smem, &per_sm);
-  });
-  if (err != cudaSuccess) return err;
-  const int64_t resident = int64_t(sms) * per_sm;
-  const int64_t tiles = (layer.rows + pvq::kTileRows - 1) / pvq::kTileRows;
-  const int64_t want = (resident + tiles - 1) / tiles;
-  const int64_t most = std::max<int64_t>(1, layer.groups / (4 * kWarps));
-  p.splits = int(std::clamp<int64_t>(want, 1, most));
-  p.blocks = int(std::min<int64_t>(tiles * p.splits, resident));
-  // Leaf prefix budget: every block refills it, so keep the refill under 1/4 of the layer's bytes.
-  const double weight_bytes = double(tiles) * double(layer.groups) * layer.bits * 4.0;
-  const size_t budget = size_t(std::clamp(weight_bytes / (4.0 * p.blocks), kMinLeafBytes, kMaxLeafBytes));
-  p.smem_leaf_k = leaf_prefix_k(D, layer.K, budget);
-  p.smem = leaf_prefix_bytes(p.smem_leaf_k) + reduce_bytes;
+  if (p.staged) {
+    p.smem = size_t(staged_layout(D, layer.K).bytes) + reduce_bytes;
+    err = with_gemv_kernel(D, kind, p.maxm, true, [&](auto kernel, auto*) {
+      return resident_blocks_with(kernel, p.smem, &per_sm);
+    });
+    if (err != cudaSuccess) return err;
+    split_work(layer, int64_t(sms) * per_sm, &p);
+  } else {
+    // Resident blocks at the largest leaf prefix the budget below can pick: a smaller prefix only
+    // lets more blocks in, so the grid sized from this stays resident.
+    const size_t largest_smem = leaf_prefix_bytes(leaf_prefix_k(D, layer.K, size_t(kMaxLeafBytes))) + reduce_bytes;
+    err = with_gemv_kernel(D, kind, p.maxm, false, [&](auto kernel, auto*) {
+      return resident_blocks_with(kernel, largest_smem, &per_sm);
+    });
+    if (err != cudaSuccess) return err;
+    split_work(layer, int64_t(sms) * per_sm, &p);
+    // Leaf prefix budget: every block refills it, so keep the refill under 1/4 of the layer's bytes.
+    const int64_t tiles = (layer.rows + pvq::kTileRows - 1) / pvq::kTileRows;
+    const double weight_bytes = double(tiles) * double(layer.groups) * layer.bits * 4.0;
+    const size_t budget = size_t(std::clamp(weight_bytes / (4.0 * p.blocks), kMinLeafBytes, kMaxLeafBytes));
+    p.smem_leaf_k = leaf_prefix_k(D, layer.K, budget);
+    p.smem = leaf_prefix_bytes(p.smem_leaf_k) + reduce_bytes;
+  }
   err = with_finalize_kernel(kind, bias_kind, [&](auto kernel, auto*, auto*) {
     return persistent_grid(kernel, M * layer.rows, kFinalizeThreads, 0, &p.finalize_blocks);
   });
@@ -197,10 +247,11 @@ cudaError_t launch_gemv(const pvq::SplitTables& tables, const pvq::PackedLayer& 
                         const GemvPlan& plan, cudaStream_t stream) {
   if (M <= 0) return cudaSuccess;
   if (M > plan.maxm) return cudaErrorInvalidValue;  // a plan made for a smaller batch
-  cudaError_t err = with_gemv_kernel(D, kind, plan.maxm, [&](auto kernel, auto* type) {
+  const StagedLayout staged = plan.staged ? staged_layout(D, layer.K) : StagedLayout{};
+  cudaError_t err = with_gemv_kernel(D, kind, plan.maxm, plan.staged, [&](auto kernel, auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    return launch_kernel(kernel, plan.blocks, kThreads, plan.smem, stream, tables, layer, static_cast<const T*>(x),
-                         int(M), workspace, plan.splits, plan.smem_leaf_k);
+    return launch_kernel(kernel, plan.blocks, kThreads, plan.smem, stream, tables, layer, staged, plan.smem_leaf_k,
+                         static_cast<const T*>(x), int(M), workspace, plan.splits);
   });
   if (err != cudaSuccess) return err;
   return with_finalize_kernel(kind, bias_kind, [&](auto kernel, auto* type, auto* btype) {

@@ -22,10 +22,11 @@ cudaError_t launch_dequantize(const pvq::SplitTables& tables, const pvq::PackedL
 // occupancy (cudaOccupancyMaxActiveBlocksPerMultiprocessor), so its persistent grid is resident.
 struct GemvPlan {
   int maxm = 0;                  // the kernel instance's batch bound (1, 4 or kGemvMaxBatch)
+  bool staged = false;           // the staged-records decoder (K <= kStagedMaxK), else the tables decoder
   int splits = 1;                // each tile's group columns are cut into this many work items
   int blocks = 0;                // the GEMV kernel's grid
-  int smem_leaf_k = -1;          // leaf prefix staged in shared memory (-1: none)
-  size_t smem = 0;               // dynamic shared memory per block: leaf prefix + cross-warp sums
+  int smem_leaf_k = -1;          // tables decoder: leaf prefix staged in shared memory (-1: none)
+  size_t smem = 0;               // dynamic shared memory per block: staged records or leaf prefix, + cross-warp sums
   int finalize_blocks = 0;       // the finalize kernel's grid
   int64_t workspace_floats = 0;  // splits * M * rows partial sums
 };

@@ -207,8 +207,8 @@ std::string run_gemv(const Args& a) {
                               bias_kind, out.get(), workspace.get<float>(), plan, nullptr);
   out.save(arg(a, "out"));
   std::ostringstream s;
-  s << result(err) << " splits=" << plan.splits << " blocks=" << plan.blocks << " smem_leaf_k=" << plan.smem_leaf_k
-    << " smem=" << plan.smem << " finalize_blocks=" << plan.finalize_blocks;
+  s << result(err) << " staged=" << int(plan.staged) << " splits=" << plan.splits << " blocks=" << plan.blocks
+    << " smem_leaf_k=" << plan.smem_leaf_k << " smem=" << plan.smem << " finalize_blocks=" << plan.finalize_blocks;
   return s.str();
 }
 
