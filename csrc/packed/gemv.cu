@@ -40,41 +40,39 @@
 namespace pvq_cuda {
 namespace {
 
-constexpr int kWarps = 8;
+constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kFinalizeThreads = 256;
 constexpr double kMinLeafBytes = 4096, kMaxLeafBytes = 40960;  // the leaf prefix budget's range
 
-template <int D, typename T>
-__device__ __forceinline__ void load_activations(const T* __restrict__ src, float (&v)[D]) {
-  if constexpr (D * sizeof(T) % 16 == 0) {  // aligned: rows are multiples of D, buffers 256 B aligned
-#pragma unroll
-    for (int q = 0; q < int(D * sizeof(T) / 16); ++q) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src) + q);
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int i = 0; i < int(16 / sizeof(T)); ++i) v[q * (16 / sizeof(T)) + i] = to_float(e[i]);
-    }
-  } else {
-#pragma unroll
-    for (int d = 0; d < D; ++d) v[d] = to_float(src[d]);
-  }
+// Group columns a warp decodes between two activation stagings: enough that the window of every
+// batch bound holds 8-16 KB of fp32 activations at D=16 (kWarps x rounds x D x MAXM floats).
+__host__ __device__ constexpr int window_rounds(int maxm) { return maxm >= 16 ? 1 : 8 / maxm; }
+
+// Shared memory the kernel needs past its decoder's tables: cross-warp sums, then the activation window.
+constexpr size_t gemv_work_bytes(int D, int maxm) {
+  return (size_t(kWarps) * maxm * 32 + size_t(kWarps) * window_rounds(maxm) * D * maxm) * sizeof(float);
 }
+
+// Where the cross-warp sums start past a leaf prefix of k: 16-byte aligned, as the float4 reads of the
+// activation window after them need.
+inline size_t leaf_prefix_end(int k) { return (leaf_prefix_bytes(k) + 15) / 16 * 16; }
 
 template <int D, int MAXM, typename T, bool STAGED>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(pvq::SplitTables t, pvq::PackedLayer p, StagedLayout s,
                                                         int smem_leaf_k, const T* __restrict__ x, int M,
                                                         float* __restrict__ partial, int splits) {
+  constexpr int kWindow = kWarps * window_rounds(MAXM);  // group columns per activation window
   unsigned char* const smem = dynamic_shared_memory<unsigned char>();
   float* red;
   if constexpr (STAGED) {
     red = reinterpret_cast<float*>(smem + s.bytes);
     stage_records<D>(t, s, smem);
-    __syncthreads();
   } else {
-    red = reinterpret_cast<float*>(smem) + (smem_leaf_k >= 0 ? t.leaf_base[smem_leaf_k + 1] : 0);
+    red = reinterpret_cast<float*>(smem) + (smem_leaf_k >= 0 ? (t.leaf_base[smem_leaf_k + 1] + 3) / 4 * 4 : 0);
     stage_leaf_table(t, reinterpret_cast<uint32_t*>(smem), smem_leaf_k);
   }
+  float* const window = red + kWarps * MAXM * 32;  // [MAXM][kWindow * D] fp32 activations
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t cols = p.groups * D;
   const int64_t per_split = (p.groups + splits - 1) / splits;
@@ -87,27 +85,53 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(pvq::SplitTables t, pvq:
     float acc[MAXM];
 #pragma unroll
     for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
-    if (row < p.rows) {
-      for (int64_t j = split * per_split + warp; j < j_end; j += kWarps) {
-        const uint64_t code = pvq::chunk_code(p.words + (tile * p.groups + j) * p.bits, lane, p.bits);
-        float y[D], scale;
-        if constexpr (STAGED) {
-          scale = staged_decode_group<D>(smem, s, t, p, code, y);
-        } else {
-          int8_t q[D];
-          scale = pvq::decode_group<D>(t, p, code, q);
+    for (int64_t j0 = split * per_split; j0 < j_end; j0 += kWindow) {
+      // The window's activations, converted once for the block (coalesced), instead of every lane
+      // loading and converting the same D values for every group.
+      const int width = int(j_end - j0 < kWindow ? j_end - j0 : kWindow) * D;
+      __syncthreads();  // the previous window (or the tables' fill) is done with
+      for (int e = threadIdx.x; e < M * kWindow * D; e += kThreads) {
+        const int m = e / (kWindow * D), c = e - m * (kWindow * D);
+        window[e] = c < width ? to_float(x[m * cols + j0 * D + c]) : 0.f;
+      }
+      __syncthreads();
+      if (row < p.rows) {
+        for (int w = warp; w * D < width; w += kWarps) {
+          const int64_t j = j0 + w;
+          const uint64_t code = pvq::chunk_code(p.words + (tile * p.groups + j) * p.bits, lane, p.bits);
+          float y[D], scale;
+          if constexpr (STAGED) {
+            scale = staged_decode_group<D>(smem, s, t, p, code, y);
+          } else {
+            int8_t q[D];
+            scale = pvq::decode_group<D>(t, p, code, q);
 #pragma unroll
-          for (int d = 0; d < D; ++d) y[d] = float(q[d]);
-        }
+            for (int d = 0; d < D; ++d) y[d] = float(q[d]);
+          }
 #pragma unroll
-        for (int m = 0; m < MAXM; ++m) {
-          if (m < M) {
-            float a[D];
-            load_activations<D>(x + m * cols + j * D, a);
-            float dot = 0.f;
+          for (int m = 0; m < MAXM; ++m) {
+            if (m < M) {
+              // A broadcast read (every lane the same address), 16-byte aligned: the window starts on 16 bytes.
+              float a[D];
+              const float* src = window + m * (kWindow * D) + w * D;
+              if constexpr (D % 4 == 0) {
 #pragma unroll
-            for (int d = 0; d < D; ++d) dot = fmaf(y[d], a[d], dot);
-            acc[m] = fmaf(scale, dot, acc[m]);
+                for (int q = 0; q < D / 4; ++q) {
+                  const float4 v = reinterpret_cast<const float4*>(src)[q];
+                  a[4 * q] = v.x;
+                  a[4 * q + 1] = v.y;
+                  a[4 * q + 2] = v.z;
+                  a[4 * q + 3] = v.w;
+                }
+              } else {
+#pragma unroll
+                for (int d = 0; d < D; ++d) a[d] = src[d];
+              }
+              float dot = 0.f;
+#pragma unroll
+              for (int d = 0; d < D; ++d) dot = fmaf(y[d], a[d], dot);
+              acc[m] = fmaf(scale, dot, acc[m]);
+            }
           }
         }
       }
@@ -206,12 +230,12 @@ cudaError_t plan_gemv(const pvq::PackedLayer& layer, int D, FloatKind kind, Floa
   GemvPlan p;
   p.maxm = batch_bound(M);
   p.staged = layer.K <= kStagedMaxK;
-  const size_t reduce_bytes = size_t(kWarps) * p.maxm * 32 * sizeof(float);
+  const size_t work_bytes = gemv_work_bytes(D, p.maxm);
   int sms = 0, per_sm = 0;
   cudaError_t err = current_sm_count(&sms);
   if (err != cudaSuccess) return err;
   if (p.staged) {
-    p.smem = size_t(staged_layout(D, layer.K).bytes) + reduce_bytes;
+    p.smem = size_t(staged_layout(D, layer.K).bytes) + work_bytes;
     err = with_gemv_kernel(D, kind, p.maxm, true, [&](auto kernel, auto*) {
       return resident_blocks_with(kernel, p.smem, &per_sm);
     });
@@ -220,7 +244,7 @@ cudaError_t plan_gemv(const pvq::PackedLayer& layer, int D, FloatKind kind, Floa
   } else {
     // Resident blocks at the largest leaf prefix the budget below can pick: a smaller prefix only
     // lets more blocks in, so the grid sized from this stays resident.
-    const size_t largest_smem = leaf_prefix_bytes(leaf_prefix_k(D, layer.K, size_t(kMaxLeafBytes))) + reduce_bytes;
+    const size_t largest_smem = leaf_prefix_end(leaf_prefix_k(D, layer.K, size_t(kMaxLeafBytes))) + work_bytes;
     err = with_gemv_kernel(D, kind, p.maxm, false, [&](auto kernel, auto*) {
       return resident_blocks_with(kernel, largest_smem, &per_sm);
     });
@@ -231,7 +255,7 @@ cudaError_t plan_gemv(const pvq::PackedLayer& layer, int D, FloatKind kind, Floa
     const double weight_bytes = double(tiles) * double(layer.groups) * layer.bits * 4.0;
     const size_t budget = size_t(std::clamp(weight_bytes / (4.0 * p.blocks), kMinLeafBytes, kMaxLeafBytes));
     p.smem_leaf_k = leaf_prefix_k(D, layer.K, budget);
-    p.smem = leaf_prefix_bytes(p.smem_leaf_k) + reduce_bytes;
+    p.smem = leaf_prefix_end(p.smem_leaf_k) + work_bytes;
   }
   err = with_finalize_kernel(kind, bias_kind, [&](auto kernel, auto*, auto*) {
     return persistent_grid(kernel, M * layer.rows, kFinalizeThreads, 0, &p.finalize_blocks);

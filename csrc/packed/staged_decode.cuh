@@ -7,7 +7,7 @@
 //   prefix of each global table; staged in shared memory they are read with 32-bit addresses.
 // - Its 4-leaf table holds only small k (4-40 KB), so most leaves take the 4 -> 2+2 fallback and
 //   a warp pays for both paths. Here every 4-node splits, always, and every 2-leaf is one 8-byte
-//   read of a float pair table (V(2,k) = 4k entries for each k <= K: 14.9 KB at K = 30), so the
+//   read of a float pair table (V(2,k) = 4k entries for each k <= K: 15.1 KB at K = 30), so the
 //   decode has no data-dependent branch but the guide walks, and the pulses arrive as floats.
 // - Nodes of N <= 8 run in 32 bits (V(8,K) < 2^32 for K <= 35); the 4-node's divisor V(2,k2) = 4 k2
 //   takes one 32-bit multiply-high (see below), the 8-node's V(4,k2) the two-product divide32.
@@ -19,7 +19,7 @@
 
 namespace pvq_cuda {
 
-constexpr int kStagedMaxK = 35;  // V(8, 35) < 2^32, and the pair table stays <= 20 KB
+constexpr int kStagedMaxK = 35;  // V(8, 35) < 2^32, and the pair table stays <= 21 KB
 
 // Byte offsets of a block's staged records for (D, K), in one shared-memory buffer. Level l is the
 // node size N = 2^l, l = 2..log2(D). 8-byte arrays first, then 4-byte, then bytes, so each is
@@ -36,8 +36,9 @@ struct StagedLayout {
   int bytes = 0;
 };
 
-// Where the 2-leaves of k pulses start: sum_{j<k} V(2, j) = 1 + 2k(k-1) for k >= 1.
-PVQ_HD int pair_base(int k) { return 2 * k * (k - 1) + (k > 0); }
+// Where the 2-leaves of k pulses start. Each k gets 4k + 1 slots (V(2, k) = 4k, and 1 at k = 0), one
+// more than it needs for k >= 1, so the base is k(2k - 1): two instructions, no select.
+PVQ_HD int pair_base(int k) { return k * (2 * k - 1); }
 
 PVQ_HD StagedLayout staged_layout(int D, int K) {
   StagedLayout s;
