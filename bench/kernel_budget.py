@@ -302,12 +302,72 @@ DECODE_NODE_LINES = [
 # decode_group (packed/packed_layer.h): the corrupt-index path; every other line runs once a group.
 DECODE_GROUP_INVALID = ("for (int j = 0; j < D; ++j) y[j] = 0;", "return 0.f;")
 
+# staged_node (packed/staged_decode.cuh), the GEMV's staged decoder, in the same form. Its 2-leaves are
+# one read of the pair table ("pair"); it has no leaf table and no corrupt-index branch.
+STAGED_NODE_LINES = [
+    ("__device__ __forceinline__ void staged_node(", "entry"),
+    ("if constexpr (N == 1) {", "entry"),
+    ("y[0] = float(k == 0 ? 0 : (i ? -k : k));", "n1"),
+    ("} else if constexpr (N == 2) {", "pair"),
+    ("const float2 v = reinterpret_cast<const float2*>(smem + s.pairs)[pair_base(k) + int(i)];", "pair"),
+    ("y[0] = v.x;", "pair"),
+    ("y[1] = v.y;", "pair"),
+    ("} else {", "entry"),
+    ("constexpr int L = pvq::Log2<N>::value, H = N / 2;", "split"),
+    ("using Child = std::conditional_t<(H <= 8), uint32_t, I>;", "split"),
+    ("const I* off = reinterpret_cast<const I*>(smem + s.offsets[L]) + pvq::tri(k);", "split"),
+    ("int k1 = (smem + s.guide[L])[(k << pvq::kGuideBits) + int(i >> (smem + s.shift[L])[k])];", "split"),
+    ("while (off[k1 + 1] <= i) ++k1;", "walk"),
+    ("const int k2 = k - k1;", "split"),
+    ("const I r = i - off[k1];", "split"),
+    ("Child i1, i2;", "split"),
+    ("if constexpr (N == 4) {", "split"),
+    ("const uint32_t m = reinterpret_cast<const uint32_t*>(smem + s.magic[2])[k2];", "split"),
+    ("i1 = k2 == 0 ? r : __umulhi(r, m);", "split"),
+    ("i2 = r - i1 * (k2 == 0 ? 1u : 4u * uint32_t(k2));", "split"),
+    ("} else if constexpr (N == 8) {", "split"),
+    ("i1 = pvq::divide32(r, reinterpret_cast<const uint64_t*>(smem + s.magic[3])[k2], (smem + s.magic_log[3])[k2]);",
+     "split"),
+    ("i2 = r - i1 * reinterpret_cast<const uint32_t*>(smem + s.count[3])[k2];", "split"),
+    ("} else {", "split"),
+    ("const uint64_t q = pvq::divide(r, reinterpret_cast<const uint64_t*>(smem + s.magic[L])[k2],", "split"),
+    ("(smem + s.magic_log[L])[k2]);", "split"),
+    ("i1 = Child(q);", "split"),
+    ("i2 = Child(r - q * reinterpret_cast<const uint64_t*>(smem + s.count[L])[k2]);", "split"),
+    ("staged_node<H, Child>(smem, s, i1, k1, y);", "child0"),
+    ("staged_node<H, Child>(smem, s, i2, k2, y + H);", "child1"),
+]
+
+
+@dataclass
+class Decoder:
+    """One of the GEMV's decoders: where its node function is and the events of its lines."""
+    name: str
+    staged: bool                 # the pair-table decoder (no leaf table, no corrupt-index branch)
+    node_file: str               # repository path of the node function
+    signature: str
+    lines: list
+    group_file: str | None = None  # where the corrupt-index path is (the tables decoder)
+
+
+# Above this K the GEMV decodes with the tables decoder (plan_gemv); read from the header, not copied.
+STAGED_MAX_K = int(re.search(r"kStagedMaxK = (\d+);", (REPO / "csrc/packed/staged_decode.cuh").read_text()).group(1))
+
+DECODERS = {
+    True: Decoder("staged", True, "csrc/packed/staged_decode.cuh", "__device__ __forceinline__ void staged_node(",
+                  STAGED_NODE_LINES),
+    False: Decoder("tables", False, "csrc/codec/pyramid.h", "PVQ_HD void decode_node(", DECODE_NODE_LINES,
+                   "csrc/packed/packed_layer.h"),
+}
+
 
 @dataclass
 class SourceMap:
-    node_lines: dict      # pyramid.h line -> event (decode_node's body)
-    node_range: tuple     # (first, last) line of decode_node
-    invalid_lines: set    # packed_layer.h lines of the corrupt-index path
+    node_lines: dict      # node function's line -> event
+    node_range: tuple     # (first, last) line of the node function
+    invalid_lines: set    # the group decode's lines of the corrupt-index path (tables decoder only)
+    node_file: str = "pyramid.h"         # file names as the line info gives them (base names)
+    group_file: str = "packed_layer.h"
 
 
 def _function_lines(text: str, signature: str) -> list[tuple[int, str]]:
@@ -324,9 +384,11 @@ def _function_lines(text: str, signature: str) -> list[tuple[int, str]]:
     raise ValueError(f"kernel_budget: unbalanced braces after '{signature}'")
 
 
-def source_map(pyramid_text: str, packed_text: str) -> SourceMap:
-    body = _function_lines(pyramid_text, "PVQ_HD void decode_node(")
-    node_lines, expected, event = {}, iter(DECODE_NODE_LINES), "entry"
+def source_map(decoder: Decoder, node_text: str | None = None, group_text: str | None = None) -> SourceMap:
+    """The events of the decoder's lines, from the repository's files (or the texts given)."""
+    node_text = node_text if node_text is not None else (REPO / decoder.node_file).read_text()
+    body = _function_lines(node_text, decoder.signature)
+    node_lines, expected, event = {}, iter(decoder.lines), "entry"
     for number, line in body:
         s = line.strip()
         if not s or s.startswith("//") or set(s) <= set("{}"):
@@ -334,16 +396,20 @@ def source_map(pyramid_text: str, packed_text: str) -> SourceMap:
             continue
         want, event = next(expected, (None, None))
         if want is None or want not in s:
-            raise ValueError(f"kernel_budget: pyramid.h:{number} '{s}' does not match the replay's decode_node "
-                             f"(expected '{want}'); update DECODE_NODE_LINES and replay_group together")
+            raise ValueError(f"kernel_budget: {decoder.node_file}:{number} '{s}' does not match the replay's "
+                             f"{decoder.name} decoder (expected '{want}'); update its lines and replay_group together")
         node_lines[number] = event
     if next(expected, None) is not None:
-        raise ValueError("kernel_budget: decode_node is shorter than DECODE_NODE_LINES")
-    group = _function_lines(packed_text, "PVQ_HD float decode_group(")
-    invalid = {n for n, l in group if any(p in l for p in DECODE_GROUP_INVALID)}
-    if len(invalid) != len(DECODE_GROUP_INVALID):
-        raise ValueError("kernel_budget: decode_group's corrupt-index path changed")
-    return SourceMap(node_lines, (body[0][0], body[-1][0]), invalid)
+        raise ValueError(f"kernel_budget: {decoder.node_file}'s node function is shorter than its replay lines")
+    invalid = set()
+    if decoder.group_file is not None:
+        group_text = group_text if group_text is not None else (REPO / decoder.group_file).read_text()
+        group = _function_lines(group_text, "PVQ_HD float decode_group(")
+        invalid = {n for n, l in group if any(p in l for p in DECODE_GROUP_INVALID)}
+        if len(invalid) != len(DECODE_GROUP_INVALID):
+            raise ValueError("kernel_budget: decode_group's corrupt-index path changed")
+    return SourceMap(node_lines, (body[0][0], body[-1][0]), invalid, Path(decoder.node_file).name,
+                     Path(decoder.group_file or decoder.node_file).name)
 
 
 def event_of(chain: tuple, smap: SourceMap, D: int) -> tuple[int, str]:
@@ -356,18 +422,18 @@ def event_of(chain: tuple, smap: SourceMap, D: int) -> tuple[int, str]:
     where the event fixes it (N=2 and N=4 code) and capped otherwise. The counts are then averaged
     over the 2^depth nodes of that depth (replay_group counts every node)."""
     first, last = smap.node_range
-    frames = [line for f, line in chain if f == "pyramid.h" and first <= line <= last]
+    frames = [line for f, line in chain if f == smap.node_file and first <= line <= last]
     if frames:
         event = smap.node_lines.get(frames[0], "entry")
         if event in ("child0", "child1"):
             event = "split"
         n2, n4 = _depth(D, 2), _depth(D, 4)
-        if event.startswith("n2_"):
+        if event.startswith("n2_") or event == "pair":
             return n2, event
         if event in ("leaf_hit", "n4_entry"):
             return n4, event
         return min(len(frames) - 1, n4 if event in ("split", "walk") else n2), event
-    if any(f == "packed_layer.h" and line in smap.invalid_lines for f, line in chain[:1]):
+    if any(f == smap.group_file and line in smap.invalid_lines for f, line in chain[:1]):
         return 0, "invalid"
     return 0, "group"
 
@@ -404,36 +470,36 @@ class Tables:
             n *= 2
 
 
-def replay_group(t: Tables, index: int, K: int, D: int, leaf_max_k: int, events: collections.Counter) -> list[int]:
-    """decode_node<D>(index, K) with pyramid.h's rules; adds (position, event) counts to `events`
-    (the events of DECODE_NODE_LINES) and returns the pulses."""
+def replay_group(t: Tables, index: int, K: int, D: int, leaf_max_k: int, events: collections.Counter,
+                 staged: bool = False) -> list[int]:
+    """decode_node<D>(index, K) with pyramid.h's rules (staged: staged_node's, whose 2-leaves are one
+    pair-table read and which has no leaf table); adds (position, event) counts to `events` (the
+    events of DECODE_NODE_LINES or STAGED_NODE_LINES) and returns the pulses."""
     y = [0] * D
 
     def node(N, i, k, pos, at, ev):
         ev[pos, "entry"] += 1
         if N == 2:
+            y[at], y[at + 1] = pair_pulses(i, k)
+            if staged:
+                ev[pos, "pair"] += 1
+                return
             ev[pos, "n2_entry"] += 1
             if k == 0:
                 ev[pos, "n2_k0"] += 1
-                y[at], y[at + 1] = 0, 0
                 return
             ev[pos, "n2_nz"] += 1
             if i < 2:
                 ev[pos, "n2_lt2"] += 1
-                y[at], y[at + 1] = 0, (-k if i else k)
                 return
             ev[pos, "n2_ge"] += 1
             if i >= 4 * k - 2:
                 ev[pos, "n2_hi"] += 1
-                y[at], y[at + 1] = (-k if i > 4 * k - 2 else k), 0
                 return
             ev[pos, "n2_mid"] += 1
-            u = i - 2
-            k1 = 1 + (u >> 2)
-            y[at], y[at + 1] = (-k1 if u & 2 else k1), (-(k - k1) if u & 1 else k - k1)
             return
-        hit = N == 4 and k <= leaf_max_k
-        if N == 4:
+        hit = N == 4 and k <= leaf_max_k and not staged
+        if N == 4 and not staged:
             ev[pos, "n4_entry"] += 1
         ev[pos, "leaf_hit" if hit else "split"] += 1
         off = t.off[N, k]
@@ -454,9 +520,23 @@ def replay_group(t: Tables, index: int, K: int, D: int, leaf_max_k: int, events:
 
     if D == 1:
         events["", "entry"] += 1
+        events["", "n1"] += 1
         return [0 if K == 0 else (-K if index else K)]
     node(D, index, K, "", 0, events)
     return y
+
+
+def pair_pulses(i: int, k: int) -> tuple[int, int]:
+    """The 2-leaf of index i and k pulses (decode_node<2>'s closed form, which the pair table holds)."""
+    if k == 0:
+        return 0, 0
+    if i < 2:
+        return 0, (-k if i else k)
+    if i >= 4 * k - 2:
+        return (-k if i > 4 * k - 2 else k), 0
+    u = i - 2
+    k1 = 1 + (u >> 2)
+    return (-k1 if u & 2 else k1), (-(k - k1) if u & 1 else k - k1)
 
 
 @dataclass
@@ -480,7 +560,7 @@ def _by_depth(per_pos: dict, D: int, scale: float) -> dict:
     return dict(out)
 
 
-def count_events(index_tiles, K: int, D: int, leaf_max_k: int, check=None) -> EventCounts:
+def count_events(index_tiles, K: int, D: int, leaf_max_k: int, check=None, staged: bool = False) -> EventCounts:
     """index_tiles: iterable of tiles, each a list of up to 32 rows (lanes) of group indices; column j of
     a tile is one chunk, i.e. one warp iteration. `check(pulses, indices)` verifies the replay."""
     t = Tables(D, K)
@@ -491,7 +571,7 @@ def count_events(index_tiles, K: int, D: int, leaf_max_k: int, check=None) -> Ev
             per_lane, pulses = [], []
             for row in tile:
                 ev = collections.Counter()
-                pulses.append(replay_group(t, int(row[j]), K, D, leaf_max_k, ev))
+                pulses.append(replay_group(t, int(row[j]), K, D, leaf_max_k, ev, staged))
                 per_lane.append(ev)
                 lane.update(ev)
             if check is not None:
@@ -510,16 +590,19 @@ def count_events(index_tiles, K: int, D: int, leaf_max_k: int, check=None) -> Ev
 
 def scenario(D: int, leaf: str) -> dict:
     """The (depth, event) counts of one uniform path: every 4-leaf a table hit ('table') or split
-    2+2 into two N=2 nodes of the generic case ('split'); the guide bucket always exact (one walk
-    compare a node)."""
+    2+2 into two N=2 nodes of the generic case ('split'), or the staged decoder's one path ('staged':
+    every 2-leaf a pair-table read); the guide bucket always exact (one walk compare a node)."""
     ev = collections.Counter()
     def node(N, pos):
         ev[pos, "entry"] += 1
+        if N == 2 and leaf == "staged":
+            ev[pos, "pair"] += 1
+            return
         if N == 2:
             for e in ("n2_entry", "n2_nz", "n2_ge", "n2_mid"):
                 ev[pos, e] += 1
             return
-        if N == 4:
+        if N == 4 and leaf != "staged":
             ev[pos, "n4_entry"] += 1
             if leaf == "table":
                 ev[pos, "leaf_hit"] += 1
@@ -639,9 +722,13 @@ GPUS = (Gpu("H100 SXM", 3.35e12), Gpu("H200", 4.8e12))
 # HBM latency under load, for the bytes-in-flight bound (Little's law). An assumption, not a measurement:
 # the issue's 25-32 KB per SM at 3.35 TB/s corresponds to 1.0-1.3 us.
 LATENCY_S = 1.0e-6
-PRESET = dict(D=16, K=30, scale_bits=2)  # pvq-3.25, the default preset
 SHAPE = (4096, 4096)                   # the representative layer of kernel_static.py
-BATCH_KERNELS = {1: "gemv_kernel<16, 1, __half>", 16: "gemv_kernel<16, 16, __half>"}
+BATCHES = (1, 16)
+
+
+def batch_kernel(D: int, M: int, staged: bool = True) -> str:
+    """The GEMV instance a batch of M fp16 rows runs at group size D (plan_gemv's batch bound)."""
+    return f"gemv_kernel<{D}, {M}, __half, {'true' if staged else 'false'}>"
 DEQUANT_KERNELS = ("dequantize_kernel<16, __half>", "dequantize_kernel<16, float>", "dequantize_kernel<8, __half>")
 
 
@@ -667,21 +754,19 @@ def sass_of(source: str, workdir: Path, want: list[str]) -> dict[str, list[Instr
     return out
 
 
-def emulated_plans(workdir: Path) -> dict:
+def emulated_plans(workdir: Path, D: int, K: int, sb: int, index_bits: int, count: int) -> dict:
     """plan_gemv and the launches at the representative shape on the emulated H100 (dry run)."""
     sys.path.insert(0, str(REPO / "tests" / "cuda_emulation"))
     import emulation
     m = emulation.Manifest(workdir)
-    D, K, sb = PRESET["D"], PRESET["K"], PRESET["scale_bits"]
     rows, cols = SHAPE
-    index_bits = 50
     bits = index_bits + sb
     words = (rows // 32) * (cols // D) * bits
     layer = dict(codes=f"zeros:{4 * words}", row_scale=f"zeros:{2 * rows}", levels=f"zeros:{4 << sb}",
-                 rows=rows, groups=cols // D, D=D, K=K, bits=bits, index_bits=index_bits, count=2**50 - 1)
+                 rows=rows, groups=cols // D, D=D, K=K, bits=bits, index_bits=index_bits, count=count)
     m.command("gpu", name="h100")
     m.command("dry_run", on=1)
-    for M in BATCH_KERNELS:
+    for M in BATCHES:
         m.command("gemv", id=f"gemv{M}", kind="float16", M=M, x=f"zeros:{2 * M * cols}", bias="none", out="none",
                   **layer)
     m.command("dequantize", id="dequant", kind="float16", row_begin=0, row_end=rows, out="none", **layer)
@@ -691,8 +776,8 @@ def emulated_plans(workdir: Path) -> dict:
     return {"results": run.results, "launches": run.launches}
 
 
-def real_code_tiles(blocks: list[int], projections: list[str]):
-    """Index tiles of the default model's layers, quantized data-free at pvq-3.25 (no quantized
+def real_code_tiles(blocks: list[int], projections: list[str], preset: str):
+    """Index tiles of the default model's layers, quantized data-free at the preset (no quantized
     checkpoint is kept in the cache; data-free is what `pvq-cuda quantize` does without calibration)."""
     import torch
     from safetensors.torch import load_file
@@ -700,7 +785,7 @@ def real_code_tiles(blocks: list[int], projections: list[str]):
     from pvq_cuda.apps.loading import ensure_default_model
     from pvq_cuda.ops.packed import unpack_codes
     weights = load_file(str(ensure_default_model(quiet=True) / "model.safetensors"))
-    config = pvq_cuda.PVQConfig(**PRESET)
+    config = pvq_cuda.PVQConfig.preset(preset)
     layers = []
     for b in blocks:
         for proj in projections:
@@ -720,6 +805,7 @@ def main() -> None:
     parser.add_argument("--projections", default="self_attn.q_proj,self_attn.k_proj,self_attn.o_proj,mlp.gate_proj,"
                                                   "mlp.down_proj")
     parser.add_argument("--label", default="current kernel", help="what the report describes")
+    parser.add_argument("--preset", default="pvq-3.25", help="the codes' preset (D, K, gain bits)")
     parser.add_argument("--before", type=Path, help="an earlier report of this script: its figures are appended "
                                                     "under 'Before', for an old-vs-new comparison")
     parser.add_argument("--before-name", help="how the report names --before (default: its file name)")
@@ -732,14 +818,20 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "bench"))
     import kernel_static
 
-    D, K = PRESET["D"], PRESET["K"]
-    bits = 50 + PRESET["scale_bits"]
+    import pvq_cuda
+    config = pvq_cuda.PVQConfig.preset(args.preset)
+    D, K, sb = config.D, config.K, config.scale_bits
+    index_bits = pvq_cuda.index_bits(D, K)
+    bits = index_bits + sb
+    staged = K <= STAGED_MAX_K
+    decoder = DECODERS[staged]
+    kernels = {M: batch_kernel(D, M, staged) for M in BATCHES}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        gemv = sass_of("packed/gemv.cu", tmp, list(BATCH_KERNELS.values()))
+        gemv = sass_of("packed/gemv.cu", tmp, list(kernels.values()))
         dequant = sass_of("packed/dequantize.cu", tmp, list(DEQUANT_KERNELS))
         (tmp / "plan").mkdir()
-        plans = emulated_plans(tmp / "plan")
+        plans = emulated_plans(tmp / "plan", D, K, sb, index_bits, pvq_cuda.pyramid_size(D, K))
         ptx = {**kernel_static.ptxas_facts("packed/gemv.cu", "sm_90a"),
                **kernel_static.ptxas_facts("packed/dequantize.cu", "sm_90a")}
         launches = {case: l[0] for case, l in plans["launches"].items()}
@@ -752,19 +844,21 @@ def main() -> None:
         (tmp / "occ").mkdir()
         occ = dict(zip(launches, kernel_static.occupancies(queries, tmp / "occ")))
 
-    smap = source_map((REPO / "csrc" / "codec" / "pyramid.h").read_text(),
-                      (REPO / "csrc" / "packed" / "packed_layer.h").read_text())
-    layers, torch = real_code_tiles([int(b) for b in args.blocks.split(",")], args.projections.split(","))
-    import pvq_cuda
+    smap = source_map(decoder)
+    layers, torch = real_code_tiles([int(b) for b in args.blocks.split(",")], args.projections.split(","),
+                                    args.preset)
 
     rows_out, counted = [], {}
-    for M, name in BATCH_KERNELS.items():
+    for M, name in kernels.items():
         blocks = build_cfg(gemv[name])
         loop = analyse_loop(blocks)
         plan = plans["results"][f"gemv{M}"]
+        if plan["staged"] != str(int(staged)):
+            sys.exit(f"kernel_budget: plan_gemv picked staged={plan['staged']}, the script expected {int(staged)}")
         leaf_k = int(plan["smem_leaf_k"])
-        table, dis_t = loop_cost(blocks, loop, smap, scenario(D, "table"), D)
-        split, dis_s = loop_cost(blocks, loop, smap, scenario(D, "split"), D)
+        # The uniform paths: the tables decoder's all-table and all-split leaves; the staged decoder's one.
+        table, dis_t = loop_cost(blocks, loop, smap, scenario(D, "table"), D) if not staged else (None, 0.0)
+        split, dis_s = loop_cost(blocks, loop, smap, scenario(D, "staged" if staged else "split"), D)
         walk_step = sum(len(blocks[h].instrs) for h in loop.inner) / max(1, len(loop.inner))
 
         def check(pulses, tile_index):
@@ -774,13 +868,13 @@ def main() -> None:
 
         if leaf_k not in counted:  # batch 1 and 16 usually get the same leaf prefix
             tiles = [index[t0:t0 + 32].tolist() for _, shape, index in layers for t0 in range(0, shape[0], 32)]
-            counted[leaf_k] = count_events(tiles, K, D, leaf_k)
+            counted[leaf_k] = count_events(tiles, K, D, leaf_k, staged=staged)
         ev = counted[leaf_k]
         # Check the replay against the decode op on the first tile of every layer (all its columns).
         for _, shape, index in layers:
             sub = index[:32]
             t = Tables(D, K)
-            pulses = [[replay_group(t, int(v), K, D, leaf_k, collections.Counter()) for v in row]
+            pulses = [[replay_group(t, int(v), K, D, leaf_k, collections.Counter(), staged) for v in row]
                       for row in sub.tolist()]
             check(pulses, sub)
         lane, dis_l = loop_cost(blocks, loop, smap, ev.lane, D)
@@ -790,6 +884,7 @@ def main() -> None:
         rows_out.append(dict(M=M, name=name, loop=loop, table=table, split=split, lane=lane, warp=warp, bysrc=bysrc,
                              warp_mode=warp_mode,
                              walk_step=walk_step, leaf_k=leaf_k, ev=ev, plan=plan, launch=launches[f"gemv{M}"],
+                             staged=staged,
                              occ=occ[f"gemv{M}"], res=ptx[name], disagree=max(dis_t, dis_s, dis_l, dis_w),
                              loads=collections.Counter(i.op for b in loop.blocks for i in blocks[b].instrs
                                                        if i.base == "LDG")))
@@ -810,7 +905,7 @@ def main() -> None:
         elem = 2 if "__half" in name else 4
         store_rows.append(dict(name=name, widths=widths, calls=calls, group_bytes=Dn * elem, res=ptx[name]))
 
-    write_report(args, rows_out, store_rows, layers, bits, D, plans)
+    write_report(args, rows_out, store_rows, layers, bits, D, K, plans)
 
 
 def headline(text: str) -> dict:
@@ -855,89 +950,112 @@ def before_section(text: str, name: str) -> list[str]:
     return out
 
 
-def write_report(args, rows, stores, layers, bits, D, plans) -> None:
+def source_kind(D: int, depth: int, event: str) -> str:
+    """The report's name for a (depth, event) of either decoder."""
+    N = D >> depth
+    if event == "group":
+        return "per group: chunk read, activations, FMAs, gain, loop"
+    if event == "invalid":
+        return "corrupt-index path"
+    if event.startswith("n2_"):
+        return "N=2 nodes (leaf split 2+2): closed-form cases"
+    if event == "pair":
+        return "N=2 leaves: one pair-table read each"
+    if event == "n1":
+        return "N=1 group: the sign"
+    if event in ("leaf_hit", "n4_entry"):
+        return "N=4 leaf test and shared-memory table read"
+    return f"N={N} split node{'s' if depth else ''}: guide, walk, divide"
+
+
+def write_report(args, rows, stores, layers, bits, D, K, plans) -> None:
     today = f"{datetime.date.today():%Y-%m-%d}"
     bpw = bits / D
+    staged = rows[0]["staged"]
+    decoder = DECODERS[staged]
+    kinds = {}
+    for r in rows:
+        for (depth, event), (st, ex) in r["bysrc"].items():
+            k = kinds.setdefault(source_kind(D, depth, event), {})
+            a, b = k.get(r["M"], (0, 0.0))
+            k[r["M"]] = (a + st, b + ex)
+    ranked = sorted(kinds.items(), key=lambda kv: -kv[1].get(rows[0]["M"], (0, 0))[1])
+    top, top_cost = ranked[0][0], ranked[0][1][rows[0]["M"]][1]
+    if staged:
+        why = (f"Every 4-node splits and every 2-leaf is one pair-table read, so the only data-dependent "
+               f"branches are the guide walks ({rows[0]['ev'].walk_extra:.3f} extra steps per split node).")
+    else:
+        why = (f"{100 * (1 - rows[0]['ev'].hit_rate):.0f} % of 4-leaves miss the shared-memory table, so nearly "
+               "every warp issues both leaf paths.")
     L = [f"# Decode-GEMV instruction budget ({args.label}, {today})", "",
-         "Generated by `python bench/kernel_budget.py` (no GPU). pvq-3.25 (D=16, K=30, 52-bit codes, "
-         f"{bpw:.2f} bits per weight), fp16 activations, the sm_90a SASS of `csrc/packed/gemv.cu` as the "
+         f"Generated by `python bench/kernel_budget.py --preset {args.preset}` (no GPU). {args.preset} (D={D}, K={K}, "
+         f"{bits}-bit codes, {bpw:.2f} bits per weight), fp16 activations, the {decoder.name} decoder "
+         f"(`{decoder.node_file}`), the sm_90a SASS of `csrc/packed/gemv.cu` as the "
          "Release build compiles it (nvcc -O3; the `-lineinfo` listing used for source attribution was checked "
          "to be the same instruction stream as `cuobjdump -sass` of the Release cubin).", "",
          "**What is what.** Instruction counts per block are *static and exact* (the SASS control-flow graph). "
-         "How often each block runs is *counted on real codes*: decode_node's rules replayed in Python on the "
-         "codes of data-free pvq-3.25 quantizations of the default model's layers (replay checked bit for bit "
-         "against the CPU decode op), mapped to blocks through the line info's inlining chains. Throughput "
+         "How often each block runs is *counted on real codes*: the decoder's rules replayed in Python on the "
+         f"codes of data-free {args.preset} quantizations of the default model's layers (replay checked bit for "
+         "bit against the CPU decode op), mapped to blocks through the line info's inlining chains. Throughput "
          "figures are a *model* (issue slots, HBM bandwidth, bytes in flight) - no GPU timed anything.", "",
          "**Summary.** " + " ".join(
              f"Batch {r['M']}: {r['warp'] / D:.1f} instructions per weight per warp ({r['lane'] / D:.1f} per lane), "
-             f"{r['warp'] / D / (GPUS[0].issue / (GPUS[0].bandwidth / (bpw / 8))):.0f}x the H100 budget;"
+             f"{r['warp'] / D / (GPUS[0].issue / (GPUS[0].bandwidth / (bpw / 8))):.1f}x the H100 budget;"
              for r in rows) +
-         f" {rows[0]['res'].spill_stores + rows[0]['res'].spill_loads} spill bytes at batch 1. The 2+2 leaf fallback "
-         f"(N=4 split nodes and their N=2 children) is the largest item, and since "
-         f"{100 * (1 - rows[0]['ev'].hit_rate):.0f} % "
-         "of leaves miss the table, nearly every warp issues both leaf paths.", "",
+         f" {rows[0]['res'].spill_stores + rows[0]['res'].spill_loads} spill bytes at batch 1. The largest item at "
+         f"batch {rows[0]['M']}: {top} ({top_cost / D:.1f} per weight). {why}", "",
          "Codes: " + ", ".join(f"`{k.replace('model.', '')}` {s[0]}x{s[1]}" for k, s, _ in layers) +
          f" ({rows[0]['ev'].groups:,} groups in {rows[0]['ev'].chunks:,} chunks).", "",
          "## Instructions per weight (hot loop: one group column of a 32-row tile per warp iteration)", "",
          "Per lane = the average lane's path (no divergence). Per warp = what the warp issues: a block runs "
          "if any of its 32 lanes needs it and a loop as often as its slowest lane (the figure that counts). "
-         "Uniform paths: every 4-leaf a shared-memory table hit, or every leaf split 2+2; guide buckets exact.", "",
+         "Uniform paths: every 4-leaf a shared-memory table hit, or every leaf split 2+2 (the staged decoder has "
+         "one path, in the split column); guide buckets exact.", "",
          "| batch | kernel | static instr. in loop | shortest / longest path | all leaves in table | all leaves split "
          "| +1 guide-walk step | real codes, per lane | **real codes, per warp** |",
          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lp = r["loop"]
+        table_cell = "-" if r["table"] is None else f"{r['table'] / D:.1f}"
         L.append(f"| {r['M']} | `{r['name']}` | {lp.instructions} | {lp.shortest / D:.1f} / {lp.longest / D:.1f} | "
-                 f"{r['table'] / D:.1f} | {r['split'] / D:.1f} | +{r['walk_step'] / D:.2f} | {r['lane'] / D:.1f} | "
+                 f"{table_cell} | {r['split'] / D:.1f} | +{r['walk_step'] / D:.2f} | {r['lane'] / D:.1f} | "
                  f"**{r['warp'] / D:.1f}** |")
-    L += ["", "Instructions per group are these times D=16. Shortest/longest: fewest and most instructions from the "
+    L += ["", f"Instructions per group are these times D={D}. Shortest/longest: fewest and most instructions from the "
           "loop header back to it, each inner loop (guide walk) once; the shortest is the corrupt-index path.", "",
           "### Where they go (real codes, per warp, instructions per weight)", "",
           "Each SASS instruction is charged to its own source line (the line info's inlining chain) at its "
           "block's count.", "",
           "| source | " + " | ".join(f"batch {r['M']}: static / per weight" for r in rows) + " |",
           "|---|" + "---|" * len(rows)]
-    def kind(depth, event):
-        N = D >> depth
-        if event == "group":
-            return "per group: chunk read, activations, FMAs, gain, loop"
-        if event == "invalid":
-            return "corrupt-index path"
-        if event.startswith("n2_"):
-            return "N=2 nodes (leaf split 2+2): closed-form cases"
-        if event in ("leaf_hit", "n4_entry"):
-            return "N=4 leaf test and shared-memory table read"
-        return f"N={N} split node{'s' if depth else ''}: guide, walk, divide" + (" (leaf fallback)" if N == 4 else "")
-    kinds = {}
-    for r in rows:
-        for (depth, event), (st, ex) in r["bysrc"].items():
-            k = kinds.setdefault(kind(depth, event), {})
-            a, b = k.get(r["M"], (0, 0.0))
-            k[r["M"]] = (a + st, b + ex)
-    for k, v in sorted(kinds.items(), key=lambda kv: -kv[1].get(1, (0, 0))[1]):
+    for k, v in ranked:
         L.append(f"| {k} | " + " | ".join(f"{v.get(r['M'], (0, 0))[0]} / {v.get(r['M'], (0, 0.0))[1] / D:.2f}"
                                          for r in rows) + " |")
     L += ["",
           "## Branch frequencies on the real codes", "",
-          "| batch | leaf prefix in smem (k <=) | 4-leaves decoded by the table | "
+          "| batch | shared memory a block (with the cross-warp sums) | 4-leaves decoded by the table | "
           "extra guide-walk steps per split node | code run more often than its line (hoisted) | "
           "per warp if it were not (lower bracket) |",
           "|---|---|---|---|---|---|"]
     for r in rows:
-        L.append(f"| {r['M']} | {r['leaf_k']} ({r['plan']['smem']} B with the reduction buffer) | "
-                 f"{100 * r['ev'].hit_rate:.1f} % | {r['ev'].walk_extra:.3f} | "
+        smem = (f"staged records, {r['plan']['smem']} B" if r["staged"] else
+                f"leaf prefix k <= {r['leaf_k']}, {r['plan']['smem']} B")
+        hits = "none (no leaf table)" if r["staged"] else f"{100 * r['ev'].hit_rate:.1f} %"
+        L.append(f"| {r['M']} | {smem} | {hits} | {r['ev'].walk_extra:.3f} | "
                  f"{100 * r['disagree']:.1f} % of the loop's "
                  f"instructions | {r['warp_mode'] / D:.1f} |")
-    L += ["", "The leaf prefix is what `plan_gemv` picks for a 4096x4096 layer on a 132-SM GPU (emulated H100, dry "
-          "run; the H200 has the same SMs and shared memory, so the same plan). A block runs as often as the most "
-          "frequent source line among its instructions: nvcc hoists leaf-table reads above the leaf test and "
-          "folds the N=2 sign selects into the case tests, so that code runs more often than its line. Charging "
+    L += ["", "The shared memory is what `plan_gemv` picks for a 4096x4096 layer on a 132-SM GPU (emulated H100, "
+          "dry run; the H200 has the same SMs and shared memory, so the same plan). A block runs as often as the "
+          "most frequent source line among its instructions: nvcc hoists code across branches (with the tables "
+          "decoder, leaf-table reads above the leaf test and the N=2 sign selects into the case tests), so that "
+          "code runs more often than its line. Charging "
           "every block at the count of most of its instructions instead (as if nothing were hoisted) gives the "
           "last column, a lower bracket of the estimate.", "",
           "## Resources, occupancy, bytes in flight", "",
           "| batch | regs | spills (st/ld B) | grid | splits x tiles = items (rounds, tail efficiency) | "
-          "blocks/SM (limited by) | warps/SM | global loads in the loop (static) | bytes in flight per SM |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "blocks/SM (limited by) | warps/SM | global loads in the loop (static) | bytes in flight per SM | "
+          "shared-memory fill per launch (x the layer's bytes) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    layer_bytes = SHAPE[0] // 32 * (SHAPE[1] // D) * bits * 4
     for r in rows:
         res, occ, launch = r["res"], r["occ"], r["launch"]
         per_sm = min(int(occ["blocks_per_sm"]), -(-launch["grid"][0] // 132))
@@ -948,12 +1066,15 @@ def write_report(args, rows, stores, layers, bits, D, plans) -> None:
         splits, grid = int(r["plan"]["splits"]), launch["grid"][0]
         items = splits * (SHAPE[0] // 32)
         rounds = -(-items // grid)
+        # Every block fills its tables from L2 (the cross-warp sums, threads x batch floats, are not filled).
+        fill = grid * (int(r["plan"]["smem"]) - launch["block"][0] * r["M"] * 4)
         L.append(f"| {r['M']} | {res.registers} | {res.spill_stores}/{res.spill_loads} | {grid} | "
                  f"{splits} x {SHAPE[0] // 32} = {items} ({rounds}, {100 * items / (rounds * grid):.0f} %) | "
                  f"{occ['blocks_per_sm']} ({occ['limited_by'].replace('_', ' ')}) | {warps} | {loads} | "
-                 f"{warps} x {chunk} B = {r['inflight'] / 1024:.1f} KB |")
+                 f"{warps} x {chunk} B = {r['inflight'] / 1024:.1f} KB | {fill / 2**20:.2f} MB "
+                 f"({fill / layer_bytes:.2f}x) |")
     L += ["", "Tail efficiency: items / (rounds x grid), the share of block-rounds that have work. "
-          "Bytes in flight: each warp loads its chunk (B = 52 words, 208 B) at the top of an iteration and "
+          f"Bytes in flight: each warp loads its chunk (B = {bits} words, {4 * bits} B) at the top of an iteration and "
           "decodes it in the same iteration (no prefetch of the next chunk), so at most one chunk per resident "
           "warp is outstanding; activations are L1 hits after the first tile and are not counted.", "",
           "## Predicted fraction of the bandwidth bound (batch 1 and 16 read the same weight bytes)", "",
@@ -1003,7 +1124,7 @@ def write_report(args, rows, stores, layers, bits, D, plans) -> None:
     args.out.write_text("\n".join(L))
     for r in rows:
         print(f"kernel_budget: batch {r['M']}: {r['warp'] / D:.1f} instructions per weight per warp "
-              f"({r['lane'] / D:.1f} per lane; table path {r['table'] / D:.1f}, split path {r['split'] / D:.1f})")
+              f"({r['lane'] / D:.1f} per lane; uniform path {r['split'] / D:.1f})")
     print(f"kernel_budget: -> {args.out}")
 
 

@@ -183,8 +183,11 @@ def test_loop_cost_per_path_and_weighted():
     assert sum(e for _, e in by_source.values()) == pytest.approx(cost)
 
 
-@pytest.mark.parametrize("D,K,leaf_k", [(16, 30, 5), (16, 30, -1), (8, 16, 16), (4, 7, 7), (4, 7, 6), (2, 5, -1)])
-def test_replay_matches_the_decode_op(D, K, leaf_k):
+@pytest.mark.parametrize("D,K,leaf_k,staged", [(16, 30, 5, False), (16, 30, -1, False), (8, 16, 16, False),
+                                               (4, 7, 7, False), (4, 7, 6, False), (2, 5, -1, False),
+                                               (16, 30, -1, True), (8, 16, -1, True), (32, 20, -1, True),
+                                               (4, 7, -1, True), (2, 5, -1, True), (1, 9, -1, True)])
+def test_replay_matches_the_decode_op(D, K, leaf_k, staged):
     t = kb.Tables(D, K)
     V = t.V[D][K]
     g = torch.Generator().manual_seed(D * 100 + K)
@@ -192,9 +195,12 @@ def test_replay_matches_the_decode_op(D, K, leaf_k):
     index[:4] = torch.tensor([0, 1, V - 2, V - 1])
     expected = pvq_cuda.decode(index, D, K).to(torch.int64)
     events = collections.Counter()
-    got = torch.tensor([kb.replay_group(t, int(i), K, D, leaf_k, events) for i in index.tolist()])
+    got = torch.tensor([kb.replay_group(t, int(i), K, D, leaf_k, events, staged) for i in index.tolist()])
     assert torch.equal(got, expected)
-    if D >= 4:  # every 4-node either hits the table or splits, and hits only at k <= leaf_k
+    if staged:  # one pair-table read per 2-leaf, no leaf table, no N=2 cases
+        assert sum(v for (p, e), v in events.items() if e == "pair") == len(index) * (D // 2)
+        assert not any(e.startswith("n2_") or e in ("leaf_hit", "n4_entry") for _, e in events)
+    elif D >= 4:  # every 4-node either hits the table or splits, and hits only at k <= leaf_k
         fours = sum(v for (p, e), v in events.items() if e == "n4_entry")
         assert fours == len(index) * D // 4
         hits = sum(v for (p, e), v in events.items() if e == "leaf_hit")
@@ -223,15 +229,18 @@ def test_count_events_warp_is_the_slowest_lane():
     assert ev.warp[0, "walk"] == max(walks[0]["", "walk"], walks[1]["", "walk"])
 
 
-def test_source_map_matches_the_real_decoder():
-    smap = kb.source_map((REPO / "csrc/codec/pyramid.h").read_text(), (REPO / "csrc/packed/packed_layer.h").read_text())
-    assert sorted(set(smap.node_lines.values())) == sorted({e for _, e in kb.DECODE_NODE_LINES})
-    assert len(smap.invalid_lines) == 2
+@pytest.mark.parametrize("staged", [False, True])
+def test_source_map_matches_the_real_decoder(staged):
+    decoder = kb.DECODERS[staged]
+    smap = kb.source_map(decoder)
+    assert sorted(set(smap.node_lines.values())) == sorted({e for _, e in decoder.lines})
+    assert len(smap.invalid_lines) == (0 if staged else 2)
     # A decoder edited without the replay makes the script stop.
-    changed = (REPO / "csrc/codec/pyramid.h").read_text().replace("while (I(off[k1 + 1]) <= i) ++k1;",
-                                                                   "while (I(off[k1 + 1]) <= i) k1 += 1;")
+    walk = next(text for text, event in decoder.lines if event == "walk")
+    changed = (REPO / decoder.node_file).read_text().replace(walk, walk.replace("++k1", "k1 += 1"))
+    assert changed != (REPO / decoder.node_file).read_text()
     with pytest.raises(ValueError, match="does not match the replay"):
-        kb.source_map(changed, (REPO / "csrc/packed/packed_layer.h").read_text())
+        kb.source_map(decoder, changed)
 
 
 def _tools_missing() -> str | None:
@@ -253,7 +262,7 @@ def test_real_report_runs(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    assert "gemv_kernel<16, 1, __half>" in text and "gemv_kernel<16, 16, __half>" in text
+    assert "gemv_kernel<16, 1, __half, true>" in text and "gemv_kernel<16, 16, __half, true>" in text
     assert "dequantize_kernel<16, __half>" in text
     assert "instructions per weight per warp" in proc.stdout
 
