@@ -797,6 +797,45 @@ def real_code_tiles(blocks: list[int], projections: list[str], preset: str):
     return layers, torch
 
 
+STORE_WIDTHS = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}  # STG modifiers; none: 4 bytes
+
+
+def store_width(op: str) -> int:
+    return next((v for k, v in STORE_WIDTHS.items() if k in op.split(".")[1:]), 4)
+
+
+def dequant_stores(name: str, instrs: list[Instr], res=None) -> dict:
+    """The store figures of one dequantize_kernel instance, from its SASS hot loop (the loop with the
+    most STG). Staged = the loop writes shared memory (STS) and reads it back (LDS.128) with a warp
+    barrier in between: then its 16-byte STGs are the warp-cooperative row stores, lane i writing piece
+    i of a row segment (consecutive lanes on consecutive addresses), and its narrower STGs are the
+    element-by-element path of a short last column batch. Unstaged = one lane per row (the old kernel)."""
+    blocks = build_cfg(instrs)
+    loop = analyse_loop(blocks, marker="STG")
+    body = [i for b in loop.blocks for i in blocks[b].instrs]
+    stores = [i for i in body if i.base == "STG"]
+    widths = collections.Counter(store_width(i.op) for i in stores)
+    # __syncwarp() is `BRA.DIV` to a `WARPSYNC.COLLECTIVE` fallback (plain WARPSYNC on other targets).
+    staged = (any(i.base == "STS" for i in body) and any(i.op.startswith("LDS.128") for i in body)
+              and any(i.base == "WARPSYNC" or i.op == "BRA.DIV" for i in body))
+    Dn = int(name.split("<")[1].split(",")[0])
+    elem = 2 if ("__half" in name or "bfloat16" in name) else 4
+    group = Dn * elem
+    out = dict(name=name, widths=widths, calls=sum(i.base == "CALL" for i in body), group_bytes=group, res=res,
+               staged=staged, sts=sum(i.base == "STS" for i in body),
+               lds128=sum(i.op.startswith("LDS.128") for i in body))
+    if staged and widths.get(16):
+        # Each lane stores widths[16] pieces of 16 B an item: 32 rows x segment = 32 lanes x 16 B x n.
+        seg = 16 * widths[16]
+        out.update(segment=seg, columns=seg // group, store=16, per_instr=32 * 16,
+                   sectors=32 * 16 // 32, useful=32,
+                   tail={w: c for w, c in widths.items() if w != 16})
+    else:
+        w = max(widths)
+        out.update(segment=group, columns=1, store=w, per_instr=32 * w, sectors=32, useful=min(w, 32), tail={})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path,
@@ -890,20 +929,7 @@ def main() -> None:
                                                        if i.base == "LDG")))
 
     # Tile dequantization: its stores.
-    store_rows = []
-    for name in DEQUANT_KERNELS:
-        blocks = build_cfg(dequant[name])
-        loop = analyse_loop(blocks, marker="STG")
-        stores = [i for b in loop.blocks for i in blocks[b].instrs if i.base == "STG"]
-        calls = sum(i.base == "CALL" for b in loop.blocks for i in blocks[b].instrs)
-        widths = collections.Counter()
-        for i in stores:
-            w = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
-            width = next((v for k, v in w.items() if f".{k}" in i.op), 4)
-            widths[width] += 1
-        Dn = int(name.split("<")[1].split(",")[0])
-        elem = 2 if "__half" in name else 4
-        store_rows.append(dict(name=name, widths=widths, calls=calls, group_bytes=Dn * elem, res=ptx[name]))
+    store_rows = [dequant_stores(name, dequant[name], ptx[name]) for name in DEQUANT_KERNELS]
 
     write_report(args, rows_out, store_rows, layers, bits, D, K, plans)
 
@@ -966,6 +992,70 @@ def source_kind(D: int, depth: int, event: str) -> str:
     if event in ("leaf_hit", "n4_entry"):
         return "N=4 leaf test and shared-memory table read"
     return f"N={N} split node{'s' if depth else ''}: guide, walk, divide"
+
+
+DEQUANT_COLUMNS = ("bytes per warp store instruction", "sectors per warp store", "useful bytes per 32-B sector",
+                   "64-bit divide calls in the loop")
+
+
+def dequant_table(stores: list[dict]) -> list[str]:
+    staged = [s for s in stores if s["staged"]]
+    L = []
+    if staged:
+        L += ["Read from the SASS: the hot loop (the loop with the most global stores) writes shared memory (STS) "
+              "and reads it back 16 bytes at a time (LDS.128) across a warp barrier, so the warp stages a tile of "
+              "32 rows x a row segment and stores the segment rows cooperatively. Each lane issues n 16-byte STGs "
+              "an item, so the segment is 32 lanes x 16 B x n / 32 rows = 16n bytes of each row (the columns of "
+              "an item: segment / bytes a group row). **Assumption (the kernel's design, not visible in SASS):** "
+              "lane i stores piece i, i+32, ... of the row-major segment tile, so the 32 lanes of one 16-byte STG "
+              "write 512 consecutive-by-row bytes: 512 / 32 = 16 whole sectors when segments start on 32-byte "
+              "boundaries, i.e. the output is 32-B aligned (torch allocations are 256-B aligned) and a row "
+              "(in_features x element size) is a multiple of 32 B (at 4096 inputs it is). Narrower STGs are the "
+              "element-by-element path of a short last column batch (or rows not 16-B aligned): consecutive "
+              "lanes on consecutive elements, 2 (fp16) or 4 (fp32) whole sectors an instruction at those "
+              "alignments; a 4096-wide layer never takes it."]
+    if len(staged) < len(stores):
+        L += ["Unstaged kernels: one lane per row stores its group's D values; the 32 lanes of a warp store to 32 "
+              "different rows (row stride = in_features x element size, far apart), so every warp store "
+              "instruction touches 32 separate 32-byte sectors. Useful bytes per sector = bytes each lane stores "
+              "per instruction; a coalesced store puts 32 useful bytes in every sector."]
+    L += ["", "| kernel | bytes a group row | row segment an item (columns) | staging in the loop (STS / LDS.128) "
+          "| stores an item, full batch (width) | " + " | ".join(DEQUANT_COLUMNS[:3]) + " | tail-path stores "
+          "(width) | " + DEQUANT_COLUMNS[3] + " |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in stores:
+        n = s["widths"].get(s["store"], 0)
+        tail = ", ".join(f"{c} x {w} B" for w, c in sorted(s["tail"].items(), reverse=True)) or "-"
+        staging = f"{s['sts']} / {s['lds128']}" if s["staged"] else "none"
+        L.append(f"| `{s['name']}` | {s['group_bytes']} | {s['segment']} B ({s['columns']}) | {staging} | "
+                 f"{n} x {s['store']} B | {s['per_instr']} | {s['sectors']} | {s['useful']} of 32 "
+                 f"({100 * s['useful'] / 32:.0f} %) | {tail} | {s['calls']} |")
+    return L
+
+
+def dequant_figures(text: str) -> dict:
+    """kernel -> {column: cell} of a report's tile dequantization table (any version of it)."""
+    out, header, section = {}, None, False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section, header = line.startswith("## Tile dequantization"), None
+        if not section or not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif cells[0].startswith("`"):
+            out[cells[0].strip("`")] = dict(zip(header, cells))
+    return out
+
+
+def dequant_compare(old_text: str, stores: list[dict], name: str) -> list[str]:
+    old, new = dequant_figures(old_text), dequant_figures("\n".join(["## Tile dequantization", *dequant_table(stores)]))
+    L = ["", f"### Old vs new (old: {name})", "",
+         "| kernel | " + " | ".join(DEQUANT_COLUMNS) + " |", "|---|" + "---|" * len(DEQUANT_COLUMNS)]
+    for k in [s["name"] for s in stores if s["name"] in old]:
+        L.append(f"| `{k}` | " + " | ".join(f"{old[k].get(c, '-')} -> {new[k].get(c, '-')}" for c in DEQUANT_COLUMNS)
+                 + " |")
+    return L
 
 
 def write_report(args, rows, stores, layers, bits, D, K, plans) -> None:
@@ -1096,20 +1186,10 @@ def write_report(args, rows, stores, layers, bits, D, K, plans) -> None:
                      f"{100 * issue:.0f} % | {100 * lat:.0f} % | **{100 * min(issue, lat):.0f} %** |")
     L += ["", "Targets (issue 14): batch 1 <= 6 instructions per weight (3.6 the moonshot), batch 16 <= 12, "
           "zero spills.",
-          "", "## Tile dequantization: store efficiency (for issue 14 item 3)", "",
-          "One lane per row stores its group's D values; the 32 lanes of a warp store to 32 different rows "
-          "(row stride = in_features x element size, far apart), so every warp store instruction touches 32 "
-          "separate 32-byte sectors. Useful bytes per sector = bytes each lane stores per instruction; a coalesced "
-          "store puts 32 useful bytes in every sector.", "",
-          "| kernel | bytes a lane stores per group | store instructions per group (width) | bytes per warp store "
-          "instruction | sectors per warp store | useful bytes per 32-B sector | 64-bit divide calls in the loop |",
-          "|---|---|---|---|---|---|---|"]
-    for s in stores:
-        n = sum(s["widths"].values())
-        widths = ", ".join(f"{c} x {w} B" for w, c in sorted(s["widths"].items(), reverse=True))
-        w = max(s["widths"])
-        L.append(f"| `{s['name']}` | {s['group_bytes']} | {n} ({widths}) | {32 * w} | 32 | {min(w, 32)} of 32 "
-                 f"({100 * min(w, 32) / 32:.0f} %) | {s['calls']} |")
+          "", "## Tile dequantization: store efficiency (for issue 14 item 3)", ""]
+    L += dequant_table(stores)
+    if args.before is not None:
+        L += dequant_compare(args.before.read_text(), stores, args.before_name or args.before.name)
     if args.before is not None:
         name = args.before_name or args.before.name
         L[L.index("## Instructions per weight (hot loop: one group column of a 32-row tile per warp iteration)") - 1:

@@ -285,6 +285,20 @@ def packed_cases(plan: Plan) -> None:
                 for dtype in (dtypes if plan.variant != "tsan" else [dtypes[i % 3]]):
                     i += 1
                     dequantize_case(plan, layer, r0, r1, dtype, plan.cycle_sms(i), full)
+    # Column batches with a short last batch on 16-byte aligned rows (full batches take the 16-byte
+    # store path, the last one stores element by element): groups not a multiple of the batch
+    # (32 bytes of a row: 16 groups at fp16 D=1, 8 at D=2, 4 at D=4, 2 at D=8; half as many at fp32).
+    for rows, D, K, groups in [(40, 1, 37, 40), (45, 2, 23, 20), (70, 4, 9, 18), (70, 8, 16, 13)]:
+        layer = random_layer(g, rows, D * groups, D, K)
+        full = layer.dequantized()
+        for r0, r1 in [(0, rows), (5, rows - 3)]:
+            for dtype in (dtypes if plan.variant != "tsan" else [dtypes[i % 3]]):
+                i += 1
+                dequantize_case(plan, layer, r0, r1, dtype, plan.cycle_sms(i), full)
+    # More (tile, column batch) items than one SM holds warps (at most 64): every warp's loop walks
+    # several items, its batch counter carrying into the tile counter (20 batches a tile).
+    layer = random_layer(g, 130, 8 * 40, 8, 16)
+    dequantize_case(plan, layer, 0, 130, torch.float16, 1)
     # A corrupt code (index >= V, as raw codes or a wrong D/K can hold) decodes to zero weights and
     # never reads past the tables (packed_layer.h); the CPU op raises instead, so the expected
     # weights come from a valid copy with that group zeroed.
@@ -503,7 +517,10 @@ def dequantize_case(plan: Plan, layer: Layer, r0: int, r1: int, dtype: torch.dty
                                          f"{(got != want).sum()} weights differ")
 
     tiles = (r1 - 1) // 32 - r0 // 32 + 1
-    plan.add("dequantize", sms, "dequantize", check_dequantize, id=cid, threads_needed=tiles * layer.groups * 32,
+    # A warp per (tile, column batch): a batch is 32 bytes of every row, or one group if that is more.
+    batch = max(1, 32 // (layer.D * dtype.itemsize))
+    batches = -(-layer.groups // batch)
+    plan.add("dequantize", sms, "dequantize", check_dequantize, id=cid, threads_needed=tiles * batches * 32,
              kind=emulation.kind(dtype), row_begin=r0, row_end=r1, out=m.out(cid, "w"), **layer.args(m))
 
 

@@ -102,8 +102,8 @@ MUTATIONS = {
     # Off by one in a bounds check: the row past the range's end is written.
     "bounds check off by one": Mutation(
         "csrc/packed/dequantize.cu",
-        "if (row < row_begin || row >= row_end) continue;",
-        "if (row < row_begin || row > row_end) continue;",
+        "*hi = row_end - row0 < pvq::kTileRows ? int(row_end - row0) : pvq::kTileRows;",
+        "*hi = row_end - row0 < pvq::kTileRows ? int(row_end + 1 - row0) : pvq::kTileRows;",
         "asan", _dequantize, "overflow"),
     # A shuffle mask that leaves out a lane calling it.
     "shuffle mask": Mutation(

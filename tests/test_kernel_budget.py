@@ -267,6 +267,62 @@ def test_real_report_runs(tmp_path):
     assert "instructions per weight per warp" in proc.stdout
 
 
+# A staged dequantization loop: two columns' STS.128, a __syncwarp (BRA.DIV + its WARPSYNC fallback),
+# the 16-byte row stores and an element-by-element tail loop; the 64-bit divide CALL is before the loop.
+DEQUANT_SASS = """
+.text._Z4deqv:
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0020*/                   CALL.REL.NOINC `(.L_x_9) ;
+.L_x_0:
+        /*0030*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0040*/                   STS.128 [R3], R4 ;
+        /*0050*/                   STS.128 [R3+0x10], R8 ;
+        /*0060*/                   BRA.DIV UR7, `(.L_x_8) ;
+        /*0070*/                   NOP ;
+.L_x_1:
+        /*0080*/               @P2 BRA `(.L_x_2) ;
+        /*0090*/                   LDS.128 R8, [R60] ;
+        /*00a0*/                   LDS.128 R12, [R59] ;
+        /*00b0*/               @!P0 STG.E.128 desc[UR12][R22.64], R8 ;
+        /*00c0*/               @!P1 STG.E.128 desc[UR12][R20.64], R12 ;
+        /*00d0*/                   BRA `(.L_x_3) ;
+.L_x_2:
+        /*00e0*/                   LDS.U16 R21, [R21] ;
+        /*00f0*/                   STG.E.U16 desc[UR12][R14.64], R21 ;
+        /*0100*/               @!P3 BRA `(.L_x_2) ;
+.L_x_3:
+        /*0110*/               @P4 BRA `(.L_x_0) ;
+        /*0120*/                   EXIT ;
+.L_x_8:
+        /*0130*/                   WARPSYNC.COLLECTIVE R15, `(.L_x_1) ;
+        /*0140*/                   BRA `(.L_x_1) ;
+.L_x_9:
+        /*0150*/                   RET.REL.NODEC R20 `(_Z4deqv) ;
+"""
+
+
+def test_dequant_stores_of_a_staged_loop_and_the_old_vs_new_table():
+    instrs = kb.parse_sass(DEQUANT_SASS)["_Z4deqv"]
+    s = kb.dequant_stores("dequantize_kernel<8, __half>", instrs)
+    assert s["staged"] and (s["sts"], s["lds128"]) == (2, 2) and s["calls"] == 0
+    # Two 16-byte stores a lane an item: a 32-byte row segment, 2 groups of 16 B; 512 B in 16 sectors.
+    assert (s["segment"], s["columns"], s["per_instr"], s["sectors"], s["useful"]) == (32, 2, 512, 16, 32)
+    assert s["tail"] == {2: 1}
+    table = kb.dequant_table([s])
+    assert "| `dequantize_kernel<8, __half>` | 16 | 32 B (2) | 2 / 2 | 2 x 16 B | 512 | 16 | 32 of 32 (100 %) " \
+           "| 1 x 2 B | 0 |" in table
+    old = "\n".join(["## Tile dequantization: store efficiency", "",
+                     "| kernel | bytes a lane stores per group | store instructions per group (width) | bytes per warp "
+                     "store instruction | sectors per warp store | useful bytes per 32-B sector | 64-bit divide calls "
+                     "in the loop |", "|---|---|---|---|---|---|---|",
+                     "| `dequantize_kernel<8, __half>` | 16 | 8 (8 x 2 B) | 64 | 32 | 2 of 32 (6 %) | 1 |", "",
+                     "## How to read and rerun", "| `dequantize_kernel<8, __half>` | x |"])
+    got = kb.dequant_compare(old, [s], "old.md")
+    assert got[-1] == "| `dequantize_kernel<8, __half>` | 64 -> 512 | 32 -> 16 | 2 of 32 (6 %) -> 32 of 32 (100 %) " \
+                      "| 1 -> 0 |"
+
+
 def test_before_section_keeps_the_old_figures():
     old = "\n".join(["# Decode-GEMV instruction budget (old, 2026-12-01)", "intro", "## Instructions per weight (x)",
                      "| 1 | 63.6 |", "### Where they go", "| a | b |", "## Branch frequencies on the real codes",
