@@ -976,6 +976,15 @@ def before_section(text: str, name: str) -> list[str]:
     return out
 
 
+def gemv_split(rows: int, groups: int, resident: int, warps: int) -> tuple[int, int]:
+    """(splits, grid) of plan_gemv's work split (gemv.cu split_work) for `resident` blocks of `warps` warps."""
+    tiles = -(-rows // 32)
+    splits = min(max(resident // tiles, 1), max(1, groups // (4 * warps)))
+    items = tiles * splits
+    rounds = -(-items // resident)
+    return splits, -(-items // rounds)
+
+
 def source_kind(D: int, depth: int, event: str) -> str:
     """The report's name for a (depth, event) of either decoder."""
     N = D >> depth
@@ -1148,16 +1157,21 @@ def write_report(args, rows, stores, layers, bits, D, K, plans) -> None:
     layer_bytes = SHAPE[0] // 32 * (SHAPE[1] // D) * bits * 4
     for r in rows:
         res, occ, launch = r["res"], r["occ"], r["launch"]
-        per_sm = min(int(occ["blocks_per_sm"]), -(-launch["grid"][0] // 132))
+        # The emulator's occupancy knows no registers, so its plan may assume more resident blocks than
+        # an H100 holds: redo the plan's work split with the occupancy computed from ptxas's registers.
+        per_sm = int(occ["blocks_per_sm"])
+        splits, grid = gemv_split(SHAPE[0], SHAPE[1] // D, 132 * per_sm, launch["block"][0] // 32)
+        per_sm = min(per_sm, -(-grid // 132))
         warps = per_sm * launch["block"][0] // 32
         chunk = bits * 4
         r["inflight"] = warps * chunk
         loads = ", ".join(f"{n}x `{op}`" for op, n in sorted(r["loads"].items()))
-        splits, grid = int(r["plan"]["splits"]), launch["grid"][0]
         items = splits * (SHAPE[0] // 32)
         rounds = -(-items // grid)
-        # Every block fills its tables from L2 (the cross-warp sums, threads x batch floats, are not filled).
-        fill = grid * (int(r["plan"]["smem"]) - launch["block"][0] * r["M"] * 4)
+        # Every block fills its decoder's tables from L2, but for the staged decoder's pair table, which
+        # it computes ((K + 1)(2K + 1) float pairs: staged_decode.cuh's pair_base(K + 1)).
+        loaded = int(r["plan"]["table_bytes"]) - ((K + 1) * (2 * K + 1) * 8 if r["staged"] else 0)
+        fill = grid * loaded
         L.append(f"| {r['M']} | {res.registers} | {res.spill_stores}/{res.spill_loads} | {grid} | "
                  f"{splits} x {SHAPE[0] // 32} = {items} ({rounds}, {100 * items / (rounds * grid):.0f} %) | "
                  f"{occ['blocks_per_sm']} ({occ['limited_by'].replace('_', ' ')}) | {warps} | {loads} | "
@@ -1166,7 +1180,10 @@ def write_report(args, rows, stores, layers, bits, D, K, plans) -> None:
     L += ["", "Tail efficiency: items / (rounds x grid), the share of block-rounds that have work. "
           f"Bytes in flight: each warp loads its chunk (B = {bits} words, {4 * bits} B) at the top of an iteration and "
           "decodes it in the same iteration (no prefetch of the next chunk), so at most one chunk per resident "
-          "warp is outstanding; activations are L1 hits after the first tile and are not counted.", "",
+          "warp is outstanding; activations (staged once per block in a shared-memory window) are not counted. "
+          "Grid, splits and blocks/SM: plan_gemv's work split at the occupancy that ptxas's registers and the "
+          "plan's shared memory allow. Shared-memory fill: the decoder tables every resident block loads from "
+          "L2 at its start, against the layer's code bytes.", "",
           "## Predicted fraction of the bandwidth bound (batch 1 and 16 read the same weight bytes)", "",
           f"Budget = issue rate / weight rate at full bandwidth: 132 SMs x 4 x 32 lanes x 1.755 GHz = "
           f"{GPUS[0].issue:.3g} lane-instructions/s against {bpw:.2f} bits per weight. Issue bound = budget / "

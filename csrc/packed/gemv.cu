@@ -235,7 +235,8 @@ cudaError_t plan_gemv(const pvq::PackedLayer& layer, int D, FloatKind kind, Floa
   cudaError_t err = current_sm_count(&sms);
   if (err != cudaSuccess) return err;
   if (p.staged) {
-    p.smem = size_t(staged_layout(D, layer.K).bytes) + work_bytes;
+    p.table_bytes = size_t(staged_layout(D, layer.K).bytes);
+    p.smem = p.table_bytes + work_bytes;
     err = with_gemv_kernel(D, kind, p.maxm, true, [&](auto kernel, auto*) {
       return resident_blocks_with(kernel, p.smem, &per_sm);
     });
@@ -255,7 +256,8 @@ cudaError_t plan_gemv(const pvq::PackedLayer& layer, int D, FloatKind kind, Floa
     const double weight_bytes = double(tiles) * double(layer.groups) * layer.bits * 4.0;
     const size_t budget = size_t(std::clamp(weight_bytes / (4.0 * p.blocks), kMinLeafBytes, kMaxLeafBytes));
     p.smem_leaf_k = leaf_prefix_k(D, layer.K, budget);
-    p.smem = leaf_prefix_end(p.smem_leaf_k) + work_bytes;
+    p.table_bytes = leaf_prefix_end(p.smem_leaf_k);
+    p.smem = p.table_bytes + work_bytes;
   }
   err = with_finalize_kernel(kind, bias_kind, [&](auto kernel, auto*, auto*) {
     return persistent_grid(kernel, M * layer.rows, kFinalizeThreads, 0, &p.finalize_blocks);

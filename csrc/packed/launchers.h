@@ -26,7 +26,8 @@ struct GemvPlan {
   int splits = 1;                // each tile's group columns are cut into this many work items
   int blocks = 0;                // the GEMV kernel's grid
   int smem_leaf_k = -1;          // tables decoder: leaf prefix staged in shared memory (-1: none)
-  size_t smem = 0;               // dynamic shared memory per block: staged records or leaf prefix, + cross-warp sums
+  size_t table_bytes = 0;        // the decoder's tables in shared memory: staged records, or the leaf prefix
+  size_t smem = 0;               // dynamic shared memory per block: the tables, cross-warp sums, activation window
   int finalize_blocks = 0;       // the finalize kernel's grid
   int64_t workspace_floats = 0;  // splits * M * rows partial sums
 };

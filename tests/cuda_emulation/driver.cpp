@@ -208,7 +208,8 @@ std::string run_gemv(const Args& a) {
   out.save(arg(a, "out"));
   std::ostringstream s;
   s << result(err) << " staged=" << int(plan.staged) << " splits=" << plan.splits << " blocks=" << plan.blocks
-    << " smem_leaf_k=" << plan.smem_leaf_k << " smem=" << plan.smem << " finalize_blocks=" << plan.finalize_blocks;
+    << " smem_leaf_k=" << plan.smem_leaf_k << " table_bytes=" << plan.table_bytes << " smem=" << plan.smem
+    << " finalize_blocks=" << plan.finalize_blocks;
   return s.str();
 }
 
