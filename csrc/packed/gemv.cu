@@ -3,12 +3,14 @@
 // Design (numbers for the default pvq-3.25: D=16, K=30, B=52 bits a group; pvq8-3.25, D=8, K=16,
 // has B=26; layout in packed/packed_layer.h):
 // - Lane l of a warp owns row 32t + l of tile t and walks group columns j. The chunk of column j
-//   is one coalesced read of B words (208 B at B=52), every lane needs the same D activations (one
-//   broadcast 16-64 B load per batch row), so no lane ever exchanges data with another until the
-//   end and there is no reduction inside the loop.
+//   is one coalesced read of B words (208 B at B=52), and every lane needs the same D activations,
+//   so no lane ever exchanges data with another until the end and there is no reduction inside the
+//   loop. The block converts the activations of a window of group columns to fp32 in shared memory
+//   once (coalesced), and lanes read them back as 16-byte broadcasts: at batch 16 this replaced 16
+//   conversions a weight per lane (bench/results/kernel-budget-2026-12-02.md).
 // - Decoder, two of them (the template's STAGED flag; plan_gemv picks):
 //   * staged (K <= kStagedMaxK, every preset): packed/staged_decode.cuh. The block stages the
-//     layer's per-K records in shared memory (29.9 KB at D=16, K=30); per group the 16-, 8- and
+//     layer's per-K records in shared memory (29.5 KB at D=16, K=30); per group the 16-, 8- and
 //     4-nodes each take a guide bucket, a short compare walk and one multiply-high division, and the
 //     eight 2-leaves are one 8-byte read each of a float pair table. No data-dependent branch but
 //     the walks (a warp issues a walk step when any lane needs it).
@@ -24,7 +26,9 @@
 //   memory and write one fp32 partial per (split, batch row, row). A second tiny kernel sums the S
 //   partials, applies the row scale and bias and casts: deterministic, unlike atomics.
 // - Shared memory is filled by every resident block, so its size counts against the weight traffic:
-//   the staged records are 30 KB a block at pvq-3.25 (bench/kernel_budget.py reports the ratio);
+//   the staged records load 14.7 KB a block from L2 at pvq-3.25 (the other 15.1 KB, the pair table, the
+//   block computes), about 0.6x a 4096x4096 layer's code bytes over 2 blocks on each of 132 SMs
+//   (bench/kernel_budget.py reports it); 16 warps a block halve that against 8;
 //   the tables decoder's leaf prefix is capped at 1/4 of the layer's bytes over all blocks (4-40 KB).
 #include <algorithm>
 #include <type_traits>
@@ -202,7 +206,7 @@ cudaError_t with_finalize_kernel(FloatKind kind, FloatKind bias_kind, F&& f) {
 }
 
 // Blocks of `kernel` resident per SM at `smem` bytes of dynamic shared memory, after allowing it that
-// much (above 48 KB a kernel must opt in: 8 warps' cross-warp sums at batch 16 alone are 16 KB).
+// much (above 48 KB a kernel must opt in: 16 warps' cross-warp sums at batch 16 alone are 32 KB).
 template <typename Kernel>
 cudaError_t resident_blocks_with(Kernel kernel, size_t smem, int* per_sm) {
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
