@@ -999,8 +999,8 @@ def target_gap(rows: list[dict], D: int, K: int) -> list[str]:
         group = ipw - decode
         verdict = "met" if ipw <= target else f"missed by {ipw / target:.1f}x"
         L.append(f"- Batch {r['M']}: {ipw:.1f} against <= {target:g}, {verdict}. Decoding the pulses takes "
-                 f"{decode:.1f} per weight ({D - 1} nodes a group: {D // 2} 2-leaves and {D // 2 - 1} split "
-                 f"nodes, each a guide read, a compare walk and a division); the rest, {group:.1f}, is per-group "
+                 f"{decode:.1f} per weight ({D // 2 - 1} split nodes a group, each a guide read, a compare walk and "
+                 f"a division, and {D // 2} 2-leaves, one table read each); the rest, {group:.1f}, is per-group "
                  f"work: reading the code, the norm (D FMAs), the activations and the dot products, at least "
                  f"{r['M']} FMA per weight for {r['M']} batch row{'s' if r['M'] > 1 else ''} on CUDA cores.")
     leaf_kb = sum(Tables(4, K).V[4]) * 4 / 1024  # a 4-leaf word for every index of every k <= K
@@ -1244,9 +1244,10 @@ def write_report(args, rows, stores, layers, bits, D, K, plans) -> None:
               "## Instructions per weight (hot loop: one group column of a 32-row tile per warp iteration)"):]]
         L += before_section(args.before.read_text(), name)
     L += ["", "## How to read and rerun", "",
-          "`python bench/kernel_budget.py [--blocks 0,15] [--projections ...] [--label ...] [--out ...]`. "
-          "A changed decoder (codec/pyramid.h decode_node) makes the script stop until its replay "
-          "(`DECODE_NODE_LINES`, `replay_group`) is updated to the same rules.", ""]
+          "`python bench/kernel_budget.py [--preset pvq-3.25] [--blocks 0,15] [--projections ...] [--label ...] "
+          "[--out ...] [--before OLD.md --note ...]`. A changed decoder (packed/staged_decode.cuh staged_node, or "
+          "codec/pyramid.h decode_node for K > 35) makes the script stop until its replay (`STAGED_NODE_LINES` or "
+          "`DECODE_NODE_LINES`, and `replay_group`) is updated to the same rules.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(L))
     for r in rows:

@@ -366,7 +366,7 @@ def test_target_gap_says_by_how_much_and_where():
     rows = [dict(M=1, warp=16 * 12.0, bysrc={(0, "group"): (10, 16 * 4.0), (1, "split"): (5, 16 * 8.0)}),
             dict(M=16, warp=16 * 11.0, bysrc={(0, "group"): (10, 16 * 11.0)})]
     text = "\n".join(kb.target_gap(rows, 16, 30))
-    assert "Batch 1: 12.0 against <= 6, missed by 2.0x. Decoding the pulses takes 8.0 per weight" in text
+    assert "Batch 1: 12.0 against <= 6, missed by 2.0x. Decoding the pulses takes 8.0 per weight (7 split nodes" in text
     assert "the rest, 4.0, is per-group work" in text
     assert "Batch 16: 11.0 against <= 12, met." in text
     assert "2,262 KB" in text  # the 4-leaf words of every k <= 30
