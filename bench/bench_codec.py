@@ -106,7 +106,7 @@ def bench_activations(device: str, tokens: int, repeats: int, records: list[dict
 
     if not has_kernel(torch.ops.pvq_cuda.encode_activations):
         return ["encode_activations has no CUDA kernel in this build: not measured on CUDA", ""]
-    with_matmul = has_kernel(torch.ops.pvq_cuda.wa_matmul)  # no CUDA kernel yet: its columns say so
+    with_matmul = has_kernel(torch.ops.pvq_cuda.wa_matmul)  # a CPU-only build: its columns say so
     timer = _median_cuda if device == "cuda" else _median_cpu
     header = "| hidden n | preset | D | K | gain bits | bits/activation | encode tokens/s | M activations/s |" \
              " wa_matmul G multiply-adds/s | fp32 x @ W.T G multiply-adds/s |"

@@ -33,7 +33,7 @@ import emulation  # noqa: E402
 ARCHS = {"sm_80": "a100", "sm_90a": "h100"}
 # Grid-stride kernels whose grid is sized as "every block resident at once" (common/launch.h).
 PERSISTENT = ("decode_kernel", "encode_kernel", "search_kernel", "dequantize_kernel", "gemv_kernel", "finalize_kernel",
-              "encode_activations_kernel")
+              "encode_activations_kernel", "decode_activations_kernel")
 
 
 @dataclass
@@ -127,6 +127,10 @@ def representative_launches(workdir: Path) -> list[dict]:
              dict(kind="bfloat16", tokens=512, n=8192, D=2, K=127, level_count=128, x=f"zeros:{2 * 512 * 8192}",
                   signs=f"zeros:{4 * 8192}", levels="zeros:512", pulses="none", index="none", gain="none",
                   scale="none", flags="none")),
+            ("W+A 4096x4096 pvq-3.25 x pvq-a4.25, batch 1 (activation decode, then the fp32 GEMV)", "wa_matmul",
+             dict(M=1, act_D=8, act_K=29, level_count=16, pulses=f"zeros:{cols}", gain=f"zeros:{cols // 8}",
+                  scale="zeros:2", act_levels="zeros:64", tile_weights=2**25, bias="none", xhat="none", bad="none",
+                  out="none", **layer)),
             ("Hessian n=4096 fp16, 2048 tokens", "hessian", dict(kind="float16", tokens=2048, n=4096,
                                                                  x=f"zeros:{2 * 2048 * 4096}",
                                                                  H=f"zeros:{4 * 4096 * 4096}", out="none")),

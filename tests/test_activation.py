@@ -22,7 +22,8 @@ from pvq_cuda.format.weight import rotation_signs
 from pvq_cuda.ops import encode_activations
 from pvq_cuda.ops import wa_matmul as wa_matmul_op
 from conftest import requires_cuda
-from reference_activation import activation_factors, block_dots, encode_reference, wa_reference, weight_reference
+from reference_activation import (activation_factors, block_dots, dequantize_reference, encode_reference, wa_reference,
+                                  weight_reference)
 
 # (n, D) pairs: n a Hadamard size (m * 2^k), D | n; odd token counts below.
 SHAPES = [(8, 8), (12, 4), (24, 2), (40, 8), (64, 16), (96, 32), (576, 8), (576, 2), (1536, 8), (112, 1)]
@@ -325,6 +326,31 @@ def test_wa_matmul_bad_arguments():
         call(bias=torch.zeros(7))
     with pytest.raises(ValueError, match="corrupt"):
         call(codes=torch.full_like(weight.codes, -1))
+
+
+@requires_cuda
+@pytest.mark.parametrize("wname, aname, tokens", [("pvq-3.25", "pvq-a4.25", 1), ("pvq-4.25", "pvq-a6.25", 5),
+                                                  ("pvq8-3.25", "pvq-a8", 16), ("pvq-2.25", "pvq-a8.5", 40)])
+def test_cuda_wa_matmul_matches_float64_reference(wname, aname, tokens):
+    """The CUDA path (activations decoded, then the fused GEMV up to 16 tokens and cuBLAS tiles above)
+    is within the float32 bound of the float64 product of both dequantized operands, as the CPU op
+    is; bad activation codes raise the CPU path's error."""
+    gen = torch.Generator().manual_seed(tokens)
+    weight, codes, b = _layer_and_codes(gen, 200, 576, pvq_cuda.PVQConfig.preset(wname), ACT_PRESETS[aname], tokens)
+    want = wa_reference(codes.pulses, codes.gain, codes.scale, codes.levels, codes.config.D, weight, b)
+    # Any summation order of in_features fp32 products: (n + 66) u of the absolute products.
+    xh = dequantize_reference(codes.pulses, codes.gain, codes.scale, codes.levels, codes.config.D)
+    absolute = xh.abs() @ weight.dequantize(rotated=True).double().abs().T
+    bound = (576 + 66) * 2.0**-24 * absolute + 2.0**-24 * b.abs().double()
+    cuda_codes = codes._replace(pulses=codes.pulses.cuda(), index=codes.index.cuda(), gain=codes.gain.cuda(),
+                                scale=codes.scale.cuda(), levels=codes.levels.cuda())
+    got = wa_matmul(cuda_codes, weight.to("cuda"), b.cuda()).cpu().double()
+    assert got.shape == want.shape
+    assert bool(((got - want).abs() <= bound).all()), float(((got - want).abs() - bound).max())
+    bad = cuda_codes.pulses.clone()
+    bad[tokens - 1, 9] += 1 if bad[tokens - 1, 9] >= 0 else -1
+    with pytest.raises(ValueError, match=rf"but token {tokens - 1}, group {9 // codes.config.D} has sum"):
+        wa_matmul(cuda_codes._replace(pulses=bad), weight.to("cuda"), b.cuda())
 
 
 def test_opcheck_and_compile():

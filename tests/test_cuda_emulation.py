@@ -760,6 +760,116 @@ def encode_activations_cases(plan: Plan) -> None:
     encode_activations_case(plan, 1024, presets[1], torch.float16, False, 8 * 6 + 3, 1, tiles_per_block=True)
 
 
+def _decoded_activations(pulses, gain, scale, levels, act_D: int, invalid: torch.Tensor):
+    """(float32 x̂', float32 factor per group) as the CPU kernel's factors give them: group_factor(a,
+    level, |y|^2) = (a · level) · fl(1/sqrt(|y|^2)), each product rounded once
+    (activation/activation_code.h), then one product per pulse. An invalid group's factor is 0 (the
+    decoder's rule), its x̂' 0 · y (signed zeros)."""
+    y = pulses.view(*pulses.shape[:-1], -1, act_D)
+    sq = y.long().square().sum(-1)
+    inv_norm = torch.where(sq > 0, 1.0 / sq.double().clamp_min(1).sqrt(), 0.0).float()
+    level = levels[gain.long().clamp_max(levels.shape[0] - 1)]
+    f = torch.where(invalid, 0.0, (scale.float().unsqueeze(-1) * level) * inv_norm)
+    return (f.unsqueeze(-1) * y.float()).view(pulses.shape), f
+
+
+def wa_matmul_case(plan: Plan, layer: Layer, config, M: int, with_bias: bool, sms: int, bad: str | None = None,
+                   exact: bool = False, tile_weights: int = 1 << 25) -> None:
+    """wa_matmul's CUDA path (decode_activations_kernel, then the fp32 GEMV or, above 16 tokens, the
+    tiles): x̂' equals the CPU factors' bit for bit, the invalid-group flags are exact, and the
+    product is within the float32 bound of a float64 product of x̂' and the layer's weights, as the
+    CPU op is. bad plants a group whose pulses do not sum to act_K ("sum") or a gain code past the
+    levels ("gain"): the CPU op raises for it; here it is flagged and counts as zeros. exact: a
+    one-group layer, whose output divided by the float64 factors is the integer pulse dot product."""
+    g, m = plan.gen, plan.manifest
+    n, act_D, act_K, gain_bits = layer.cols, config.D, config.K, config.gain_bits
+    x = activation_input(g, M, n)
+    levels = activation_levels(config, n)
+    pulses, _, gain, scale = torch.ops.pvq_cuda.encode_activations(x, None, levels, act_D, act_K, gain_bits)
+    bias = torch.randn(layer.rows, generator=g) if with_bias else None
+    want_cpu = torch.ops.pvq_cuda.wa_matmul(pulses, gain, scale, levels, *layer.cpu_args(), bias, layer.rows,
+                                            layer.D, layer.K, layer.scale_bits, act_D, act_K)
+    Ga = n // act_D
+    flags = torch.zeros(M, Ga, dtype=torch.uint8)
+    sent_pulses, sent_gain = pulses.clone(), gain.clone()
+    if bad is not None:
+        t, j = M - 1, Ga // 2
+        flags[t, j] = 1
+        if bad == "sum":
+            d = int(sent_pulses[t, j * act_D:(j + 1) * act_D].abs().argmax()) + j * act_D
+            sent_pulses[t, d] += 1 if sent_pulses[t, d] >= 0 else -1
+        else:
+            sent_gain[t, j] = 2**gain_bits
+            assert 2**gain_bits < 256
+    xhat, factor = _decoded_activations(sent_pulses, sent_gain, scale, levels, act_D, flags.bool())
+    weights = layer.dequantized().double()
+    want = xhat.double() @ weights.T + (0 if bias is None else bias.double())
+    # Any order of n fp32 FMAs, the cross-warp and split sums and the row scale: (n + 64) u of the
+    # absolute products; the weights' own fp32 rounding (dequantized() rounds each once) 2 u more.
+    bound = (n + 66) * 2.0**-24 * (xhat.double().abs() @ weights.abs().T) + 2.0**-24 * (
+        0 if bias is None else bias.double().abs())
+    cid = plan.new_id("wa_matmul")
+    where = f"D={layer.D} K={layer.K} act={config} M={M} bias={with_bias} bad={bad}"
+
+    def check_wa_matmul(run, res):
+        got_x = run.output(f"{cid}.xhat", torch.float32, (M, n))
+        diff = (got_x.view(torch.int32) != xhat.view(torch.int32)).any(1)
+        assert not diff.any(), f"{where}: x̂ differs from the CPU factors' in {int(diff.sum())} tokens"
+        got_flags = run.output(f"{cid}.bad", torch.uint8, (M, Ga))
+        assert torch.equal(got_flags, flags), f"{where}: flagged groups {got_flags.nonzero().tolist()}"
+        got = run.output(f"{cid}.y", torch.float32, (M, layer.rows)).double()
+        excess = float(((got - want).abs() - bound).max())
+        assert excess <= 0, f"{where}: past the float32 bound of the float64 product by {excess:.3e}"
+        if bad is None:  # the CPU op: within its own bound of the same product, so within both of the kernel
+            excess = float(((got - want_cpu.double()).abs() - 2 * bound).max())
+            assert excess <= 0, f"{where}: past twice the bound from the CPU op by {excess:.3e}"
+        assert res["path"] == ("gemv" if M <= 16 else "tiled"), f"{where}: {res}"
+        if exact:
+            index, wgain = torch.ops.pvq_cuda._unpack_codes(layer.codes, layer.rows, layer.groups, layer.index_bits,
+                                                           layer.scale_bits)
+            yw = pvq_cuda.decode(index.flatten(), layer.D, layer.K).view(layer.rows, layer.D)
+            fw = (layer.row_scale.double() * layer.levels.double()[wgain.flatten().long()]
+                  / yw.double().square().sum(-1).sqrt())
+            live = factor[:, 0] != 0  # the all-zero token has scale 0
+            dots = (sent_pulses.long() @ yw.long().T)[live]
+            assert bool((dots != 0).any()) and int(live.sum()) >= M - 1
+            recovered = torch.round(got[live] / (factor[live, 0].double()[:, None] * fw[None, :])).long()
+            assert torch.equal(recovered, dots), f"{where}: integer dot products not recovered exactly"
+
+    args = dict(M=M, act_D=act_D, act_K=act_K, level_count=2**gain_bits, pulses=m.tensor(sent_pulses),
+                gain=m.tensor(sent_gain), scale=m.tensor(scale), act_levels=m.tensor(levels),
+                tile_weights=tile_weights, xhat=m.out(cid, "xhat"), bad=m.out(cid, "bad"), out=m.out(cid, "y"),
+                **layer.args(m))
+    args["bias"] = "none" if bias is None else m.tensor(bias)
+    plan.add("wa_matmul", sms, "wa_matmul", check_wa_matmul, id=cid, **args)
+
+
+def wa_matmul_cases(plan: Plan) -> None:
+    """Every activation preset against the pvq-3.25 and pvq8-3.25 layers the quantizer makes, group
+    sizes that differ both ways, batches 1, 5 and 16 on the GEMV and 20 on the tiles, both bad-code
+    kinds, and one-group layers whose integer dot products come back exactly."""
+    g = plan.gen
+    presets = [ActivationConfig.preset(name) for name in ACT_PRESETS]
+    l16 = quantized_layer(g, 70, 16 * 36, "pvq-3.25")
+    l8 = quantized_layer(g, 45, 8 * 72, "pvq8-3.25")
+    cases = [(l16, presets[0], 1, True, None), (l16, presets[1], 5, False, "sum"), (l16, presets[3], 16, True, None),
+             (l8, presets[2], 3, True, "gain"), (l8, ActivationConfig(D=16, K=30, gain_bits=5), 4, False, None),
+             (l16, presets[0], 20, True, None), (random_layer(g, 50, 32 * 18, 32, 20), presets[2], 3, True, None),
+             (random_layer(g, 40, 4 * 144, 4, 40), ActivationConfig(D=32, K=21, gain_bits=3), 16, False, "sum")]
+    if plan.variant == "asan":
+        cases = [cases[i] for i in (0, 3, 5, 7)]
+    elif plan.variant == "tsan":
+        cases = [cases[1]]
+    for i, (layer, config, M, with_bias, bad) in enumerate(cases):
+        wa_matmul_case(plan, layer, config, M, with_bias, plan.cycle_sms(i), bad,
+                       tile_weights=32 * layer.cols if M > 16 else 1 << 25)
+    if plan.variant == "plain":
+        for D in (8, 16):
+            one = random_layer(g, 40, D, D, 20)
+            wa_matmul_case(plan, one, ActivationConfig(D=D, K=17, gain_bits=3), 7, False, plan.cycle_sms(D),
+                           exact=True)
+
+
 def table_cases(plan: Plan) -> None:
     def check_tables(run, res):
         assert res["equal"] == "1", "the device tables differ from the host's"
@@ -772,7 +882,7 @@ def table_cases(plan: Plan) -> None:
 
 FAMILIES = {"codec": codec_cases, "packed": packed_cases, "grad_input": grad_input_cases,
             "grad_gemv": grad_gemv_cases, "hadamard": hadamard_cases, "hessian": hessian_cases,
-            "encode_activations": encode_activations_cases, "tables": table_cases}
+            "encode_activations": encode_activations_cases, "wa_matmul": wa_matmul_cases, "tables": table_cases}
 
 
 # ----- Running --------------------------------------------------------------------------------------------
@@ -826,7 +936,8 @@ def _check_family(emulated, variant: str, family: str) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("family", ["decode", "encode", "search", "dequantize", "gemv", "tiled", "grad_input",
-                                    "grad_gemv", "hadamard", "hessian", "encode_activations", "tables"])
+                                    "grad_gemv", "hadamard", "hessian", "encode_activations", "wa_matmul",
+                                    "tables"])
 def test_emulated_kernels_match_cpu(emulated, variant, family):
     _check_family(emulated, variant, family)
 
@@ -846,7 +957,7 @@ def test_every_sm_count_and_grid_stride_wrap(emulated):
                 wrapped.setdefault((name, case.sms), []).append(threads < case.threads_needed)
     for kernel in ("decode_kernel", "encode_kernel", "search_kernel", "dequantize_kernel", "gemv_kernel",
                    "finalize_kernel", "grad_gemv_kernel", "split_sum_kernel", "signed_cast_kernel",
-                   "hadamard_kernel", "hessian_kernel", "encode_activations_kernel"):
+                   "hadamard_kernel", "hessian_kernel", "encode_activations_kernel", "decode_activations_kernel"):
         assert sms_seen.get(kernel) == set(SMS), f"{kernel} ran at SM counts {sms_seen.get(kernel)}"
     for kernel in ("decode_kernel", "encode_kernel", "search_kernel"):
         for sms in (1, 2):

@@ -18,7 +18,7 @@ import torch
 from pvq_cuda.format.activation import ActivationConfig
 from test_cuda_emulation import (SEED, Plan, dequantize_case, decode_case, encode_activations_case, gemv_case,
                                  grad_gemv_case, grad_input_case, hadamard_case, hessian_case, random_layer,
-                                 require_toolchain)
+                                 require_toolchain, wa_matmul_case)
 
 import emulation  # noqa: E402  (tests/cuda_emulation, on sys.path once test_cuda_emulation is imported)
 
@@ -45,6 +45,13 @@ def _hadamard_largest(plan: Plan) -> None:
 
 def _encode_activations(plan: Plan) -> None:
     encode_activations_case(plan, 576, ActivationConfig.preset("pvq-a4.25"), torch.float16, True, 15, 2)
+
+
+def _wa_matmul(plan: Plan) -> None:
+    # n = 192 (12 · 16), pvq-a8 (D=2: 96 groups a token), the last token's middle group with a gain
+    # code past the 128 levels.
+    wa_matmul_case(plan, random_layer(plan.gen, 40, 8 * 24, 8, 16), ActivationConfig.preset("pvq-a8"), 3, True, 2,
+                   bad="gain")
 
 
 def _hessian(plan: Plan) -> None:
@@ -146,6 +153,18 @@ MUTATIONS = {
         "return (size_t(kWarps) * maxm * 32 + size_t(kWarps) * window_rounds(maxm) * D * maxm) * sizeof(float);",
         "return (size_t(kWarps - 1) * maxm * 32 + size_t(kWarps) * window_rounds(maxm) * D * maxm) * sizeof(float);",
         "asan", _gemv, "overflow"),
+    # The activation decoder trusts the gain code: a code past the levels reads past act_levels.
+    "activation gain code unchecked": Mutation(
+        "csrc/activation/decode.cu",
+        "const bool ok = k == K && c < level_count;",
+        "const bool ok = k == K;",
+        "asan", _wa_matmul, "overflow"),
+    # Every token decoded with the first token's scale.
+    "activation scale of the wrong token": Mutation(
+        "csrc/activation/decode.cu",
+        "pvq::half_bits_to_float(scale[e / groups_per_token])",
+        "pvq::half_bits_to_float(scale[0])",
+        "plain", _wa_matmul, "wrong result:x̂ differs from the CPU factors'"),
     # More than 48 KB of dynamic shared memory without cudaFuncSetAttribute's opt-in.
     "shared memory opt-in missing": Mutation(
         "csrc/hadamard/hadamard.cu",

@@ -1,9 +1,14 @@
-// CUDA glue of encode_activations: argument checks (shared with the CPU path), layout (contiguous,
-// 16-byte aligned rows for the kernel's vector loads), the device's shared-memory limit, the launch on
-// the current stream, and the CPU path's errors for flagged tokens. Outside CUDA-graph capture the
-// glue reads the per-token flags back (one reduction) and raises the CPU path's ValueError; during
-// capture it cannot synchronize, so a token with NaN/Inf comes out as all-zero codes (scale 0), as
-// the CPU kernel writes before it raises.
+// CUDA glue of the activation ops: argument checks (shared with the CPU path), layout (contiguous,
+// 16-byte aligned rows for the kernels' vector loads), the launches on the current stream, and the
+// CPU path's errors for what a kernel flagged.
+// - encode_activations: the device's shared-memory limit, then the fused encoder. Outside CUDA-graph
+//   capture the glue reads the per-token flags back (one reduction) and raises the CPU path's
+//   ValueError; during capture it cannot synchronize, so a token with NaN/Inf comes out as all-zero
+//   codes (scale 0), as the CPU kernel writes before it raises.
+// - wa_matmul: the activations decoded to fp32 x̂' (activation/decode.cu says why), then the packed
+//   layer's product as pvq_matmul runs it (packed/cuda_glue.h). Invalid activation groups raise the
+//   CPU path's ValueError outside capture and count as zeros during it. As pvq_matmul on CUDA, a
+//   corrupt weight code decodes to zero weights (packed/packed_layer.h) where the CPU op raises.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,6 +22,7 @@
 #include "activation/launchers.h"
 #include "common/cuda_glue.h"
 #include "hadamard/args.h"
+#include "packed/cuda_glue.h"
 
 namespace pvq_cuda {
 namespace {
@@ -61,8 +67,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> encode_activations_cu
   return {pulses, index, gain, scale};
 }
 
+at::Tensor wa_matmul_cuda(const at::Tensor& pulses, const at::Tensor& gain, const at::Tensor& scale,
+                          const at::Tensor& act_levels, const at::Tensor& codes, const at::Tensor& row_scale,
+                          const at::Tensor& levels, const std::optional<at::Tensor>& bias, int64_t out_features,
+                          int64_t D, int64_t K, int64_t scale_bits, int64_t act_D, int64_t act_K) {
+  const PackedShape s = check_wa_matmul_args(pulses, gain, scale, act_levels, codes, row_scale, levels, bias,
+                                             out_features, D, K, scale_bits, act_D, act_K);
+  const c10::cuda::CUDAGuard guard(pulses.device());
+  const int64_t n = s.cols;
+  at::Tensor px = pulses.reshape({-1, n}).contiguous();
+  if (reinterpret_cast<uintptr_t>(px.data_ptr()) % 16 != 0) px = px.clone();  // the decoder's vector loads
+  const int64_t M = px.size(0), Ga = n / act_D;
+  const at::Tensor pg = gain.reshape({M, Ga}).contiguous(), ps = scale.reshape({M}).contiguous();
+  const at::Tensor alv = act_levels.contiguous();
+  at::Tensor xhat = at::empty({M, n}, px.options().dtype(at::kFloat));
+  at::Tensor bad = at::empty({M, Ga}, px.options().dtype(at::kByte));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const CodedActivations in{px.data_ptr<int8_t>(), pg.data_ptr<uint8_t>(),
+                            reinterpret_cast<const uint16_t*>(ps.data_ptr<at::Half>()), alv.data_ptr<float>(),
+                            int(alv.size(0))};
+  C10_CUDA_CHECK(launch_decode_activations(split_tables_on(px), in, M, n, int(act_D), int(act_K),
+                                           xhat.data_ptr<float>(), bad.data_ptr<uint8_t>(), stream));
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (M > 0 && capture == cudaStreamCaptureStatusNone && bad.any().item<bool>())
+    report_bad_activation_codes(px, pg, act_D, act_K, alv.size(0));
+  std::vector<int64_t> sizes(pulses.sizes().begin(), pulses.sizes().end());
+  sizes.back() = s.rows;
+  return rotated_matmul_cuda(xhat, s, codes, row_scale, levels, bias).reshape(sizes);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pvq_cuda, CUDA, m) { m.impl("encode_activations", &encode_activations_cuda); }
+TORCH_LIBRARY_IMPL(pvq_cuda, CUDA, m) {
+  m.impl("encode_activations", &encode_activations_cuda);
+  m.impl("wa_matmul", &wa_matmul_cuda);
+}
 
 }  // namespace pvq_cuda

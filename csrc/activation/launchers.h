@@ -41,4 +41,20 @@ cudaError_t launch_encode_activations(const pvq::SplitTables& tables, const void
                                       const float* signs, const float* levels, int level_count, int64_t tokens,
                                       int64_t n, int D, int K, const ActivationCodes& out, cudaStream_t stream);
 
+// Coded activations as wa_matmul takes them, each contiguous: pulses [tokens][n] (16-byte aligned
+// rows), gain codes [tokens][n / D], scale [tokens] (fp16 bits), and the level_count gain levels.
+struct CodedActivations {
+  const int8_t* pulses;
+  const uint8_t* gain;
+  const uint16_t* scale;
+  const float* levels;
+  int level_count;
+};
+
+// x̂' [tokens][n] in fp32 (16-byte aligned): each group of D decoded as factor · y with the CPU
+// kernel's factor (activation_code.h: group_factor), bit for bit. bad [tokens][n / D] is 1 where a
+// group's sum |y| is not K or its gain code is >= level_count (that group decodes to zeros), else 0.
+cudaError_t launch_decode_activations(const pvq::SplitTables& tables, const CodedActivations& in, int64_t tokens,
+                                      int64_t n, int D, int K, float* out, uint8_t* bad, cudaStream_t stream);
+
 }  // namespace pvq_cuda

@@ -1,6 +1,7 @@
 // CUDA glue of packed-layer ops: pvq_dequantize, pvq_matmul (fused GEMV for batches up to 16,
 // dequantized tiles through cuBLAS above that) and its input gradient (fused up to 8 rows of grad,
-// 4 at D=32; dequantized tiles through cuBLAS above).
+// 4 at D=32; dequantized tiles through cuBLAS above). The matmul's body (rotated_matmul_cuda,
+// packed/cuda_glue.h) also runs wa_matmul.
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -8,10 +9,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "packed/args.h"
 #include "common/cuda_glue.h"
 #include "hadamard/args.h"
 #include "hadamard/cuda_glue.h"
+#include "packed/args.h"
+#include "packed/cuda_glue.h"
 #include "packed/launchers.h"
 #include "packed/tiled_matmul.h"
 
@@ -33,27 +35,19 @@ at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& row_scale,
   return out;
 }
 
-at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& row_scale,
-                       const at::Tensor& levels, const std::optional<at::Tensor>& signs,
-                       const std::optional<at::Tensor>& bias, int64_t out_features, int64_t D, int64_t K,
-                       int64_t scale_bits) {
-  // pvq_matmul is differentiable through its registered autograd formula: below it, the kernel's
-  // own views and in-place writes must not be tracked (an input view made under no_grad, as in
-  // activation checkpointing, would otherwise be refused).
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const PackedShape s = check_matmul_args(x, codes, row_scale, levels, signs, bias, out_features, D, K, scale_bits);
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor x2 = rotate_input(x.reshape({-1, s.cols}), signs).contiguous();
+}  // namespace
+
+at::Tensor rotated_matmul_cuda(at::Tensor x2, const PackedShape& s, const at::Tensor& codes,
+                               const at::Tensor& row_scale, const at::Tensor& levels,
+                               const std::optional<at::Tensor>& bias) {
   if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 != 0) x2 = x2.clone();  // the GEMV loads 16 B vectors
   const int64_t M = x2.size(0);
   const at::Tensor c = codes.contiguous(), lv = levels.contiguous(), rs = row_scale.contiguous();
   const pvq::PackedLayer layer = packed_view(s, c, rs, lv);
   const pvq::SplitTables tables = split_tables_on(c);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
-  sizes.back() = s.rows;
   at::Tensor out = at::empty({M, s.rows}, x2.options());
-  if (M == 0) return out.reshape(sizes);
+  if (M == 0) return out;
 
   std::optional<at::Tensor> b;
   if (bias) {
@@ -68,7 +62,7 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
     at::Tensor workspace = at::empty({plan.workspace_floats}, x2.options().dtype(at::kFloat));
     C10_CUDA_CHECK(launch_gemv(tables, layer, s.D, x2.data_ptr(), kind, M, b ? b->data_ptr() : nullptr, bias_kind,
                                out.data_ptr(), workspace.data_ptr<float>(), plan, stream));
-    return out.reshape(sizes);
+    return out;
   }
   // Large batch: the GEMM is compute-bound enough that cuBLAS on a decoded tile wins over a
   // scalar fused kernel; tiles keep the dense copy to ~64 MB.
@@ -80,7 +74,25 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   };
   C10_CUDA_CHECK(matmul_by_dense_tiles(tables, layer, s.D, kind, tile_rows, dense.data_ptr(), gemm, stream));
   if (b) out.add_(b->to(out.scalar_type()));
-  return out.reshape(sizes);
+  return out;
+}
+
+namespace {
+
+at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& row_scale,
+                       const at::Tensor& levels, const std::optional<at::Tensor>& signs,
+                       const std::optional<at::Tensor>& bias, int64_t out_features, int64_t D, int64_t K,
+                       int64_t scale_bits) {
+  // pvq_matmul is differentiable through its registered autograd formula: below it, the kernel's
+  // own views and in-place writes must not be tracked (an input view made under no_grad, as in
+  // activation checkpointing, would otherwise be refused).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const PackedShape s = check_matmul_args(x, codes, row_scale, levels, signs, bias, out_features, D, K, scale_bits);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x2 = rotate_input(x.reshape({-1, s.cols}), signs).contiguous();
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = s.rows;
+  return rotated_matmul_cuda(x2, s, codes, row_scale, levels, bias).reshape(sizes);
 }
 
 // grad_x = (grad Ŵ') R without a whole dense Ŵ': up to grad_gemv_max_batch(D) rows of grad, the

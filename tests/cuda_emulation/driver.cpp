@@ -12,7 +12,8 @@
 //   sms n=<SMs>            its SM count from now on
 //   dry_run on=<0|1>       check and log launches without running them
 //   tables id=            upload the split tables (device_split_tables) and compare with the host's
-//   decode|encode|search|dequantize|gemv|tiled_matmul|grad_input|grad_gemv|hadamard|hessian id= ...
+//   decode|encode|search|dequantize|gemv|tiled_matmul|grad_input|grad_gemv|hadamard|hessian|
+//   encode_activations|wa_matmul id= ...
 //                          (see run_* below)
 //   occupancy id= gpu=<a100|h100> threads= registers= static_smem= dynamic_smem= max_dynamic_smem=
 //   selftest id= name=     one of selftest.cu's checks of the emulator itself
@@ -390,6 +391,53 @@ std::string run_encode_activations(const Args& a) {
   return result(err) + " smem=" + std::to_string(pvq_cuda::encode_activations_smem_bytes(n, D));
 }
 
+// wa_matmul as its glue runs it: the activations decoded to fp32 x̂' (launch_decode_activations),
+// then the layer's product with x̂' as pvq_matmul runs it in fp32: the fused GEMV up to
+// kGemvMaxBatch tokens, dequantized tiles (tile_weights per tile) through the host GEMM above, then
+// the bias. Outputs: xhat, bad (one byte a group), y.
+std::string run_wa_matmul(const Args& a) {
+  Layer layer(a);
+  const int64_t M = int_arg(a, "M"), n = layer.cols(), rows = layer.view.rows;
+  const int act_D = int(int_arg(a, "act_D"));
+  const bool has_bias = arg(a, "bias") != "none";
+  DeviceBuffer pulses(read_file(arg(a, "pulses"))), gain(read_file(arg(a, "gain"))), scale(read_file(arg(a, "scale"))),
+      levels(read_file(arg(a, "act_levels")));
+  DeviceBuffer xhat(size_t(M * n) * sizeof(float)), bad(size_t(M * (n / act_D))), out(size_t(M * rows) * sizeof(float));
+  std::unique_ptr<DeviceBuffer> bias;
+  if (has_bias) bias = std::make_unique<DeviceBuffer>(read_file(arg(a, "bias")));
+  const pvq_cuda::CodedActivations in{pulses.get<int8_t>(), gain.get<uint8_t>(), scale.get<uint16_t>(),
+                                      levels.get<float>(), int(int_arg(a, "level_count"))};
+  cudaError_t err = pvq_cuda::launch_decode_activations(device_tables(), in, M, n, act_D, int(int_arg(a, "act_K")),
+                                                        xhat.get<float>(), bad.get<uint8_t>(), nullptr);
+  xhat.save(arg(a, "xhat"));
+  bad.save(arg(a, "bad"));
+  if (err != cudaSuccess) return result(err);
+  std::ostringstream s;
+  if (M <= pvq_cuda::kGemvMaxBatch) {
+    pvq_cuda::GemvPlan plan;
+    err = pvq_cuda::plan_gemv(layer.view, layer.D, FloatKind::kFloat32, FloatKind::kFloat32, M, &plan);
+    if (err != cudaSuccess) return result(err);
+    DeviceBuffer workspace(size_t(plan.workspace_floats) * sizeof(float));
+    err = pvq_cuda::launch_gemv(device_tables(), layer.view, layer.D, xhat.get(), FloatKind::kFloat32, M,
+                                has_bias ? bias->get() : nullptr, FloatKind::kFloat32, out.get(),
+                                workspace.get<float>(), plan, nullptr);
+    s << " path=gemv staged=" << int(plan.staged) << " splits=" << plan.splits;
+  } else {
+    const int64_t tile_rows = pvq_cuda::dense_tile_rows(rows, n, int_arg(a, "tile_weights"));
+    DeviceBuffer dense(size_t(tile_rows * n) * sizeof(float));
+    const pvq_cuda::TileGemm gemm = [&](int64_t r0, int64_t r1) {
+      host_gemm(xhat.get<float>(), dense.get<float>(), out.get<float>(), M, rows, n, r0, r1);
+      return cudaSuccess;
+    };
+    err = pvq_cuda::matmul_by_dense_tiles(device_tables(), layer.view, layer.D, FloatKind::kFloat32, tile_rows,
+                                          dense.get(), gemm, nullptr);
+    for (int64_t e = 0; has_bias && e < M * rows; ++e) out.get<float>()[e] += bias->get<float>()[e % rows];
+    s << " path=tiled";
+  }
+  out.save(arg(a, "out"));
+  return result(err) + s.str();
+}
+
 // ----- Device tables and occupancy --------------------------------------------------------------------
 template <typename T>
 bool same_on_device(const std::vector<T>& host, const T* device) {
@@ -441,6 +489,7 @@ int main(int argc, char** argv) {
       {"dequantize", run_dequantize}, {"gemv", run_gemv}, {"tiled_matmul", run_tiled_matmul},
       {"grad_input", run_grad_input}, {"grad_gemv", run_grad_gemv},
       {"hadamard", run_hadamard}, {"hessian", run_hessian}, {"encode_activations", run_encode_activations},
+      {"wa_matmul", run_wa_matmul},
       {"tables", run_tables},
       {"occupancy", run_occupancy},
       {"selftest", [](const Args& a) { return pvq_emulation::run_selftest(arg(a, "name")); }}};

@@ -32,6 +32,7 @@ CACHE = Path(os.environ.get("PVQ_EMULATION_CACHE", REPO / "build" / "cuda-emulat
 KERNEL_SOURCES = [
     "codec/decode.cu", "codec/encode.cu", "codec/search.cu", "common/device_tables.cu", "packed/dequantize.cu",
     "packed/gemv.cu", "packed/grad_input.cu", "hadamard/hadamard.cu", "hessian/hessian.cu", "activation/encode.cu",
+    "activation/decode.cu",
 ]
 HOST_SOURCES = ["codec/split_tables.cpp", "packed/tiled_matmul.cpp"]
 HARNESS_SOURCES = ["block_runner.cpp", "kernel_symbols.cpp", "occupancy.cpp", "runtime.cpp", "selftest.cu",

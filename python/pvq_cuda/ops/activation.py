@@ -4,7 +4,8 @@
 codes every group of D with the codec's search and encode, and gives each group a gain code
 relative to the token's norm plus one fp16 scale per token (csrc/activation/activation_code.h
 defines each step and its rounding). ``wa_matmul`` multiplies such codes with a packed PVQ layer:
-per block of ``min(D, act_D)`` columns an integer pulse dot product times the two groups' gains.
+per block of ``min(D, act_D)`` columns an integer pulse dot product times the two groups' gains
+(on CUDA: the activations decoded, then pvq_matmul's kernels).
 """
 
 from __future__ import annotations
@@ -18,13 +19,6 @@ from .hadamard import hadamard_split
 _SIGN_DTYPES = (torch.float32, torch.int8)
 
 
-def _check_kernel(op: str, name: str, t: torch.Tensor) -> None:
-    schema = getattr(torch.ops.pvq_cuda, op.split(".")[-1]).default
-    if t.device.type == "cuda" and not schema.has_kernel_for_dispatch_key("CUDA"):
-        raise NotImplementedError(f"{op}: {name} is on {t.device}, but this op has no CUDA kernel yet (CPU only); "
-                                  f"move the tensors to the CPU")
-
-
 def _check_gain_bits(op: str, gain_bits) -> None:
     if isinstance(gain_bits, bool) or not isinstance(gain_bits, int) or not 0 <= gain_bits <= 8:
         raise ValueError(f"{op}: gain_bits must be an int in [0, 8], got {gain_bits!r}")
@@ -33,7 +27,6 @@ def _check_gain_bits(op: str, gain_bits) -> None:
 def _check_encode_args(x, signs, levels, D, K, gain_bits) -> int:
     op = "pvq_cuda.encode_activations"
     check_tensor(op, "x", x, FLOAT_DTYPES)
-    _check_kernel(op, "x", x)
     n = check_last_dim(op, "x", x, "n")
     check_limits(D, K, op)
     _check_gain_bits(op, gain_bits)
@@ -97,7 +90,6 @@ def _encode_activations_fake(x, signs, levels, D, K, gain_bits):
 def _check_wa_args(pulses, gain, scale, act_levels, act_D, act_K, in_features) -> None:
     op = "pvq_cuda.wa_matmul"
     check_tensor(op, "pulses", pulses, (torch.int8,))
-    _check_kernel(op, "pulses", pulses)
     n = check_last_dim(op, "pulses", pulses, "in_features")
     if in_features is not None and n != in_features:
         raise ValueError(f"{op}: pulses must have shape [..., {in_features}] (the layer's in_features), got "
@@ -141,10 +133,15 @@ def wa_matmul(pulses: torch.Tensor, gain: torch.Tensor, scale: torch.Tensor, act
     """``x̂' @ Ŵ'ᵀ + bias`` of coded activations (from :func:`encode_activations`, in the rotated
     basis) and a packed PVQ layer (its codes, row scales and levels), float32 ``[..., out_features]``.
 
-    Per block of ``d = min(D, act_D)`` columns the product is the exact integer dot product of the
-    two pulse vectors times the float factors ``(scale·act_level/|y_x|)·(level/|y_w|)``, summed
-    over the blocks in order and times the row scale (paper.md §7). Pulses whose groups do not sum
-    to act_K, or gain codes past act_levels, raise ValueError; corrupt weight codes too.
+    On the CPU, per block of ``d = min(D, act_D)`` columns the product is the exact integer dot
+    product of the two pulse vectors times the float factors ``(scale·act_level/|y_x|)·(level/|y_w|)``,
+    summed over the blocks in order and times the row scale (paper.md §7). On CUDA the activations
+    are decoded to float32 ``x̂'`` (the same factors, bit for bit) and multiplied by
+    :func:`pvq_matmul`'s kernels: the same product within the float32 bound of the tests
+    (``csrc/activation/decode.cu`` says why). Pulses whose groups do not sum to act_K, or gain codes
+    past act_levels, raise ValueError (on CUDA one synchronization checks them, skipped during
+    CUDA-graph capture, where such groups count as zeros); corrupt weight codes raise on the CPU and
+    decode to zero weights on CUDA, as in :func:`pvq_matmul`.
     """
     _check_wa_args(pulses, gain, scale, act_levels, act_D, act_K, _in_features(codes, row_scale, D, K, scale_bits))
     return torch.ops.pvq_cuda.wa_matmul.default(pulses, gain, scale, act_levels, codes, row_scale, levels, bias,
