@@ -754,10 +754,12 @@ def sass_of(source: str, workdir: Path, want: list[str]) -> dict[str, list[Instr
     return out
 
 
-def emulated_plans(workdir: Path, D: int, K: int, sb: int, index_bits: int, count: int) -> dict:
-    """plan_gemv and the launches at the representative shape on the emulated H100 (dry run)."""
+def emulated_plans(workdir: Path, D: int, K: int, sb: int, index_bits: int, count: int, facts: dict) -> dict:
+    """plan_gemv and the launches at the representative shape on the emulated H100 (dry run), the
+    emulator knowing ptxas's registers (facts: kernel -> resources), so the plan is the GPU's."""
     sys.path.insert(0, str(REPO / "tests" / "cuda_emulation"))
     import emulation
+    from kernel_static import set_registers
     m = emulation.Manifest(workdir)
     rows, cols = SHAPE
     bits = index_bits + sb
@@ -765,6 +767,7 @@ def emulated_plans(workdir: Path, D: int, K: int, sb: int, index_bits: int, coun
     layer = dict(codes=f"zeros:{4 * words}", row_scale=f"zeros:{2 * rows}", levels=f"zeros:{4 << sb}",
                  rows=rows, groups=cols // D, D=D, K=K, bits=bits, index_bits=index_bits, count=count)
     m.command("gpu", name="h100")
+    set_registers(m, facts)
     m.command("dry_run", on=1)
     for M in BATCHES:
         m.command("gemv", id=f"gemv{M}", kind="float16", M=M, x=f"zeros:{2 * M * cols}", bias="none", out="none",
@@ -869,10 +872,10 @@ def main() -> None:
         tmp = Path(tmp)
         gemv = sass_of("packed/gemv.cu", tmp, list(kernels.values()))
         dequant = sass_of("packed/dequantize.cu", tmp, list(DEQUANT_KERNELS))
-        (tmp / "plan").mkdir()
-        plans = emulated_plans(tmp / "plan", D, K, sb, index_bits, pvq_cuda.pyramid_size(D, K))
         ptx = {**kernel_static.ptxas_facts("packed/gemv.cu", "sm_90a"),
                **kernel_static.ptxas_facts("packed/dequantize.cu", "sm_90a")}
+        (tmp / "plan").mkdir()
+        plans = emulated_plans(tmp / "plan", D, K, sb, index_bits, pvq_cuda.pyramid_size(D, K), ptx)
         launches = {case: l[0] for case, l in plans["launches"].items()}
         queries = []
         for case, launch in launches.items():
@@ -974,15 +977,6 @@ def before_section(text: str, name: str) -> list[str]:
         if keep and not line.startswith("Targets"):
             out.append("#" + line if line.startswith("#") else line)
     return out
-
-
-def gemv_split(rows: int, groups: int, resident: int, warps: int) -> tuple[int, int]:
-    """(splits, grid) of plan_gemv's work split (gemv.cu split_work) for `resident` blocks of `warps` warps."""
-    tiles = -(-rows // 32)
-    splits = min(max(resident // tiles, 1), max(1, groups // (4 * warps)))
-    items = tiles * splits
-    rounds = -(-items // resident)
-    return splits, -(-items // rounds)
 
 
 TARGETS = {1: 6.0, 16: 12.0}  # issue 14: instructions per weight per warp at batch 1 and 16
@@ -1187,11 +1181,11 @@ def write_report(args, rows, stores, layers, bits, D, K, plans) -> None:
     layer_bytes = SHAPE[0] // 32 * (SHAPE[1] // D) * bits * 4
     for r in rows:
         res, occ, launch = r["res"], r["occ"], r["launch"]
-        # The emulator's occupancy knows no registers, so its plan may assume more resident blocks than
-        # an H100 holds: redo the plan's work split with the occupancy computed from ptxas's registers.
-        per_sm = int(occ["blocks_per_sm"])
-        splits, grid = gemv_split(SHAPE[0], SHAPE[1] // D, 132 * per_sm, launch["block"][0] // 32)
-        per_sm = min(per_sm, -(-grid // 132))
+        # plan_gemv's own work split: the emulator knew ptxas's registers (emulated_plans).
+        splits, grid = int(r["plan"]["splits"]), int(r["plan"]["blocks"])
+        if grid != launch["grid"][0]:
+            sys.exit(f"kernel_budget: the plan's grid {grid} is not the launch's {launch['grid'][0]}")
+        per_sm = min(int(occ["blocks_per_sm"]), -(-grid // 132))
         warps = per_sm * launch["block"][0] // 32
         chunk = bits * 4
         r["inflight"] = warps * chunk

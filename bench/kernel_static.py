@@ -5,9 +5,9 @@ configurations the launchers choose for representative shapes.
 The launch configurations are not a hand-kept table: the launchers themselves run under the CUDA
 emulator (tests/cuda_emulation) in dry-run mode, which checks and logs each launch (kernel, grid,
 block, dynamic shared memory) without executing it, on an emulated A100 (108 SMs) and H100 (132 SMs).
-Occupancy comes from NVIDIA's calculator (cuda_occupancy.h) with ptxas's register counts. The
-emulated launchers size their persistent grids from an occupancy that cannot know registers, so for
-each persistent grid the report says whether its blocks all fit at once once registers count too.
+Occupancy comes from NVIDIA's calculator (cuda_occupancy.h) with ptxas's register counts, which the
+emulator is given first (its `registers` command), so the launchers size their persistent grids as
+on the real GPU; the report checks that every persistent grid's blocks fit at once.
 
 Usage: python bench/kernel_static.py [--out bench/results/kernels-static-<date>.md]
 """
@@ -80,8 +80,15 @@ def ptxas_facts(source: str, arch: str) -> dict[str, Resources]:
     return {short_name(n): r for n, r in zip(names, facts.values())}
 
 
-def representative_launches(workdir: Path) -> list[dict]:
-    """The launches the launchers make for the shapes of a Llama-size layer, on both GPUs (dry run)."""
+def set_registers(m, facts: dict[str, Resources]) -> None:
+    """Tell the emulator ptxas's registers of every kernel instance (for its occupancy answers)."""
+    for name, res in facts.items():
+        m.command("registers", kernel=name.replace(" ", ""), n=res.registers)
+
+
+def representative_launches(workdir: Path, facts: dict[str, dict[str, Resources]]) -> list[dict]:
+    """The launches the launchers make for the shapes of a Llama-size layer, on both GPUs (dry run),
+    with each architecture's registers (facts: arch -> kernel -> ptxas's resources)."""
     m = emulation.Manifest(workdir)
     D, K, scale_bits, rows, cols = 16, 30, 2, 4096, 4096  # pvq-3.25, a 4096 x 4096 layer
     index_bits = 50
@@ -90,8 +97,9 @@ def representative_launches(workdir: Path) -> list[dict]:
     layer = dict(codes=f"zeros:{4 * words}", row_scale=f"zeros:{2 * rows}", levels=f"zeros:{4 << scale_bits}",
                  rows=rows, groups=cols // D, D=D, K=K, bits=bits, index_bits=index_bits, count=2**50 - 1)
     groups = 1 << 20
-    for gpu in ARCHS.values():
+    for arch, gpu in ARCHS.items():
         m.command("gpu", name=gpu)
+        set_registers(m, facts[arch])
         m.command("dry_run", on=1)
         shapes = [
             ("decode D=16 K=30, 1M groups", "decode", dict(D=16, K=30, V=2**50 - 1, groups=groups,
@@ -182,7 +190,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "launches").mkdir()
-        launches = representative_launches(Path(tmp) / "launches")
+        launches = representative_launches(Path(tmp) / "launches", facts)
         arch_of = {gpu: arch for arch, gpu in ARCHS.items()}
         smem_default = 48 * 1024
         queries, rows = [], []
@@ -194,9 +202,8 @@ def main() -> None:
             threads = launch["block"][0] * launch["block"][1] * launch["block"][2]
             # The launchers opt in above 48 KB (cudaFuncSetAttribute) for exactly what they launch.
             max_dynamic = max(launch["dynamic_smem"], smem_default - res.static_smem)
-            for registers in (res.registers, 0):  # 0: unknown, as under the emulator
-                queries.append((launch["gpu"], threads, registers, res.static_smem, launch["dynamic_smem"],
-                                max_dynamic))
+            queries.append((launch["gpu"], threads, res.registers, res.static_smem, launch["dynamic_smem"],
+                            max_dynamic))
             rows.append((launch, arch, res, threads))
         (Path(tmp) / "occ").mkdir()
         occ = occupancies(queries, Path(tmp) / "occ")
@@ -209,15 +216,15 @@ def main() -> None:
              f"shared memory per SM, H100 SXM = 132 SMs and 228 KB.", "",
              "## Launches at representative shapes", "",
              "Blocks/SM: resident blocks of that kernel instance at its registers, static + dynamic shared memory "
-             "and block size, and what limits them. *Emulated* is the same without registers (what the emulated "
-             "launcher sized its grid from). Persistent grids (grid-stride kernels sized to every resident block) "
-             "*hold* when grid <= SMs x blocks/SM, so that all blocks run at once on the real GPU too.", "",
+             "and block size, and what limits them (the emulated launcher sized its grid from the same registers). "
+             "Persistent grids (grid-stride kernels sized to every resident block) *hold* when grid <= SMs x "
+             "blocks/SM, so that all blocks run at once on the real GPU too.", "",
              "| GPU | shape | kernel | grid | threads | dyn. smem | static smem | regs | spills (st/ld B) | "
-             "blocks/SM | limited by | emulated blocks/SM | persistent grid holds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "blocks/SM | limited by | persistent grid holds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     not_holding = []
     for i, (launch, arch, res, threads) in enumerate(rows):
-        real, emulated = occ[2 * i], occ[2 * i + 1]
+        real = occ[i]
         sms = 108 if launch["gpu"] == "a100" else 132
         base = launch["name"].split("<")[0]
         holds = "-"
@@ -229,7 +236,7 @@ def main() -> None:
         lines.append(f"| {arch} | {launch['shape']} | `{launch['name']}` | {launch['grid'][0]} | {threads} | "
                      f"{launch['dynamic_smem']} | {res.static_smem} | {res.registers} | "
                      f"{res.spill_stores}/{res.spill_loads} | {real['blocks_per_sm']} | "
-                     f"{real['limited_by'].replace('_', ' ')} | {emulated['blocks_per_sm']} | {holds} |")
+                     f"{real['limited_by'].replace('_', ' ')} | {holds} |")
     lines += ["", "## Every kernel instance", "",
               "| kernel | source | sm_80 regs | sm_80 spills (st/ld B) | sm_80 stack B | sm_90a regs | "
               "sm_90a spills (st/ld B) | sm_90a stack B | static smem B | barriers |",

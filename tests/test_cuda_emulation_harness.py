@@ -141,6 +141,31 @@ def test_launch_limits_and_occupancy(selftests):
         ("8", "2", "32", "2")
 
 
+def test_kernel_registers_limit_the_emulated_occupancy(tmp_path):
+    """Registers the driver is told (its `registers` command, as bench/kernel_static.py sends ptxas's)
+    limit cudaOccupancyMaxActiveBlocksPerMultiprocessor, so plan_gemv sizes its grid as on the GPU:
+    a 4096 x 4096 pvq-3.25 layer at batch 1, 128 tiles of 16-warp blocks on 132 SMs. Unknown
+    registers leave 4 blocks an SM (2048 threads); 64 registers a thread fill the 64K-register file
+    with 2 blocks, 128 with 1. The work split follows: splits = min(resident / 128, 256 groups / 64)."""
+    require_toolchain()
+    rows, cols, D, bits = 4096, 4096, 16, 52
+    layer = dict(codes=f"zeros:{4 * (rows // 32) * (cols // D) * bits}", row_scale=f"zeros:{2 * rows}",
+                 levels="zeros:16", rows=rows, groups=cols // D, D=D, K=30, bits=bits, index_bits=50,
+                 count=2**50 - 1)
+    m = emulation.Manifest(tmp_path)
+    m.command("dry_run", on=1)
+    kernel = "gemv_kernel<16,1,float,true>"
+    for i, registers in enumerate([None, 64, 128, 0]):
+        if registers is not None:
+            m.command("registers", kernel=kernel, n=registers)
+        m.command("gemv", id=f"g{i}", kind="float32", M=1, x=f"zeros:{4 * cols}", bias="none", out="none", **layer)
+    run = emulation.run(emulation.build("plain"), m)
+    assert run.returncode == 0, run.describe()
+    got = [(run.results[f"g{i}"]["splits"], run.results[f"g{i}"]["blocks"]) for i in range(4)]
+    # resident 528, 264, 132, then 528 again (0 forgets the count): items = 128 x splits in one round
+    assert got == [("4", "512"), ("2", "256"), ("1", "128"), ("4", "512")]
+
+
 VIOLATIONS = {
     "deadlock": r"deadlock in block \(0,0,0\): no thread can continue\.(.|\n)*"
                 r"240 thread\(s\): __syncthreads at \S*selftest\.cu:\d+(.|\n)*"

@@ -349,19 +349,6 @@ def test_compare_section_pairs_old_and_new_figures():
     assert rows == ["| 1 | 63.6 -> 57.5 | 48.0 -> 48.0 | 27.3 -> 27.3 | 55.5 -> 55.5 | 950 -> 950 | 56 -> 48 |"]
 
 
-def test_gemv_split_has_no_tail_round():
-    # 128 tiles on 264 resident blocks: 2 splits, one round; on 100: 1 split, 2 rounds of 64 blocks.
-    assert kb.gemv_split(4096, 256, 264, 16) == (2, 256)
-    assert kb.gemv_split(4096, 256, 100, 16) == (1, 64)
-    # A narrow layer: each warp keeps >= 4 chunks, so 36 groups allow one split whatever is resident.
-    assert kb.gemv_split(576, 36, 264, 16) == (1, 18)
-    for rows, groups, resident in [(4096, 256, 660), (11008, 256, 132), (1536, 36, 7)]:
-        splits, grid = kb.gemv_split(rows, groups, resident, 16)
-        items = -(-rows // 32) * splits
-        rounds = -(-items // grid)
-        assert grid <= resident and grid * rounds - items < rounds
-
-
 def test_target_gap_says_by_how_much_and_where():
     rows = [dict(M=1, warp=16 * 12.0, bysrc={(0, "group"): (10, 16 * 4.0), (1, "split"): (5, 16 * 8.0)}),
             dict(M=16, warp=16 * 11.0, bysrc={(0, "group"): (10, 16 * 11.0)})]

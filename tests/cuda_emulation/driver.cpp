@@ -11,6 +11,8 @@
 //   gpu name=<a100|h100>   the emulated device's limits and SM count from now on (default h100)
 //   sms n=<SMs>            its SM count from now on
 //   dry_run on=<0|1>       check and log launches without running them
+//   registers kernel=<name> n=<registers>   ptxas's registers of a kernel instance, for the emulated
+//                          occupancy (name as "gemv_kernel<16,1,__half,true>": no spaces)
 //   tables id=            upload the split tables (device_split_tables) and compare with the host's
 //   decode|encode|search|dequantize|gemv|tiled_matmul|grad_input|grad_gemv|hadamard|hessian|
 //   encode_activations|wa_matmul id= ...
@@ -512,6 +514,10 @@ int main(int argc, char** argv) {
     }
     if (name == "gpu") {
       pvq_emulation::set_gpu(arg(args, "name") == "a100" ? pvq_emulation::a100() : pvq_emulation::h100());
+      continue;
+    }
+    if (name == "registers") {
+      pvq_emulation::set_kernel_registers(arg(args, "kernel"), int(int_arg(args, "n")));
       continue;
     }
     if (name == "dry_run") {

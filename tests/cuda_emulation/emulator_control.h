@@ -1,6 +1,7 @@
 // Settings of the emulated device (for the driver; kernels and launchers never see these).
 #pragma once
 #include <cstdio>
+#include <string>
 
 #include "occupancy.h"
 
@@ -19,5 +20,12 @@ void set_launch_log(std::FILE* log);
 
 // Check and log launches but run no block (for launch configurations of large shapes).
 void set_dry_run(bool dry_run);
+
+// Registers per thread of the kernel instance named `kernel` (as the demangled name spells it after
+// its namespace, spaces removed: "gemv_kernel<16,1,__half,true>"), as ptxas reports them for the
+// emulated GPU. cudaOccupancyMaxActiveBlocksPerMultiprocessor counts them from then on, so the
+// launchers size their grids as on that GPU; a kernel never named here has unknown registers, which
+// limit nothing. 0 forgets a count.
+void set_kernel_registers(const std::string& kernel, int registers);
 
 }  // namespace pvq_emulation

@@ -24,6 +24,7 @@ struct Device {
   std::FILE* launch_log = nullptr;
   bool dry_run = false;
   std::map<const void*, int> max_dynamic_smem;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
+  std::map<std::string, int> registers;         // set_kernel_registers, by name without spaces
 };
 
 Device& device() {
@@ -93,6 +94,29 @@ void set_dry_run(bool dry_run) {
   std::lock_guard<std::mutex> lock(device().mutex);
   device().dry_run = dry_run;
 }
+
+void set_kernel_registers(const std::string& kernel, int registers) {
+  std::lock_guard<std::mutex> lock(device().mutex);
+  if (registers > 0)
+    device().registers[kernel] = registers;
+  else
+    device().registers.erase(kernel);
+}
+
+namespace {
+
+// The registers set_kernel_registers gave the kernel whose demangled name is `name`, else 0.
+int kernel_registers(const std::string& name) {
+  std::string compact;
+  for (char c : name)
+    if (c != ' ') compact += c;
+  std::lock_guard<std::mutex> lock(device().mutex);
+  for (const auto& [kernel, registers] : device().registers)
+    if (compact.find("::" + kernel + "(") != std::string::npos) return registers;
+  return 0;
+}
+
+}  // namespace
 
 cudaError_t run_kernel(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem,
                        const std::function<void()>& thread_body) {
@@ -200,13 +224,15 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
   return cudaSuccess;
 }
 
-// Registers are unknown here (they are ptxas's decision), so only threads, shared memory and block
-// slots limit the answer; bench/kernel_static.py gives the register-limited numbers.
+// Registers are ptxas's decision: unknown here unless the driver was told them
+// (set_kernel_registers, as bench/kernel_static.py and bench/kernel_budget.py do); unknown, only
+// threads, shared memory and block slots limit the answer.
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void* func, int block_size,
                                                                    size_t dynamic_smem, unsigned int) {
-  const size_t static_smem = pvq_emulation::kernel_symbols(func).static_smem;
-  *blocks = pvq_emulation::occupancy(pvq_emulation::gpu(), block_size, 0, static_smem, dynamic_smem,
-                                     pvq_emulation::dynamic_smem_limit(func, static_smem))
+  const pvq_emulation::KernelSymbols& k = pvq_emulation::kernel_symbols(func);
+  *blocks = pvq_emulation::occupancy(pvq_emulation::gpu(), block_size, pvq_emulation::kernel_registers(k.name),
+                                     k.static_smem, dynamic_smem,
+                                     pvq_emulation::dynamic_smem_limit(func, k.static_smem))
                 .blocks_per_sm;
   return cudaSuccess;
 }
