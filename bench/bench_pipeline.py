@@ -1,6 +1,6 @@
 """Where the time of one calibrated quantize_model run goes, on the default model.
 
-Times the pipeline's stages by wrapping them (one run, fp targets on, as the CLI does):
+Times the pipeline's stages by wrapping them (one run, fp targets on: every stage there is, the opt-in ones too):
 the fp model's pass over each block, the Hessian accumulation, the fp-target shift products, the
 forwards that make the o/down inputs and the block outputs, and the per-layer quantization.
 Stages nest (quantization includes the fp-target weight), so the rows do not add up to the total:

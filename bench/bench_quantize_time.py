@@ -1,5 +1,6 @@
 """How long model quantization takes: quantize_model(..., "pvq-3.25", fp_targets=True) on randomly
-initialised Llama models of real shapes, built offline (no weights or tokenizer are read).
+initialised Llama models of real shapes, built offline (no weights or tokenizer are read). fp targets
+are opt-in; with them on, the times bound the default's (one more forward per block).
 
 Models (``--models``):
 - ``smollm2-135m``: SmolLM2-135M's architecture, the config of the default model as converted from

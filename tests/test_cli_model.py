@@ -20,10 +20,18 @@ def tiny(tmp_path_factory):
     return root
 
 
+def test_fp_targets_default_per_method():
+    from pvq_cuda.apps.jobs import fp_targets_for
+    assert fp_targets_for("gptq-int4", None) and fp_targets_for("gptq-rot-int3-g64", None)
+    assert not fp_targets_for("pvq", None) and not fp_targets_for("rtn-int4", None)
+    assert fp_targets_for("pvq", True) and not fp_targets_for("gptq-int4", False)
+    assert not fp_targets_for("pvq-datafree", True) and not fp_targets_for("rtn-int4", True)  # no Hessian
+
+
 def test_quantize_then_eval(tiny, capsys):
     out = tiny / "out"
     rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
-               "--baselines", "none", "--no-progress", "--out", str(out)])
+               "--baselines", "gptq-int4", "--no-progress", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     lines = captured.out.strip().splitlines()
@@ -33,7 +41,8 @@ def test_quantize_then_eval(tiny, capsys):
     log = json.loads((out / "quantization_log.json").read_text())
     run = log["runs"]["pvq:pvq-3.25"]
     assert len(run["layers"]) == 14 and all("loss" in e and "seconds" in e for e in run["layers"])
-    assert run["fp_targets"] is True  # the CLI default
+    # the CLI's default per method (README: levers out of domain): off for PVQ, on for GPTQ
+    assert run["fp_targets"] is False and log["runs"]["gptq-int4"]["fp_targets"] is True
     text = log["data"]["sources"][str(tiny / "text.txt")]
     assert log["data"]["nsamples"] == 4 and text["calibration_tokens"][1] <= text["evaluation_tokens"][0]
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
@@ -116,7 +125,7 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path, capsys):
 
 def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
     rc = main(["compare", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
-               "--config", "pvq-3.25", "--bpw", "2.5,3.5", "--refine-passes", "1", "--no-progress",
+               "--config", "pvq-3.25", "--bpw", "2.5,3.5", "--refine-passes", "1", "--fp-targets", "--no-progress",
                "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0

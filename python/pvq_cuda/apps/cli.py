@@ -98,9 +98,11 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-passes", type=_non_negative, default=0, metavar="N",
                    help="PVQ: N coordinate-descent passes over each layer's groups after error feedback "
                         "(lowers the layer loss ~6%% with N=2; default 0)")
-    p.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize each layer toward the unquantized model's outputs (asymmetric calibration; "
-                        "one more forward per block; every Hessian method, baselines included; default on)")
+                        "one more forward per block; any Hessian method). Default: per method, as measured on "
+                        "text calibration never saw (README, levers out of domain): on for the GPTQ baselines, "
+                        "off for PVQ; --fp-targets / --no-fp-targets set it for every run")
     p.add_argument("--batch-size", type=_positive, default=8, help="calibration windows per forward pass (default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", help="output directory")

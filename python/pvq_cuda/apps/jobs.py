@@ -150,6 +150,17 @@ def _labels(method: str, preset: str | None, log: dict | None) -> tuple[str, str
     return f"PVQ {preset}", "PVQ (Hessian-aware unavailable)", "quantize_weight took no Hessian: data-free"
 
 
+def fp_targets_for(method: str, requested: bool | None) -> bool:
+    """Whether a run of ``method`` quantizes toward the fp model's outputs: as requested
+    (``--fp-targets`` / ``--no-fp-targets``), else per method as measured on the texts calibration
+    never read (README, "The same levers out of domain"): on for the GPTQ baselines, which they
+    improve there by far, off for PVQ, where they fit the calibration text and did not help the
+    others. Only methods with a Hessian take them."""
+    if requested is None:
+        requested = parse_method(method).kind != "pvq"
+    return uses_fp_targets(method, requested)
+
+
 def _run_options(job: Job, method: str, preset: str | None, log_path: Path | None) -> dict:
     """quantize_model's keyword arguments for one row."""
     args = job.args
@@ -159,7 +170,8 @@ def _run_options(job: Job, method: str, preset: str | None, log_path: Path | Non
     return dict(config=DEFAULT_PRESET if rate is not None else preset or DEFAULT_PRESET, bpw=rate, method=method,
                 ignore=args.ignore, device=job.device, act_config=act,
                 offload=args.offload, act_order=args.act_order, metric_search=args.metric_search and m.kind == "pvq",
-                refine_passes=args.refine_passes, fp_targets=args.fp_targets, progress=not args.no_progress,
+                refine_passes=args.refine_passes, fp_targets=fp_targets_for(method, args.fp_targets),
+                progress=not args.no_progress,
                 batch_size=args.batch_size, seed=args.seed, log_path=log_path,
                 calibration_info=job.data_info if m.hessian else None)
 
@@ -197,7 +209,7 @@ def run_methods(job: Job, runs: list[tuple[str, str | None, Path | None]], fp32:
     ``keep_base=False`` the last run quantizes the job's model itself."""
 
     def shares(k: int) -> bool:
-        return not job.args.resume and uses_fp_targets(runs[k][0], job.args.fp_targets)
+        return not job.args.resume and fp_targets_for(runs[k][0], job.args.fp_targets)
 
     todo = list(range(len(runs)))
     while todo:
