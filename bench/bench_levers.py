@@ -5,15 +5,19 @@ Each run copies the fp32 model, quantizes it with ``quantize_model`` under one s
 held-out perplexity on every evaluation text (default: the five text domains; calibration: the
 Jargon File, 32 x 512 tokens, seed 0, as ``pvq-cuda quantize``). A setting is ``D,K,gain_bits``
 followed by any of ``ao`` (act-order), ``ms`` (metric search), ``fp`` (fp targets),
-``refine=<passes>``, ``seed=<rotation seed>``, ``damp=<lambda>``, ``n=<calibration windows>``:
+``refine=<passes>``, ``seed=<rotation seed>``, ``damp=<lambda>``, ``n=<calibration windows>``,
+``calib=<text>+<text>...`` (calibration texts, a mix drawn as ``pvq-cuda quantize --calib`` draws
+it; default ``--calib``):
 
     python bench/bench_levers.py 16,30,2,fp 16,30,2 16,30,2,fp,n=64 8,16,2,fp --out levers.md
+    python bench/bench_levers.py 16,30,2 16,30,2,calib=jargon+python-docs --out levers-mix.md
 
 The first setting is the reference. Every other row is compared with it *paired*: on the same
 held-out windows of each text, the per-window differences of log-perplexity give the ratio's
 standard error (:func:`pvq_cuda.apps.evaluate.ratio_standard_error`), so a lever's effect is told
-apart from the spread of the text. "out of domain" is the geometric mean over the evaluation texts
-that no setting calibrated on; its standard error adds the texts' in quadrature. Each row also
+apart from the spread of the text. Every setting is evaluated on the same held-out windows
+(each text's tail, which no calibration draws from). "out of domain" is the geometric mean over
+the evaluation texts that no setting calibrated on; its standard error adds the texts' in quadrature. Each row also
 reports the mean per-layer loss (the H-weighted relative error of a layer on its calibration
 inputs).
 """
@@ -56,6 +60,8 @@ def parse_setting(text: str) -> tuple[PVQConfig, dict]:
             kwargs["refine_passes"] = int(flag[7:])
         elif flag.startswith("n="):
             kwargs["nsamples"] = int(flag[2:])
+        elif flag.startswith("calib="):
+            kwargs["calib"] = flag[6:].replace("+", ",")
         else:
             raise SystemExit(f"setting {text!r}: unknown flag {flag!r}")
     return PVQConfig(D=D, K=K, scale_bits=bits, seed=seed), kwargs
@@ -80,8 +86,8 @@ def _fmt(ratio: float, se: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("settings", nargs="+",
-                        help="D,K,gain_bits[,ao][,ms][,fp][,refine=N][,seed=S][,damp=L][,n=WINDOWS]; the first is "
-                             "the reference")
+                        help="D,K,gain_bits[,ao][,ms][,fp][,refine=N][,seed=S][,damp=L][,n=WINDOWS]"
+                             "[,calib=TEXT+TEXT]; the first is the reference")
     parser.add_argument("--calib", default=CALIBRATION_DOMAIN, help="calibration texts (as pvq-cuda quantize)")
     parser.add_argument("--eval", default=",".join(EVALUATION_DOMAINS), help="evaluation texts")
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (a setting's n= overrides)")
@@ -91,21 +97,22 @@ def main() -> None:
     args = parser.parse_args()
     runs = [(s, *parse_setting(s)) for s in args.settings]
 
-    def job_for(nsamples: int):
-        return prepare(argparse.Namespace(model=None, calib=args.calib, eval=args.eval, nsamples=nsamples,
+    def job_for(nsamples: int, calib: str):
+        return prepare(argparse.Namespace(model=None, calib=calib, eval=args.eval, nsamples=nsamples,
                                           seqlen=args.seqlen, eval_windows=args.eval_windows, eval_seqlen=None,
                                           seed=0, device="cpu"))
 
-    jobs = {args.nsamples: job_for(args.nsamples)}
-    job = jobs[args.nsamples]
+    jobs = {(args.nsamples, args.calib): job_for(args.nsamples, args.calib)}
+    job = jobs[(args.nsamples, args.calib)]
     texts = list(job.evaluation)
-    calibrated = set(args.calib.split(","))
+    calibrated = set(args.calib.split(",")).union(*(k.get("calib", args.calib).split(",") for _, _, k in runs))
     outside = [t for t in texts if t not in calibrated]
     fp32 = {t: perplexity(job.lm.model, w) for t, w in job.evaluation.items()}
     fp32_nll = {t: e["window_nll"] for t, e in fp32.items()}
     lines = [f"# PVQ levers out of domain on {job.lm.name}, CPU ({torch.get_num_threads()} threads), "
              f"{datetime.date.today()}, commit {git_commit()}", "",
-             f"Calibration: {args.calib}, {args.nsamples} x {args.seqlen} tokens unless a setting says n=, seed 0. "
+             f"Calibration: {args.calib}, {args.nsamples} x {args.seqlen} tokens unless a setting says n= or calib=, "
+             "seed 0. "
              f"Evaluation: {args.eval_windows} x {args.seqlen} held-out tokens of each of {', '.join(texts)}; "
              f"out of domain = {', '.join(outside)}. fp32 perplexity: "
              + ", ".join(f"{t} {e['perplexity']:.2f}" for t, e in fp32.items()) + ".", "",
@@ -117,12 +124,12 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     ref_nll = None
     for text, config, kwargs in runs:
-        n = kwargs.pop("nsamples", args.nsamples)
-        if n not in jobs:
-            jobs[n] = job_for(n)
+        key = (kwargs.pop("nsamples", args.nsamples), kwargs.pop("calib", args.calib))
+        if key not in jobs:
+            jobs[key] = job_for(*key)
         model = copy.deepcopy(job.lm.model)
         t0 = time.perf_counter()
-        log = quantize_model(model, jobs[n].calibration, config, progress=False, **kwargs)
+        log = quantize_model(model, jobs[key].calibration, config, progress=False, **kwargs)
         seconds = time.perf_counter() - t0
         nll = {t: perplexity(model, w)["window_nll"] for t, w in job.evaluation.items()}
         cells = []
