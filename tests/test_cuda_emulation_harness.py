@@ -166,6 +166,37 @@ def test_kernel_registers_limit_the_emulated_occupancy(tmp_path):
     assert got == [("4", "512"), ("2", "256"), ("1", "128"), ("4", "512")]
 
 
+@pytest.mark.parametrize("rows, sms, registers", [(11008, 132, 64), (4096, 108, 64), (4096, 132, 128),
+                                                   (1000, 7, 64), (64, 132, 64)])
+def test_gemv_split_minimises_rounds_per_split(rows, sms, registers, tmp_path):
+    """plan_gemv's split S minimises a block's time, rounds / S with rounds = ceil(tiles S / resident),
+    the smallest S on a tie, each warp keeping >= 4 chunks (S <= groups / 64), and its grid runs every
+    block rounds or rounds - 1 items. 11008 rows (344 tiles) on 264 resident blocks: S = 3, 4 rounds
+    (1.33 tiles' worth a block) where S = 1 took 2."""
+    require_toolchain()
+    cols, D, bits = 4096, 16, 52
+    layer = dict(codes=f"zeros:{4 * -(-rows // 32) * (cols // D) * bits}", row_scale=f"zeros:{2 * rows}",
+                 levels="zeros:16", rows=rows, groups=cols // D, D=D, K=30, bits=bits, index_bits=50,
+                 count=2**50 - 1)
+    m = emulation.Manifest(tmp_path)
+    m.command("sms", n=sms)
+    m.command("dry_run", on=1)
+    m.command("registers", kernel="gemv_kernel<16,1,float,true>", n=registers)
+    m.command("gemv", id="g", kind="float32", M=1, x=f"zeros:{4 * cols}", bias="none", out="none", **layer)
+    run = emulation.run(emulation.build("plain"), m)
+    assert run.returncode == 0, run.describe()
+    resident = sms * (65536 // (registers * 512))
+    tiles = -(-rows // 32)
+    costs = {s: -(-tiles * s // resident) / s for s in range(1, (cols // D) // 64 + 1)}
+    want = min(costs, key=lambda s: (costs[s], s))
+    splits, blocks = int(run.results["g"]["splits"]), int(run.results["g"]["blocks"])
+    assert splits == want, (splits, costs)
+    items, rounds = tiles * splits, -(-tiles * splits // resident)
+    assert blocks <= resident and -(-items // blocks) == rounds and blocks * rounds - items < rounds
+    if rows == 11008:
+        assert (splits, rounds) == (3, 4)
+
+
 VIOLATIONS = {
     "deadlock": r"deadlock in block \(0,0,0\): no thread can continue\.(.|\n)*"
                 r"240 thread\(s\): __syncthreads at \S*selftest\.cu:\d+(.|\n)*"
