@@ -67,12 +67,17 @@ def parse_setting(text: str) -> tuple[PVQConfig, dict]:
     return PVQConfig(D=D, K=K, scale_bits=bits, seed=seed), kwargs
 
 
+def perplexity_ratio(nll: list[float], ref_nll: list[float]) -> float:
+    """Perplexity over the windows of ``nll`` divided by that of ``ref_nll`` (the same windows)."""
+    return math.exp(sum(nll) / len(nll) - sum(ref_nll) / len(ref_nll))
+
+
 def paired_geo_mean(nll: dict, ref_nll: dict, texts: list[str]) -> tuple[float, float | None]:
     """Geometric mean over ``texts`` of the perplexity ratio against the reference on the same windows,
     and its standard error (the texts' relative errors in quadrature, divided by their number)."""
     ratios, rel = [], []
     for t in texts:
-        ratios.append(math.exp(sum(nll[t]) / len(nll[t]) - sum(ref_nll[t]) / len(ref_nll[t])))
+        ratios.append(perplexity_ratio(nll[t], ref_nll[t]))
         se = ratio_standard_error(nll[t], ref_nll[t])
         rel.append(None if se is None else se / ratios[-1])
     g = geometric_mean(ratios)
@@ -132,10 +137,8 @@ def main() -> None:
         log = quantize_model(model, jobs[key].calibration, config, progress=False, **kwargs)
         seconds = time.perf_counter() - t0
         nll = {t: perplexity(model, w)["window_nll"] for t, w in job.evaluation.items()}
-        cells = []
-        for t in texts:
-            ratio = math.exp(sum(nll[t]) / len(nll[t]) - sum(fp32_nll[t]) / len(fp32_nll[t]))
-            cells.append(_fmt(ratio, ratio_standard_error(nll[t], fp32_nll[t])))
+        cells = [_fmt(perplexity_ratio(nll[t], fp32_nll[t]), ratio_standard_error(nll[t], fp32_nll[t]))
+                 for t in texts]
         out_fp32 = paired_geo_mean(nll, fp32_nll, outside)
         ref_nll = ref_nll or nll
         vs_out = paired_geo_mean(nll, ref_nll, outside)

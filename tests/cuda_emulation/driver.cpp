@@ -193,6 +193,17 @@ std::string run_dequantize(const Args& a) {
   return result(err);
 }
 
+// The fused GEMV as the glue runs it on device buffers: plan_gemv (into *plan), a workspace,
+// launch_gemv.
+cudaError_t gemv_on_device(const Layer& layer, const void* x, FloatKind kind, int64_t M, const void* bias,
+                           FloatKind bias_kind, void* out, pvq_cuda::GemvPlan* plan) {
+  const cudaError_t err = pvq_cuda::plan_gemv(layer.view, layer.D, kind, bias_kind, M, plan);
+  if (err != cudaSuccess) return err;
+  DeviceBuffer workspace(size_t(plan->workspace_floats) * sizeof(float));
+  return pvq_cuda::launch_gemv(device_tables(), layer.view, layer.D, x, kind, M, bias, bias_kind, out,
+                               workspace.get<float>(), *plan, nullptr);
+}
+
 std::string run_gemv(const Args& a) {
   Layer layer(a);
   const FloatKind kind = kind_arg(a, "kind");
@@ -203,11 +214,8 @@ std::string run_gemv(const Args& a) {
   std::unique_ptr<DeviceBuffer> bias;
   if (has_bias) bias = std::make_unique<DeviceBuffer>(read_file(arg(a, "bias")));
   pvq_cuda::GemvPlan plan;
-  cudaError_t err = pvq_cuda::plan_gemv(layer.view, layer.D, kind, bias_kind, M, &plan);
-  if (err != cudaSuccess) return result(err);
-  DeviceBuffer workspace(size_t(plan.workspace_floats) * sizeof(float));
-  err = pvq_cuda::launch_gemv(device_tables(), layer.view, layer.D, x.get(), kind, M, has_bias ? bias->get() : nullptr,
-                              bias_kind, out.get(), workspace.get<float>(), plan, nullptr);
+  const cudaError_t err = gemv_on_device(layer, x.get(), kind, M, has_bias ? bias->get() : nullptr, bias_kind,
+                                         out.get(), &plan);
   out.save(arg(a, "out"));
   std::ostringstream s;
   s << result(err) << " staged=" << int(plan.staged) << " splits=" << plan.splits << " blocks=" << plan.blocks
@@ -417,12 +425,8 @@ std::string run_wa_matmul(const Args& a) {
   std::ostringstream s;
   if (M <= pvq_cuda::kGemvMaxBatch) {
     pvq_cuda::GemvPlan plan;
-    err = pvq_cuda::plan_gemv(layer.view, layer.D, FloatKind::kFloat32, FloatKind::kFloat32, M, &plan);
-    if (err != cudaSuccess) return result(err);
-    DeviceBuffer workspace(size_t(plan.workspace_floats) * sizeof(float));
-    err = pvq_cuda::launch_gemv(device_tables(), layer.view, layer.D, xhat.get(), FloatKind::kFloat32, M,
-                                has_bias ? bias->get() : nullptr, FloatKind::kFloat32, out.get(),
-                                workspace.get<float>(), plan, nullptr);
+    err = gemv_on_device(layer, xhat.get(), FloatKind::kFloat32, M, has_bias ? bias->get() : nullptr,
+                         FloatKind::kFloat32, out.get(), &plan);
     s << " path=gemv staged=" << int(plan.staged) << " splits=" << plan.splits;
   } else {
     const int64_t tile_rows = pvq_cuda::dense_tile_rows(rows, n, int_arg(a, "tile_weights"));
