@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 import pvq_cuda  # noqa: E402
+from pvq_cuda.pipeline.finetune import _Teacher  # noqa: E402
 from tiny_llama import logits, quantize_quietly, random_ids, tiny_model  # noqa: E402
 
 
@@ -81,8 +82,9 @@ def test_an_error_leaves_the_model_as_it_came():
             raise RuntimeError("teacher failed")
         return original(*args, **kwargs)
 
-    original = reference.forward
-    reference.forward = failing_forward
+    # The teacher's head runs every step (its decoder once per window): fail in the second step.
+    original = reference.lm_head.forward
+    reference.lm_head.forward = failing_forward
     with pytest.raises(RuntimeError, match="teacher failed"):
         pvq_cuda.finetune_scales(model, reference, random_ids(4, 16, seed=3), steps=5, lr=1e-2, progress=False)
     after = model.state_dict()
@@ -91,11 +93,95 @@ def test_an_error_leaves_the_model_as_it_came():
     assert len(pvq_layers(model)) == 14  # the packed layers are back in place
 
 
+def block_outputs(model, calib: torch.Tensor, batch_size: int) -> list[list[torch.Tensor]]:
+    """Each decoder block's output on each chunk of ``batch_size`` windows, from the model's own forward."""
+    outs = [[] for _ in model.model.layers]
+    hooks = [b.register_forward_hook(lambda m, a, out, i=i: outs[i].append(out[0] if isinstance(out, tuple) else out))
+             for i, b in enumerate(model.model.layers)]
+    try:
+        for c in range(0, len(calib), batch_size):
+            logits(model, calib[c:c + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def test_block_stage_measures_each_block_against_the_unquantized_stream():
+    """With a vanishing learning rate nothing moves, so each block's first-epoch loss must be the
+    relative squared error between the quantized model's block output (on its own stream) and the
+    unquantized model's, as the two models compute them in a plain forward."""
+    model, reference = quantized_pair(6)
+    calib = random_ids(8, 24, seed=13)
+    q, r = block_outputs(model, calib, 4), block_outputs(reference, calib, 4)
+    expected = [sum(float((a - b).square().mean() / b.square().mean()) for a, b in zip(qs, rs)) / len(qs)
+                for qs, rs in zip(q, r)]
+    log = pvq_cuda.finetune_scales(model, reference, calib, steps=0, block_epochs=1, lr=1e-12, batch_size=4,
+                                   progress=False)
+    assert log["steps"] == 0 and log["kl_train_first"] is None
+    assert [first for first, _ in log["block_loss"]] == pytest.approx(expected, rel=1e-3)
+    assert all(e > 1e-4 for e in expected)  # the quantization error is there to be measured
+
+
+def test_block_stage_lowers_each_blocks_error_and_the_kl():
+    model, reference = quantized_pair(7)
+    before = packed_state(model)
+    calib = random_ids(10, 32, seed=14)
+    log = pvq_cuda.finetune_scales(model, reference, calib, steps=0, block_epochs=4, lr=1e-2, batch_size=4,
+                                   held_out=2, progress=False)
+    assert len(log["block_loss"]) == len(model.model.layers)
+    assert all(last < first for first, last in log["block_loss"])
+    assert log["kl_held_out_after"] < log["kl_held_out_before"]
+    assert log["kl_held_out_after_blocks"] == log["kl_held_out_after"]  # no end-to-end steps
+    after = model.state_dict()
+    for name in pvq_layers(model):
+        assert torch.equal(after[f"{name}.codes"], before[f"{name}.codes"])
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.endswith("row_scale"))
+
+
+def test_teacher_runs_the_decoder_once_per_window_and_gives_the_models_logits():
+    reference = tiny_model(4)
+    calib = random_ids(5, 16, seed=5)
+    decoder_windows = []
+    reference.get_decoder().register_forward_hook(lambda m, a, k, out: decoder_windows.append(len(out[0])),
+                                                  with_kwargs=True)
+    teacher = _Teacher(reference, calib, "cpu")
+    seen = []
+    for rows in ([0, 1], [1, 2], [2, 0], [4]):
+        got = teacher.logits(rows)
+        seen.append(list(decoder_windows))
+        decoder_windows.clear()
+        assert torch.equal(got, logits(reference, calib[rows]))
+        decoder_windows.clear()
+    assert teacher.split is not None
+    # 2 for the first batch and 2 in the whole forward that checks it; then only the new windows
+    assert seen == [[2, 2], [1], [], [1]]
+
+
+def test_teacher_runs_whole_when_the_model_changes_logits_after_its_head():
+    reference = tiny_model(5)
+    calib = random_ids(3, 16, seed=6)
+    original = reference.forward
+
+    def capped(*args, **kwargs):  # as Gemma-2's final logit softcapping does
+        out = original(*args, **kwargs)
+        out.logits = 30 * torch.tanh(out.logits / 30)
+        return out
+
+    reference.forward = capped
+    teacher = _Teacher(reference, calib, "cpu")
+    for rows in ([0, 1], [2]):
+        assert torch.equal(teacher.logits(rows), capped(input_ids=calib[rows]).logits)
+    assert teacher.split is None and not teacher.hidden
+
+
 def test_bad_input():
     model, reference = quantized_pair(3)
     calib = random_ids(4, 16, seed=4)
-    with pytest.raises(ValueError, match="steps must be a positive int"):
+    with pytest.raises(ValueError, match=r"steps must be a positive int \(or 0 with block_epochs\)"):
         pvq_cuda.finetune_scales(model, reference, calib, steps=0)
+    with pytest.raises(ValueError, match="block_epochs must be an int >= 0"):
+        pvq_cuda.finetune_scales(model, reference, calib, block_epochs=-1)
     with pytest.raises(ValueError, match="lr must be a positive number"):
         pvq_cuda.finetune_scales(model, reference, calib, lr=float("nan"))
     with pytest.raises(ValueError, match=r"held_out must be an int in \[0, 3\]"):

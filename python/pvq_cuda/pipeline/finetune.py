@@ -8,6 +8,12 @@ magnitude and a row scale never changes sign. The loss is the KL divergence of t
 model's next-token distribution from the original's, over the calibration tokens (the teacher
 runs beside it, no labels needed).
 
+Two stages, as QuIP# and AQLM fine-tune: first block by block (``block_epochs``), each decoder
+block's factors trained so that the block, fed the quantized model's own activations, reproduces
+the unquantized block's outputs on the unquantized activations (relative squared error, the
+blocks in order, so each stage starts from what the blocks before it now give); then end to end
+(``steps``), the KL above.
+
 How: during training each PVQLinear is stood in for by a dense twin (``_ScaledDirections``) that
 keeps the layer's decoded directions, ``base[i, g·D:(g+1)·D] = y/‖y‖`` in the rotated basis, and
 rebuilds its weight as ``row_scale[i] · levels[gain[i, g]] · base`` with the trainable factors,
@@ -27,8 +33,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..format.weight import PVQWeight
+from ..layers.decoder import decoder_layers
 from ..layers.linear import PVQLinear
 from ..ops import dequantize_packed, hadamard_transform
+from .capture import block_inputs, first
 
 
 class _ScaledDirections(nn.Module):
@@ -97,6 +105,51 @@ def _swap(model: nn.Module, old_to_new: dict[int, nn.Module]) -> None:
                 setattr(parent, name, old_to_new[id(child)])
 
 
+class _Teacher:
+    """The reference model's logits on calibration windows, running its decoder once per window.
+
+    Training cycles over the windows (40 steps of 4 over 28 windows read each about six times), and
+    by flops the teacher's forward is one of a step's four forward-sized passes (the student's
+    forward, and its backward to the inputs and to the weights are the others). So each window's
+    final hidden states are kept (seqlen × hidden floats, 33 MB for
+    SmolLM2's 28 windows) and only the output head runs again. That split is used only where it
+    gives the model's own logits bit for bit, checked on the first batch: a model that scales or caps
+    its logits after the head (Gemma-2's softcapping) is run whole every time instead."""
+
+    def __init__(self, reference: nn.Module, windows: torch.Tensor, device) -> None:
+        self.reference, self.windows, self.device = reference, windows, device
+        try:
+            decoder, head = reference.get_decoder(), reference.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            decoder = head = None
+        self.split = (decoder, head) if isinstance(decoder, nn.Module) and isinstance(head, nn.Module) else None
+        self.hidden: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def logits(self, rows: list[int]) -> torch.Tensor:
+        ids = self.windows[rows].to(self.device)
+        if self.split is None:
+            return self.reference(input_ids=ids).logits
+        decoder, head = self.split
+        if not self.hidden:  # the first batch: does the split give the model's logits?
+            whole = self.reference(input_ids=ids).logits
+            try:
+                hidden = decoder(input_ids=ids).last_hidden_state
+                split = head(hidden)
+            except Exception:  # a decoder that takes or returns something else: run it whole
+                split = None
+            if split is None or not torch.equal(split, whole):
+                self.split = None
+                return whole
+            self.hidden.update(zip(rows, hidden.unbind(0)))
+            return split
+        missing = [r for r in dict.fromkeys(rows) if r not in self.hidden]
+        if missing:
+            self.hidden.update(zip(missing, decoder(input_ids=self.windows[missing].to(self.device))
+                                   .last_hidden_state.unbind(0)))
+        return head(torch.stack([self.hidden[r] for r in rows]))
+
+
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher ‖ student) in nats."""
     t = F.log_softmax(teacher_logits.float(), dim=-1)
@@ -104,9 +157,62 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
+def _finetune_blocks(model: nn.Module, reference: nn.Module, windows: torch.Tensor, params_of, set_norms, *,
+                     epochs: int, lr: float, batch_size: int, device, bar) -> list[tuple[float, float]]:
+    """The block-by-block stage: for each decoder block in order, ``epochs`` passes of Adam over
+    the windows (``batch_size`` a step) on the relative squared error between the block's output on
+    the quantized stream and the unquantized block's output on the unquantized stream; then both
+    streams move one block on. ``params_of(block)`` gives the block's trainable log-factors.
+    Returns each block's mean loss over its first and its last epoch."""
+    q_layers, r_layers = decoder_layers(model, "finetune_scales"), decoder_layers(reference, "finetune_scales")
+    if len(q_layers) != len(r_layers):
+        raise ValueError(f"finetune_scales: model has {len(q_layers)} decoder blocks and reference "
+                         f"{len(r_layers)}: the reference must be the same model unquantized")
+    chunks = [windows[i:i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
+    with torch.no_grad():
+        set_norms()
+        caught = [block_inputs(model, q_layers, c) for c in chunks]
+        q_in = [h for h, _ in caught]
+        extras = [e for _, e in caught]  # each block's other arguments (masks, rotary embeddings) per chunk
+        r_in = [block_inputs(reference, r_layers, c)[0] for c in chunks]
+    losses = []
+    for i, (q_block, r_block) in enumerate(zip(q_layers, r_layers)):
+
+        def run(block: nn.Module, h: torch.Tensor, c: int) -> torch.Tensor:
+            args, kwargs = extras[c][i]
+            return first(block(h, *args, **kwargs))
+
+        with torch.no_grad():
+            targets = [run(r_block, h, c) for c, h in enumerate(r_in)]
+        params = params_of(q_block)
+        per_epoch = []
+        if params:
+            opt = torch.optim.Adam(params, lr=lr)
+            for _ in range(epochs):
+                total = 0.0
+                for c, h in enumerate(q_in):
+                    set_norms()
+                    t = targets[c]
+                    loss = (run(q_block, h, c) - t).square().mean() / t.square().mean().clamp_min(1e-30)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach())
+                per_epoch.append(total / len(q_in))
+        losses.append((per_epoch[0], per_epoch[-1]) if per_epoch else (float("nan"), float("nan")))
+        with torch.no_grad():
+            set_norms()
+            q_in = [run(q_block, h, c) for c, h in enumerate(q_in)]
+        r_in = targets
+        if bar is not None:
+            bar.set_postfix(block=f"{i + 1}/{len(q_layers)}")
+            bar.update()
+    return losses
+
+
 def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.Tensor, *, steps: int = 100,
                     lr: float = 1e-3, batch_size: int = 4, norms: bool = True, held_out: int = 0,
-                    progress: bool = True) -> dict:
+                    block_epochs: int = 0, progress: bool = True) -> dict:
     """Train the row scales and gain levels of ``model``'s PVQ layers (and its norm weights, with
     ``norms``) toward ``reference``, the same model unquantized; the codes stay. In place.
 
@@ -115,18 +221,26 @@ def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.T
         reference: the unquantized model (same architecture), the teacher; not changed.
         calibration: token ids, int64 ``[nsamples, seqlen]``; the last ``held_out`` windows are not
             trained on and give the held-out KL before and after.
-        steps: optimizer steps (Adam), each on ``batch_size`` windows, cycling through them.
-        lr: Adam's learning rate on the log-factors (1e-3: about 0.1 % per step at most).
+        steps: end-to-end optimizer steps (Adam), each on ``batch_size`` windows, cycling through
+            them; 0 with ``block_epochs`` for the block stage alone.
+        lr: Adam's learning rate on the log-factors (1e-3: about 0.1 % per step at most), both stages.
+        block_epochs: passes over the training windows per decoder block in the block-by-block
+            stage before the end-to-end one (0: none). Needs a causal LM whose blocks are
+            ``model.model.layers``.
 
     Returns:
         ``{"steps", "seconds", "trained_parameters", "kl_train_first", "kl_train_last",
-        "kl_held_out_before", "kl_held_out_after"}`` (KL in nats per token; held-out ones None
-        without ``held_out``).
+        "kl_held_out_before", "kl_held_out_after", "block_epochs", "block_seconds", "block_loss",
+        "kl_held_out_after_blocks"}`` (KL in nats per token; held-out ones None without
+        ``held_out``; train ones None without ``steps``; ``block_loss``: each block's mean relative
+        squared error over its first and last epoch).
     """
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
         raise ValueError("finetune_scales: calibration must be int64 token ids [nsamples, seqlen]")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"finetune_scales: steps must be a positive int, got {steps!r}")
+    if not isinstance(block_epochs, int) or isinstance(block_epochs, bool) or block_epochs < 0:
+        raise ValueError(f"finetune_scales: block_epochs must be an int >= 0, got {block_epochs!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < (0 if block_epochs else 1):
+        raise ValueError(f"finetune_scales: steps must be a positive int (or 0 with block_epochs), got {steps!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"finetune_scales: lr must be a positive number, got {lr!r}")
     if not isinstance(held_out, int) or not 0 <= held_out < calibration.shape[0]:
@@ -140,7 +254,7 @@ def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.T
                          "setting act_config")
     t0 = time.perf_counter()
     device = layers[0].codes.device
-    train, test = calibration[:calibration.shape[0] - held_out], calibration[calibration.shape[0] - held_out:]
+    n_train = calibration.shape[0] - held_out
 
     twins = {id(m): _ScaledDirections(m) for m in layers}
     norm_params = _norms(model) if norms else []
@@ -159,39 +273,56 @@ def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.T
                 delattr(mod, attr)
                 setattr(mod, attr, (w0.float() * t.exp()).to(w0.dtype))  # a tensor for this forward
 
-        def kl_on(ids: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                teacher = reference(input_ids=ids.to(device)).logits
+        teacher = _Teacher(reference, calibration, device)
+
+        def kl_on(rows: list[int]) -> torch.Tensor:
+            target = teacher.logits(rows)
             set_norms()
-            return _kl(model(input_ids=ids.to(device)).logits, teacher)
+            return _kl(model(input_ids=calibration[rows].to(device)).logits, target)
 
         def held_out_kl() -> float | None:
-            if not len(test):
+            if not held_out:
                 return None
+            rows = list(range(n_train, len(calibration)))
             with torch.no_grad():
-                return float(sum(kl_on(test[i:i + batch_size]) * len(test[i:i + batch_size])
-                                 for i in range(0, len(test), batch_size)) / len(test))
+                return float(sum(kl_on(rows[i:i + batch_size]) * len(rows[i:i + batch_size])
+                                 for i in range(0, len(rows), batch_size)) / len(rows))
 
-        params = [p for t in twins.values() for p in (t.log_row, t.log_levels)] + norm_logs
-        opt = torch.optim.Adam(params, lr=lr)
-        before = held_out_kl()
-        losses = []
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps, desc="finetune", unit="step")
-        for step in range(steps):
-            start = (step * batch_size) % len(train)
-            ids = torch.cat([train, train])[start:start + min(batch_size, len(train))]
-            loss = kl_on(ids)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if bar is not None:
-                bar.set_postfix(kl=f"{losses[-1]:.4f}")
-                bar.update()
+            bar = tqdm(total=steps + (len(decoder_layers(model, "finetune_scales")) if block_epochs else 0),
+                       desc="finetune", unit="step")
+        before = held_out_kl()
+        block_losses, block_seconds, after_blocks = [], 0.0, None
+        if block_epochs:
+            log_of = {id(mod): t for (mod, _), t in zip(norm_params, norm_logs)}
+
+            def params_of(block: nn.Module) -> list[nn.Parameter]:
+                mods = list(block.modules())
+                return ([p for m in mods if isinstance(m, _ScaledDirections) for p in (m.log_row, m.log_levels)]
+                        + [log_of[id(m)] for m in mods if id(m) in log_of])
+
+            tb = time.perf_counter()
+            block_losses = _finetune_blocks(model, reference, calibration[:n_train], params_of, set_norms,
+                                            epochs=block_epochs, lr=lr, batch_size=batch_size, device=device, bar=bar)
+            block_seconds = time.perf_counter() - tb
+            after_blocks = held_out_kl()
+        losses = []
+        if steps:
+            params = [p for t in twins.values() for p in (t.log_row, t.log_levels)] + norm_logs
+            opt = torch.optim.Adam(params, lr=lr)
+            for step in range(steps):
+                start = (step * batch_size) % n_train
+                loss = kl_on([(start + k) % n_train for k in range(min(batch_size, n_train))])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                if bar is not None:
+                    bar.set_postfix(kl=f"{losses[-1]:.4f}")
+                    bar.update()
         if bar is not None:
             bar.close()
         after = held_out_kl()
@@ -211,5 +342,7 @@ def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.T
         t.write_back()
     trained = sum(t.log_row.numel() + t.log_levels.numel() for t in twins.values()) + sum(w.numel() for w in norm0)
     return {"steps": steps, "lr": lr, "batch_size": batch_size, "norms": norms, "seconds": time.perf_counter() - t0,
-            "trained_parameters": trained, "kl_train_first": losses[0], "kl_train_last": losses[-1],
-            "kl_held_out_before": before, "kl_held_out_after": after}
+            "trained_parameters": trained, "kl_train_first": losses[0] if losses else None,
+            "kl_train_last": losses[-1] if losses else None, "kl_held_out_before": before,
+            "kl_held_out_after": after, "block_epochs": block_epochs, "block_seconds": block_seconds,
+            "block_loss": block_losses, "kl_held_out_after_blocks": after_blocks}
