@@ -26,7 +26,9 @@ from .report import domain_summary, save_perplexity_figure, write_json, write_te
 
 WA_WEIGHTS = ("pvq-4.25", "pvq-3.25")
 WA_ACTIVATIONS = ("pvq-a8.5", "pvq-a8", "pvq-a6.25", "pvq-a4.25")
-WA_BASELINES = ("int8-token", "int4-token", "int8-g8", "int4-g8")
+# One INT row at each PVQ preset's rate (8.02, 6.25, 4.25 bits per activation on SmolLM2's widths:
+# 576 and 1536 are multiples of 64), and the two common 4-bit layouts below and above it.
+WA_BASELINES = ("int8-token", "int6-g64", "int4-g64", "int4-g8", "int4-token")
 
 
 @dataclass
