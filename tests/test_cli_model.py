@@ -82,15 +82,17 @@ def test_quantize_at_any_rate(tiny, capsys):
 def test_quantize_with_finetune(tiny, capsys):
     out = tiny / "out-ft"
     rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
-               "--baselines", "none", "--no-progress", "--config", "pvq-2.25", "--finetune", "5", "--out", str(out)])
+               "--baselines", "none", "--no-progress", "--config", "pvq-2.25", "--finetune", "5",
+               "--finetune-blocks", "1", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "| PVQ pvq-2.25 Hessian-aware |" in captured.out
-    assert "PVQ pvq-2.25 Hessian-aware + finetuned scales (5 steps)" in captured.out
+    assert "PVQ pvq-2.25 Hessian-aware + finetuned scales (1 block epoch, 5 steps)" in captured.out
     ppl = float(captured.out.strip().splitlines()[-1].split()[1])
     log = json.loads((out / "quantization_log.json").read_text())
     ft = log["runs"]["pvq:pvq-2.25"]["finetune"]
     assert ft["steps"] == 5 and ft["kl_held_out_before"] > 0 and ft["trained_parameters"] > 0
+    assert ft["block_epochs"] == 1 and len(ft["block_loss"]) == 2 and ft["kl_held_out_after_blocks"] > 0
     assert [r["method"] for r in log["results"]][-2:] == ["pvq:pvq-2.25", "pvq:pvq-2.25+finetune"]
     rc = main(["eval", "--model", str(out), "--calib", str(tiny / "text.txt"), *SMALL[2:]])
     assert rc == 0 and float(capsys.readouterr().out.strip().splitlines()[-1].split()[1]) == pytest.approx(ppl, rel=1e-3)

@@ -1,7 +1,7 @@
 """The `pvq-cuda` command (also `python -m pvq_cuda`).
 
     pvq-cuda quantize   quantize a model with PVQ (default: SmolLM2-135M-Instruct at pvq-3.25), save it, and
-                        print held-out perplexity and time beside fp32 and the RTN/GPTQ INT4/INT3 g128 baselines
+                        print held-out perplexity and time beside fp32 and the RTN INT4, GPTQ INT4/INT3 g128 baselines
     pvq-cuda eval       held-out perplexity of a model or a quantized directory (last line: `perplexity: <value>`);
                         with --tasks, lm-evaluation-harness tasks from local files (pvq_heldout ships)
     pvq-cuda compare    the full table and plot (fp32; RTN, GPTQ, rotated GPTQ INT4/3/2; PVQ 2.25/3.25/4.25
@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="after coding, train row scales, gain levels and norm weights toward the unquantized model "
                         "for STEPS Adam steps on the calibration windows, the codes fixed (KL of the next-token "
                         "distributions); the table shows the model before and after (default 0: off)")
+    q.add_argument("--finetune-blocks", type=_non_negative, default=0, metavar="EPOCHS",
+                   help="before --finetune's steps (or alone), fine-tune the same parameters block by block: "
+                        "EPOCHS passes over the calibration windows per decoder block, matching the unquantized "
+                        "block's outputs (default 0: off)")
     q.add_argument("--baselines", default=",".join(jobs.QUANTIZE_BASELINES),
                    help="comma-separated baseline methods to run beside it, or 'none' "
                         f"(default {','.join(jobs.QUANTIZE_BASELINES)})")
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="--act: comma-separated activation presets (default pvq-a8.5,pvq-a8,pvq-a6.25,pvq-a4.25; "
                         f"choices {', '.join(ACT_PRESETS)})")
     c.add_argument("--act-baselines", help="--act: comma-separated INT activation baselines, int<b>-token or "
-                                           "int<b>-g<G>, or 'none' (default int8-token,int4-token,int8-g8,int4-g8)")
+                                           "int<b>-g<G>, or 'none' (default " + ",".join(wa.WA_BASELINES) + ")")
     c.add_argument("--act-decoded", action="store_true",
                    help="--act: multiply coded activations as dequantized fp32 operands (dense BLAS) instead of the "
                         "integer W+A kernel; the same product up to float rounding")
