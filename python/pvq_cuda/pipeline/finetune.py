@@ -111,10 +111,10 @@ class _Teacher:
     Training cycles over the windows (40 steps of 4 over 28 windows read each about six times), and
     by flops the teacher's forward is one of a step's four forward-sized passes (the student's
     forward, and its backward to the inputs and to the weights are the others). So each window's
-    final hidden states are kept (seqlen × hidden floats, 33 MB for
-    SmolLM2's 28 windows) and only the output head runs again. That split is used only where it
-    gives the model's own logits bit for bit, checked on the first batch: a model that scales or caps
-    its logits after the head (Gemma-2's softcapping) is run whole every time instead."""
+    final hidden states are kept (seqlen × hidden floats, 33 MB for SmolLM2's 28 windows) and only
+    the output head runs again. That split is used only where it gives the model's own logits bit
+    for bit, checked on the first batch: a model that scales or caps its logits after the head
+    (Gemma-2's softcapping) is run whole every time instead."""
 
     def __init__(self, reference: nn.Module, windows: torch.Tensor, device) -> None:
         self.reference, self.windows, self.device = reference, windows, device
