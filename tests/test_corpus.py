@@ -118,3 +118,20 @@ def test_job_windows_start_the_way_the_model_expects(tmp_path, bos):
         assert torch.equal(got[:, 1:], text_only[:, 1:])
         assert torch.equal(got[:, 0], torch.full_like(got[:, 0], 97) if bos else text_only[:, 0])
     assert job.data_info.get("bos_token_id") == (97 if bos else None)
+
+
+@pytest.mark.parametrize("workers", [None, 1, 3])
+def test_tokenize_all_gives_each_text_its_own_ids(workers):
+    """Several texts encoded at once give exactly what encoding each alone gives, in the order
+    they were passed, with one tokenizer copy per thread (the caller's is left as it was)."""
+    pytest.importorskip("transformers")
+    from pvq_cuda.apps.corpus import tokenize, tokenize_all
+    from tiny_llama import TEXT, tiny_tokenizer
+
+    tok = tiny_tokenizer("added")
+    texts = {"short": TEXT[:50], "long": TEXT * 20, "middle": TEXT[::-1] * 3, "empty-ish": "\n"}
+    got = tokenize_all(tok, texts, workers=workers)
+    assert list(got) == list(texts)
+    for name, text in texts.items():
+        assert torch.equal(got[name], tokenize(tok, text)), name
+        assert len(got[name]) == len(text)  # one token per character, no BOS (add_special_tokens=False)

@@ -192,6 +192,12 @@ def test_fp_target_weight_is_the_least_squares_target():
     Wt = fp_target_weight(W, 2 / 500 * (Xf - X).T @ X, H)
     lstsq = torch.linalg.lstsq(X, Xf @ W.T).solution.T
     torch.testing.assert_close(Wt, lstsq, rtol=1e-8, atol=1e-8)
+    # An H that is symmetric but not positive definite takes the LU path: still W + W S H⁻¹.
+    S = torch.randn(24, 24, generator=gen).double()
+    H_indef = H - 1.5 * H.diagonal().mean() * torch.eye(24, dtype=torch.float64)
+    assert bool((torch.linalg.eigvalsh(H_indef) < 0).any())
+    torch.testing.assert_close(fp_target_weight(W, S, H_indef), W + W @ S @ torch.linalg.inv(H_indef),
+                               rtol=1e-8, atol=1e-8)
 
 
 def test_fp_targets_pipeline_and_resume(tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
 """Hessian-aware PVQ (error feedback, Hessian-optimal gain) against data-free PVQ."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -8,6 +10,9 @@ from conftest import requires_cuda
 from pvq_cuda import PVQConfig, quantize_weight
 from pvq_cuda.quantization.error_feedback import error_feedback, hessian_loss, inverse_cholesky_upper
 from pvq_cuda.quantization.hessian import damp_hessian
+
+# The module itself (the package re-exports its function under the same name).
+ef_module = importlib.import_module("pvq_cuda.quantization.error_feedback")
 
 
 def _layer(n=256, N=96, tokens=4096, seed=0):
@@ -83,6 +88,55 @@ def test_error_feedback_width_one_is_gptq():
         err = (Wr[:, i] - Qr[:, i]) / U[i, i]
         Wr[:, i:] -= err[:, None] * U[i, i:][None, :]
     torch.testing.assert_close(Q, Qr, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_width_one_fast_path_matches_the_any_width_loop(seed):
+    """GPTQ's column loop (on Wᵀ, division for the 1×1 solve) against the generic block loop at
+    width 1: the same quantized values and the same group columns, over several super-blocks and
+    groups that straddle them (96 does not divide 128) and a short last group."""
+    W, H = _layer(n=360, N=24, tokens=2048, seed=seed)
+    U = inverse_cholesky_upper(H).float()
+
+    def run(loop):
+        seen = []
+
+        def start_group(j, cols):
+            seen.append((j, cols.clone()))
+
+        # A smooth map, so that rounding-level differences cannot flip a grid point and diverge.
+        Q = loop(W, U, 1, lambda j, w, u: 0.8 * w + 0.01 * j, 96, start_group)
+        return Q, seen
+
+    Q_fast, seen_fast = run(lambda W, U, _w, qb, g, sg: ef_module._error_feedback_columns(W, U, qb, g, sg))
+    Q_ref, seen_ref = run(ef_module._error_feedback_blocks)
+    assert Q_fast.shape == Q_ref.shape == W.shape and Q_fast.is_contiguous()
+    torch.testing.assert_close(Q_fast, Q_ref, rtol=1e-5, atol=1e-5)
+    assert [j for j, _ in seen_fast] == [j for j, _ in seen_ref] == [0, 96, 192, 288]
+    for (_, a), (_, b) in zip(seen_fast, seen_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # The public entry point takes the fast path at width 1.
+    step = 0.2
+    Q_grid = error_feedback(W, U, 1, lambda j, w, u: torch.round(w / step) * step)
+    Q_grid_ref = ef_module._error_feedback_blocks(W, U, 1, lambda j, w, u: torch.round(w / step) * step, 0, None)
+    assert hessian_loss(W, Q_grid, H) == pytest.approx(hessian_loss(W, Q_grid_ref, H), rel=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 7, 128, 129, 300, 777])
+def test_inverse_cholesky_upper_factors_the_inverse(n):
+    """U is upper triangular with a positive diagonal and UᵀU = H⁻¹, at sizes that split unevenly."""
+    gen = torch.Generator().manual_seed(n)
+    f64 = torch.float64
+    X = torch.randn(2 * n + 8, n, generator=gen, dtype=f64) * torch.rand(n, generator=gen, dtype=f64)
+    H = X.T @ X + 0.05 * torch.eye(n, dtype=torch.float64)
+    U = inverse_cholesky_upper(H)
+    assert U.dtype == torch.float64 and U.shape == (n, n)
+    assert torch.equal(U, U.triu()) and bool((U.diagonal() > 0).all())
+    torch.testing.assert_close(U.T @ U @ H, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-8)
+    # A singular (rank-deficient) Hessian is damped until it factors.
+    Hs = X[:n // 2 + 1].T @ X[:n // 2 + 1]
+    Us = inverse_cholesky_upper(Hs.float())
+    assert bool(torch.isfinite(Us).all()) and torch.equal(Us, Us.triu())
 
 
 def test_bad_hessians_are_refused():

@@ -12,11 +12,14 @@ evaluated whole.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import math
 import os
+import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +81,30 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Token ids (int64, 1-D) without special tokens (transformers 4.x and 5.x agree on these)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def tokenize_all(tokenizer, texts: Mapping[str, str], workers: int | None = None) -> dict[str, torch.Tensor]:
+    """:func:`tokenize` of each text, several texts at once (the default job's five texts took 19 s
+    one after another on 2 cores, 11 s two at a time: the Rust tokenizers release the GIL).
+
+    Each text is still encoded whole, so the ids are exactly :func:`tokenize`'s. Each worker thread
+    encodes with its own copy of ``tokenizer``: an encode call may reset the tokenizer's padding
+    and truncation, which a concurrent call on the same object would collide with. The longest
+    texts start first. ``workers``: threads (default: the CPU count, at most one per text)."""
+    workers = min(len(texts), workers or os.cpu_count() or 1)
+    if workers <= 1:
+        return {name: tokenize(tokenizer, text) for name, text in texts.items()}
+    local = threading.local()
+
+    def encode(text: str) -> torch.Tensor:
+        if not hasattr(local, "tokenizer"):
+            local.tokenizer = copy.deepcopy(tokenizer)
+        return tokenize(local.tokenizer, text)
+
+    order = sorted(texts, key=lambda name: len(texts[name]), reverse=True)
+    with ThreadPoolExecutor(workers) as pool:
+        ids = dict(zip(order, pool.map(encode, (texts[name] for name in order))))
+    return {name: ids[name] for name in texts}
 
 
 def leading_bos(tokenizer) -> int | None:

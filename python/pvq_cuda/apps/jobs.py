@@ -21,7 +21,7 @@ import torch
 from ..format.config import DEFAULT_PRESET, PRESETS
 from ..pipeline import PER_RUN_OPTIONS, quantize_model, quantize_models, uses_fp_targets
 from ..quantization.methods import parse_method
-from .corpus import leading_bos, make_domain_windows, read_source, tokenize
+from .corpus import leading_bos, make_domain_windows, read_source, tokenize_all
 from .domains import CALIBRATION_DOMAIN, DOMAINS, EVALUATION_DOMAINS
 from .evaluate import perplexity
 from .loading import LoadedModel, load_model
@@ -88,10 +88,10 @@ def prepare(args, need_calibration: bool = True) -> Job:
     whole = frozenset(s for s in evaluation if s not in DOMAINS and s not in calib)
     if not need_calibration:
         calib = []
-    ids, names = {}, {}
+    texts, names = {}, {}
     for spec in dict.fromkeys(calib + evaluation):
-        text, names[spec] = read_source(spec, "--calib" if spec in calib else "--eval")
-        ids[spec] = tokenize(lm.tokenizer, text)
+        texts[spec], names[spec] = read_source(spec, "--calib" if spec in calib else "--eval")
+    ids = tokenize_all(lm.tokenizer, texts)
     seqlen = args.seqlen
     if not need_calibration:  # eval only: no calibration windows are cut
         seqlen = 2

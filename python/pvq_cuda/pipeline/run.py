@@ -114,9 +114,13 @@ def fp_target_weight(W: torch.Tensor, shift: torch.Tensor, H: torch.Tensor) -> t
     asymmetric calibration of GPTQv2/GPTAQ: error feedback then also undoes the drift that the
     earlier quantized layers left in this layer's inputs.
     """
-    Wd = W.double()
-    corr = torch.linalg.solve(H.double().to(W.device), (Wd @ shift.double().to(W.device)).T).T  # W S H⁻¹ (H symmetric)
-    return (Wd + corr).to(W.dtype)
+    Wd, Hd = W.double(), H.double().to(W.device)
+    rhs = (Wd @ shift.double().to(W.device)).T
+    # W S H⁻¹ = (H⁻¹ (W S)ᵀ)ᵀ, H symmetric. The damped H is positive definite, and a Cholesky
+    # solve takes ~0.8x an LU one at n = 1536; LU is the fallback for an H that is not.
+    L, info = torch.linalg.cholesky_ex(Hd)
+    corr = torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.solve(Hd, rhs)
+    return (Wd + corr.T).to(W.dtype)
 
 
 def finish(run: Run, seconds: float) -> None:
