@@ -22,22 +22,24 @@ def inverse_cholesky_upper(H: torch.Tensor, max_tries: int = 5) -> torch.Tensor:
     One Cholesky factorization and one triangular inverse: with J the order-reversing permutation
     and J H J = L Lᵀ, U = J L⁻¹ J is upper triangular with a positive diagonal and
     Uᵀ U = J L⁻ᵀ L⁻¹ J = H⁻¹, so it is the unique such factor. Forming H⁻¹ and factoring it again,
-    as GPTQ does, took 2.6x as long at n = 1536 on this project's 2-core CPU.
+    as GPTQ does, took 1.65x as long at n = 1536 on this project's 2-core CPU
+    (`bench/bench_error_feedback.py`).
 
     A Hessian that is not positive definite (dead inputs, too few tokens) gets more damping,
     10x per try starting at 1e-6·mean(diag); the last failure raises ValueError.
     """
     Hd = H.double().flip(0, 1)
-    mean_diag = Hd.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
-    extra = 0.0
+    mean_diag = float(Hd.diagonal().mean().clamp_min(1e-12))
     for attempt in range(max_tries + 1):
-        L, info = torch.linalg.cholesky_ex(Hd + extra * mean_diag * eye)
+        A = Hd
+        if attempt:  # damping only when a factorization failed: each full pass costs ~5 ms at n = 1536
+            A = Hd.clone()
+            A.diagonal().add_(1e-6 * 10 ** (attempt - 1) * mean_diag)
+        L, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
             Linv = _lower_triangular_inverse(L)
             if bool(torch.isfinite(Linv).all()):
                 return Linv.flip(0, 1)
-        extra = 1e-6 * 10**attempt
     raise ValueError("error feedback: the Hessian is not positive definite even after damping; "
                      "check it for NaN/Inf or collect more calibration tokens")
 
@@ -47,16 +49,21 @@ def _lower_triangular_inverse(L: torch.Tensor) -> torch.Tensor:
 
     n³/3 multiply-adds, nearly all in matrix products; a triangular solve against the identity
     does three times that arithmetic (it does not know the right-hand side is triangular)."""
+    out = torch.zeros_like(L)
+    _invert_into(L, out)
+    return out
+
+
+def _invert_into(L: torch.Tensor, out: torch.Tensor) -> None:
+    """Write L⁻¹ into ``out`` (a view of zeros): its diagonal blocks, then the block below them."""
     n = L.shape[0]
     if n <= 128:
-        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+        out.copy_(torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False))
+        return
     h = n // 2
-    A_inv, C_inv = _lower_triangular_inverse(L[:h, :h]), _lower_triangular_inverse(L[h:, h:])
-    out = torch.zeros_like(L)
-    out[:h, :h] = A_inv
-    out[h:, h:] = C_inv
-    out[h:, :h] = -(C_inv @ L[h:, :h]) @ A_inv
-    return out
+    _invert_into(L[:h, :h], out[:h, :h])
+    _invert_into(L[h:, h:], out[h:, h:])
+    out[h:, :h] = (out[h:, h:] @ L[h:, :h]).neg_() @ out[:h, :h]
 
 
 def error_feedback(W: torch.Tensor, U: torch.Tensor, width: int,
