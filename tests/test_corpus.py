@@ -135,3 +135,26 @@ def test_tokenize_all_gives_each_text_its_own_ids(workers):
     for name, text in texts.items():
         assert torch.equal(got[name], tokenize(tok, text)), name
         assert len(got[name]) == len(text)  # one token per character, no BOS (add_special_tokens=False)
+
+
+def test_tokenize_all_encodes_one_at_a_time_with_a_tokenizer_that_cannot_be_copied():
+    pytest.importorskip("transformers")
+    from pvq_cuda.apps.corpus import tokenize, tokenize_all
+    from tiny_llama import TEXT, tiny_tokenizer
+
+    class Uncopyable:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+        def __deepcopy__(self, memo):
+            raise TypeError("cannot copy this tokenizer")
+
+    tok = Uncopyable(tiny_tokenizer())
+    texts = {"a": TEXT, "b": TEXT[:77]}
+    got = tokenize_all(tok, texts, workers=2)
+    assert list(got) == ["a", "b"]
+    for name, text in texts.items():
+        assert torch.equal(got[name], tokenize(tok.inner, text))

@@ -17,6 +17,7 @@ import gzip
 import json
 import math
 import os
+import queue
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -88,17 +89,25 @@ def tokenize_all(tokenizer, texts: Mapping[str, str], workers: int | None = None
     one after another on 2 cores, 11 s two at a time: the Rust tokenizers release the GIL).
 
     Each text is still encoded whole, so the ids are exactly :func:`tokenize`'s. Each worker thread
-    encodes with its own copy of ``tokenizer``: an encode call may reset the tokenizer's padding
-    and truncation, which a concurrent call on the same object would collide with. The longest
-    texts start first. ``workers``: threads (default: the CPU count, at most one per text)."""
+    encodes with a tokenizer of its own (``tokenizer`` or a deep copy): an encode call may reset
+    the tokenizer's padding and truncation, which a concurrent call on the same object would
+    collide with. A tokenizer that cannot be copied is used one text at a time. The longest texts
+    start first. ``workers``: threads (default: the CPU count, at most one per text)."""
     workers = min(len(texts), workers or os.cpu_count() or 1)
+    tokenizers = queue.SimpleQueue()
+    tokenizers.put(tokenizer)
+    try:
+        for _ in range(workers - 1):
+            tokenizers.put(copy.deepcopy(tokenizer))
+    except Exception:  # any failure to copy (unpicklable state, ...) means: no parallel encoding
+        workers = 1
     if workers <= 1:
         return {name: tokenize(tokenizer, text) for name, text in texts.items()}
     local = threading.local()
 
     def encode(text: str) -> torch.Tensor:
         if not hasattr(local, "tokenizer"):
-            local.tokenizer = copy.deepcopy(tokenizer)
+            local.tokenizer = tokenizers.get_nowait()  # the pool starts at most `workers` threads
         return tokenize(local.tokenizer, text)
 
     order = sorted(texts, key=lambda name: len(texts[name]), reverse=True)
