@@ -123,7 +123,7 @@ def test_job_windows_start_the_way_the_model_expects(tmp_path, bos):
 @pytest.mark.parametrize("workers", [None, 1, 3])
 def test_tokenize_all_gives_each_text_its_own_ids(workers):
     """Several texts encoded at once give exactly what encoding each alone gives, in the order
-    they were passed, with one tokenizer copy per thread (the caller's is left as it was)."""
+    they were passed."""
     pytest.importorskip("transformers")
     from pvq_cuda.apps.corpus import tokenize, tokenize_all
     from tiny_llama import TEXT, tiny_tokenizer

@@ -133,7 +133,7 @@ def test_inverse_cholesky_upper_factors_the_inverse(n):
     assert U.dtype == torch.float64 and U.shape == (n, n)
     assert torch.equal(U, U.triu()) and bool((U.diagonal() > 0).all())
     torch.testing.assert_close(U.T @ U @ H, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-8)
-    # A singular (rank-deficient) Hessian is damped until it factors.
+    # A singular (rank-deficient, for n > 1) Hessian is damped until it factors.
     Hs = X[:n // 2 + 1].T @ X[:n // 2 + 1]
     Us = inverse_cholesky_upper(Hs.float())
     assert bool(torch.isfinite(Us).all()) and torch.equal(Us, Us.triu())
