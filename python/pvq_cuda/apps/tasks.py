@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ..integrations.lm_eval_harness import PERPLEXITY_TASK, evaluate, held_out_documents, write_perplexity_task
-from .corpus import DEFAULT_HOLDOUT, read_source, tokenize
+from .corpus import DEFAULT_HOLDOUT, read_source, tokenize_all
 from .domains import DOMAINS
 from .loading import load_model
 
@@ -24,14 +24,11 @@ def held_out_texts(args, tokenizer) -> dict[str, tuple[str, str]]:
     from .jobs import _sources
 
     calib, evaluation = _sources(args, need_calibration=False)
-    out = {}
-    for spec in evaluation:
-        text, name = read_source(spec, "--eval")
-        if spec in DOMAINS or spec in calib:
-            ids = tokenize(tokenizer, text)
-            text = tokenizer.decode(ids[int(len(ids) * (1 - DEFAULT_HOLDOUT)):])  # the split make_windows uses
-            name += ", held-out last 10% of its tokens"
-        out[spec] = (text, name)
+    out = {spec: read_source(spec, "--eval") for spec in evaluation}
+    held = [spec for spec in evaluation if spec in DOMAINS or spec in calib]
+    for spec, ids in tokenize_all(tokenizer, {spec: out[spec][0] for spec in held}).items():
+        text = tokenizer.decode(ids[int(len(ids) * (1 - DEFAULT_HOLDOUT)):])  # the split make_windows uses
+        out[spec] = (text, out[spec][1] + ", held-out last 10% of its tokens")
     return out
 
 
