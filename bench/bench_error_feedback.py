@@ -52,15 +52,13 @@ def hessian(n: int, device, gen: torch.Generator) -> torch.Tensor:
     return (H + 0.01 * H.diagonal().mean() * torch.eye(n)).to(device)
 
 
-def timed(fn, repeats: int, sync) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t)
-    return out
+def timed(fn, sync):
+    """(seconds, what ``fn`` returned), with the device idle before and after."""
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t, out
 
 
 def main() -> None:
@@ -82,9 +80,11 @@ def main() -> None:
         H = hessian(n, device, gen)
         new_t, old_t = [], []
         for _ in range(args.repeats):  # interleaved, so that machine drift hits both alike
-            new_t += timed(lambda: error_feedback_module.inverse_cholesky_upper(H), 1, sync)
-            old_t += timed(lambda: gptq_route_factor(H), 1, sync)
-        diff = float((error_feedback_module.inverse_cholesky_upper(H) - gptq_route_factor(H)).abs().max())
+            t, U_new = timed(lambda: error_feedback_module.inverse_cholesky_upper(H), sync)
+            new_t.append(t)
+            t, U_old = timed(lambda: gptq_route_factor(H), sync)
+            old_t.append(t)
+        diff = float((U_new - U_old).abs().max())
         lines.append(_row(f"inverse Cholesky factor, n = {n} (float64)", new_t, old_t, f"{diff:.1e}", "ms", 1e3))
 
     data = [(torch.randn(N, n, generator=gen).to(device), hessian(n, device, gen)) for N, n in BLOCK_SHAPES]
@@ -93,19 +93,14 @@ def main() -> None:
         return [baselines.gptq_quantize(W, H, bits, ragged=True)[0] for W, H in data for bits in (4, 3)]
 
     new_t, old_t = [], []
-    new_q = old_q = None
     for _ in range(args.repeats):
-        t = time.perf_counter()
-        new_q = one_block()
-        sync()
-        new_t.append(time.perf_counter() - t)
+        t, new_q = timed(one_block, sync)
+        new_t.append(t)
         saved = baselines.error_feedback, baselines.inverse_cholesky_upper
         baselines.error_feedback, baselines.inverse_cholesky_upper = block_loop, gptq_route_factor
         try:
-            t = time.perf_counter()
-            old_q = one_block()
-            sync()
-            old_t.append(time.perf_counter() - t)
+            t, old_q = timed(one_block, sync)
+            old_t.append(t)
         finally:
             baselines.error_feedback, baselines.inverse_cholesky_upper = saved
     # Rounding-level differences can move a weight across a grid midpoint, and error feedback
