@@ -62,20 +62,25 @@ def test_encoder_matches_reference_bit_for_bit(shape, data, tokens, gain_bits, d
 def test_presets_match_the_codec_ops_on_real_shapes(name):
     """At each preset, on SmolLM2's hidden sizes: pulses = search(R x), index = encode(pulses)."""
     cfg = ACT_PRESETS[name]
+    gen = torch.Generator().manual_seed(11)
     for n in (576, 1536):
-        x = torch.randn(5, 3, n) * 4
+        x = torch.randn(16, 8, n, generator=gen) * 4
         signs = rotation_signs(n, 3)
         codes = code_activations(x, cfg, signs)
         rotated = pvq_cuda.hadamard_transform(x, signs)
-        pulses = pvq_cuda.search(rotated.view(5, 3, -1, cfg.D), cfg.K)
+        pulses = pvq_cuda.search(rotated.view(16, 8, -1, cfg.D), cfg.K)
         assert torch.equal(codes.pulses.view(pulses.shape), pulses)
         assert torch.equal(codes.index, pvq_cuda.encode(pulses, cfg.K))
-        assert codes.gain.shape == (5, 3, n // cfg.D) and codes.scale.shape == (5, 3)
+        assert codes.gain.shape == (16, 8, n // cfg.D) and codes.scale.shape == (16, 8)
         assert int(codes.gain.max()) < 1 << cfg.gain_bits
-        # and the reconstruction is as good as the preset's rate says (Gaussian rows)
+        # and the reconstruction is as good as the preset's rate says (Gaussian rows). The pooled
+        # SQNR has a left tail: now and then one group lies past the top gain level and is clipped.
+        # Over 200 draws of these 128 tokens (mean, sd, min in dB at n=576): a4.25 23.0, 0.02, 22.96;
+        # a6.25 35.1, 0.07, 34.5; a8 41.5, 0.32, 39.6; a8.5 44.3, 0.39, 41.4. So the draw is fixed
+        # (seed 11), and the bounds sit about 3 sd under the means.
         err = (codes.dequantize() - rotated).square().sum() / rotated.square().sum()
         sqnr = -10 * math.log10(err.item())
-        assert sqnr > {"pvq-a4.25": 22, "pvq-a6.25": 33.5, "pvq-a8": 40.5, "pvq-a8.5": 43}[name]
+        assert sqnr > {"pvq-a4.25": 22.9, "pvq-a6.25": 34.8, "pvq-a8": 40.5, "pvq-a8.5": 43.2}[name]
         assert codes.bits_per_activation() == pytest.approx(cfg.code_bits / cfg.D + 16 / n)
 
 
