@@ -1,6 +1,7 @@
 """CLI smoke tests on a tiny random Llama and a tiny text file (CPU, offline)."""
 
 import json
+import re
 
 import pytest
 
@@ -148,6 +149,11 @@ def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
     # every quantized row carries the standard error of its ratio over the 3 held-out windows
     assert all(r["ratio_se"] > 0 for r in result["results"][1:]) and result["results"][0]["ratio_se"] is None
     assert " ± " in out
+    # the job's time, split: every row's evaluation is timed
+    assert all(r["eval_seconds"] > 0 for r in result["results"])
+    split = re.search(r"job time: (\d+) s: (\d+) s loading and tokenizing, (\d+) s in (\d+) evaluations, (-?\d+) s "
+                      r"quantizing", out)
+    assert split and int(split[4]) == len(methods) and int(split[5]) >= 0
     # the nine Hessian runs went together, sharing one fp pass; the data-free ones alone
     shared = {log["runs"][m].get("shared_seconds") for m in methods[1:]}
     assert len(shared - {None}) == 1 and "shared one pass of the fp model" in out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import sys
@@ -114,6 +115,10 @@ def _evaluate(job: Job, model) -> dict[str, dict]:
     return {name: perplexity(model, w, device=job.device) for name, w in job.evaluation.items()}
 
 
+def _eval_seconds(evals: dict[str, dict]) -> float:
+    return math.fsum(ev["seconds"] for ev in evals.values())
+
+
 def _slug(model_arg: str | None) -> str:
     """A file-name stem for --model: its last path component (the default model's own name)."""
     name = Path(model_arg.rstrip("/")).stem if model_arg else "smollm2-135m-instruct-q4_1"
@@ -180,10 +185,11 @@ def _run_options(job: Job, method: str, preset: str | None, log_path: Path | Non
 
 def _row(job: Job, method: str, preset: str | None, model, log: dict, fp32: dict) -> Row:
     """Evaluate a quantized model against ``fp32`` (the fp32 model's results per source)."""
-    ppl, ratio, se, per = domain_summary(_evaluate(job, model), fp32)
+    evals = _evaluate(job, model)
+    ppl, ratio, se, per = domain_summary(evals, fp32)
     label, family, note = _labels(method, preset, log)
     row = Row(method if preset is None else f"{method}:{preset}", label, family, log["bpw"], ppl, ratio,
-              log["seconds"], note, se, per)
+              log["seconds"], note, se, per, _eval_seconds(evals))
     _say(f"pvq-cuda: {label}: bpw {row.bpw:.3f}, perplexity {row.perplexity:.3f} ({row.ratio:.3f}x fp32"
          f"{'' if se is None else f' +- {se:.3f}'}{', geometric mean over ' + str(len(per)) + ' texts' if len(per) > 1 else ''})"
          f", {row.seconds:.1f} s")
@@ -251,7 +257,8 @@ def _fp32_row(job: Job) -> tuple[Row, dict]:
     evals = _evaluate(job, job.lm.model)
     ppl, _, _, per = domain_summary(evals, None)
     bits = 8 * next(job.lm.model.parameters()).element_size()
-    return Row("fp32", f"fp{bits} (unquantized)", "fp32", float(bits), ppl, 1.0, None, domains=per), evals
+    return Row("fp32", f"fp{bits} (unquantized)", "fp32", float(bits), ppl, 1.0, None, domains=per,
+               eval_seconds=_eval_seconds(evals)), evals
 
 
 def _header(job: Job, logs: dict) -> list[str]:
@@ -388,6 +395,7 @@ def cmd_compare(args) -> int:
     t0 = time.perf_counter()
     args.out_dir = Path(args.out) if args.out else Path("bench") / "results"
     job = prepare(args)
+    prepared = time.perf_counter() - t0
     slug = _slug(args.model)
     stem = args.out_dir / f"compare_{slug}"
     fp32, fp32_eval = _fp32_row(job)
@@ -409,8 +417,11 @@ def cmd_compare(args) -> int:
     header = _header(job, logs)
     table = markdown_table(rows)
     total = time.perf_counter() - t0
+    evaluating = math.fsum(r.eval_seconds for r in rows)
     md = "\n".join([f"# pvq-cuda compare: {job.lm.name}", "", *[f"- {h}" for h in header],
-                    f"- job time: {total:.0f} s", "", table, ""])
+                    f"- job time: {total:.0f} s: {prepared:.0f} s loading and tokenizing, {evaluating:.0f} s in "
+                    f"{len(rows)} evaluations, {total - prepared - evaluating:.0f} s quantizing (each shared pass "
+                    f"of the fp model counted once)", "", table, ""])
     write_text(f"{stem}.md", md)
     write_json(f"{stem}.json", {"data": job.data_info, "results": [asdict(r) for r in rows], "seconds": total})
     plot(rows, f"{stem}.png", f"{job.lm.name.split(' (')[0]}: held-out perplexity vs bits per weight")

@@ -23,6 +23,7 @@ class Row:
     # per evaluation domain: {"perplexity", "ratio", "ratio_se"}; then perplexity and ratio above are
     # the geometric means over the domains and ratio_se the standard error of that mean
     domains: dict[str, dict] = field(default_factory=dict)
+    eval_seconds: float | None = None  # the evaluation's time, every domain together
 
 
 def domain_summary(evals: dict[str, dict], reference: dict[str, dict] | None) -> tuple[float, float, float | None,
