@@ -74,6 +74,33 @@ def test_several_rates_in_one_call():
     assert [round(log["bpw"], 2) for log in logs] == pytest.approx([2.5, 3.5], abs=BPW_TOLERANCE)
 
 
+def test_a_sweep_computes_the_statistics_once(monkeypatch):
+    """Copies of one model on one calibration set share the allocation's fp pass; a change to any
+    weight, the calibration or the damping gets its own, and the memo never changes the result."""
+    from pvq_cuda.pipeline import allocate
+
+    allocate._STATS_MEMO.clear()
+    passes = []
+    monkeypatch.setattr(allocate, "fp_layer_stats",
+                        lambda run, names, f=allocate.fp_layer_stats: passes.append(1) or f(run, names))
+    calib = random_ids(8, 32, seed=8)
+    logs = [quantize_quietly(tiny_model(5), calib, bpw=r) for r in (2.5, 3.5, 2.5)]
+    assert len(passes) == 1
+    assert logs[2]["allocation"] == logs[0]["allocation"]
+    changed = tiny_model(5)
+    with torch.no_grad():
+        changed.model.layers[0].input_layernorm.weight[0] += 1e-3  # not a quantized layer, but in the fp pass
+    quantize_quietly(changed, calib, bpw=2.5)
+    assert len(passes) == 2
+    quantize_quietly(tiny_model(5), random_ids(8, 32, seed=9), bpw=2.5)
+    quantize_quietly(tiny_model(5), calib, bpw=2.5, damp=0.05)
+    assert len(passes) == 4
+    allocate._STATS_MEMO.clear()
+    fresh = quantize_quietly(tiny_model(5), calib, bpw=2.5)
+    assert len(passes) == 5 and fresh["allocation"] == logs[0]["allocation"]
+    assert [e["loss"] for e in fresh["layers"]] == [e["loss"] for e in logs[0]["layers"]]
+
+
 @pytest.mark.parametrize("bad", [1.9, 4.6, True, "3", float("nan")])
 def test_bad_rate(bad):
     with pytest.raises(ValueError, match=r"bpw must be a number in \[2.0, 4.5\]"):
