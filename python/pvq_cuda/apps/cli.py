@@ -64,7 +64,7 @@ def _rates(s: str) -> list[float]:
     return [_rate(r) for r in s.split(",")]
 
 
-def _data_options(p: argparse.ArgumentParser, calibration: bool = True, nsamples: int = 32) -> None:
+def _data_options(p: argparse.ArgumentParser, calibration: bool = True) -> None:
     p.add_argument("--model", help="a local Hugging Face model directory, a .gguf file, or a directory written by "
                                    "pvq-cuda quantize (default: SmolLM2-135M-Instruct, Q4_1-dequantized, offline)")
     p.add_argument("--calib", help="calibration text: comma-separated text domains (jargon, python-docs, "
@@ -75,10 +75,10 @@ def _data_options(p: argparse.ArgumentParser, calibration: bool = True, nsamples
                                   "else the --calib texts); a domain is evaluated on its held-out last 10%%, a file "
                                   "that calibration does not read in whole")
     if calibration:
-        p.add_argument("--nsamples", type=_positive, default=nsamples,
-                       help=f"calibration windows (default {nsamples}; quantize takes 32 to fit its 10 minutes on 2 CPU "
-                            f"cores, compare 64, the prototype's, which lowers PVQ-3.25's perplexity on the default "
-                            f"model by ~1.7%% for ~1.6x the calibrated run time)")
+        p.add_argument("--nsamples", type=_positive, default=32,
+                       help="calibration windows (default 32: 64 cost ~1.5x the calibrated run time and measured no "
+                            "better on the texts calibration never read; bench/results/"
+                            "levers-calib-size-cpu-2026-12-02.md)")
     p.add_argument("--seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--eval-windows", type=_positive, default=8,
                    help="held-out evaluation windows per evaluation text, consecutive and non-overlapping (default 8: "
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(run=lambda a: tasks.cmd_eval_tasks(a) if a.tasks else jobs.cmd_eval(a))
 
     c = sub.add_parser("compare", help="full table and plot into bench/results/")
-    _data_options(c, nsamples=64)
+    _data_options(c)
     _quant_options(c)
     c.add_argument("--config", help="comma-separated PVQ presets (default pvq-2.25,pvq-3.25,pvq-4.25; with --act "
                                     "pvq-4.25,pvq-3.25)")
