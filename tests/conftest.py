@@ -16,10 +16,11 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA 
 def _seed_global_rngs(request):
     """Seed torch's, numpy's and Python's global generators from the test's id before every test.
 
-    A test that draws from a global generator (torch.randn without a generator) gets inputs fixed by
-    its own name, not by how many draws the tests before it made: a failure reproduces when the test
-    runs alone, and a statistical bound cannot pass in one ordering and fail in another. Each test
-    still gets its own random inputs; tests that need several draws seed their own generators.
+    A draw from a global generator (torch.randn without a generator) in a test's body or a
+    function-scoped fixture gets inputs fixed by the test's name, not by how many draws the tests
+    before it made: a failure reproduces when the test runs alone, and a statistical bound cannot
+    pass in one ordering and fail in another. Wider-scoped fixtures are set up before this one, so
+    they seed their own generators. Each test still gets its own random inputs.
     """
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)

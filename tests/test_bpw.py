@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 import pvq_cuda  # noqa: E402
 from pvq_cuda.format import PVQConfig, stored_bits  # noqa: E402
 from pvq_cuda.pipeline.allocate import BPW_TOLERANCE  # noqa: E402
-from tiny_llama import logits, quantize_quietly, random_ids, tiny_model  # noqa: E402
+from tiny_llama import logits, quantize_quietly, random_ids, tiny_config, tiny_model  # noqa: E402
 
 
 def stored_rate(model) -> float:
@@ -77,6 +77,8 @@ def test_several_rates_in_one_call():
 def test_a_sweep_computes_the_statistics_once(monkeypatch):
     """Copies of one model on one calibration set share the allocation's fp pass; a change to any
     weight, the calibration or the damping gets its own, and the memo never changes the result."""
+    from transformers import LlamaForCausalLM
+
     from pvq_cuda.pipeline import allocate
 
     allocate._STATS_MEMO.clear()
@@ -94,11 +96,32 @@ def test_a_sweep_computes_the_statistics_once(monkeypatch):
     assert len(passes) == 2
     quantize_quietly(tiny_model(5), random_ids(8, 32, seed=9), bpw=2.5)
     quantize_quietly(tiny_model(5), calib, bpw=2.5, damp=0.05)
-    assert len(passes) == 4
+    quantize_quietly(tiny_model(5), calib, bpw=2.5, config=PVQConfig(D=16, K=30, scale_bits=2, seed=1))
+    quantize_quietly(tiny_model(5), calib, bpw=2.5, ignore=r"\.0\.mlp\.down_proj$")
+    assert len(passes) == 6
+    # the same weights (same seed, same shapes) under another config: the fp pass differs
+    other_config = tiny_config()
+    other_config.rms_norm_eps = 1e-3
+    torch.manual_seed(5)
+    quantize_quietly(LlamaForCausalLM(other_config).eval(), calib, bpw=2.5)
+    assert len(passes) == 7
     allocate._STATS_MEMO.clear()
     fresh = quantize_quietly(tiny_model(5), calib, bpw=2.5)
-    assert len(passes) == 5 and fresh["allocation"] == logs[0]["allocation"]
+    assert len(passes) == 8 and fresh["allocation"] == logs[0]["allocation"]
     assert [e["loss"] for e in fresh["layers"]] == [e["loss"] for e in logs[0]["layers"]]
+
+
+def test_the_statistics_pass_builds_no_autograd_graph(monkeypatch):
+    """The allocation's fp pass runs before the pipeline's no_grad; with autograd on it kept every
+    block's graph alive (24 GB on SmolLM2-135M)."""
+    from pvq_cuda.pipeline import allocate
+
+    allocate._STATS_MEMO.clear()
+    grad_enabled = []
+    monkeypatch.setattr(allocate, "layer_stats",
+                        lambda *a, f=allocate.layer_stats: grad_enabled.append(torch.is_grad_enabled()) or f(*a))
+    quantize_quietly(tiny_model(6), random_ids(8, 32, seed=10), bpw=3.0)
+    assert len(grad_enabled) == 14 and not any(grad_enabled)
 
 
 @pytest.mark.parametrize("bad", [1.9, 4.6, True, "3", float("nan")])

@@ -76,7 +76,7 @@ def _data_options(p: argparse.ArgumentParser, calibration: bool = True) -> None:
                                   "that calibration does not read in whole")
     if calibration:
         p.add_argument("--nsamples", type=_positive, default=32,
-                       help="calibration windows (default 32: 64 cost ~1.5x the calibrated run time and measured no "
+                       help="calibration windows (default 32: 64 cost 1.6-1.8x the calibrated run time and measured no "
                             "better on the texts calibration never read; bench/results/"
                             "levers-calib-size-cpu-2026-12-02.md)")
     p.add_argument("--seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")

@@ -421,7 +421,7 @@ def cmd_compare(args) -> int:
     md = "\n".join([f"# pvq-cuda compare: {job.lm.name}", "", *[f"- {h}" for h in header],
                     f"- job time: {total:.0f} s: {prepared:.0f} s loading and tokenizing, {evaluating:.0f} s in "
                     f"{len(rows)} evaluations, {total - prepared - evaluating:.0f} s quantizing (each shared pass "
-                    f"of the fp model counted once)", "", table, ""])
+                    f"of the fp model counted once; the models' copies and the logs included)", "", table, ""])
     write_text(f"{stem}.md", md)
     write_json(f"{stem}.json", {"data": job.data_info, "results": [asdict(r) for r in rows], "seconds": total})
     plot(rows, f"{stem}.png", f"{job.lm.name.split(' (')[0]}: held-out perplexity vs bits per weight")

@@ -30,6 +30,8 @@ def check_bpw(bpw, caller: str = "quantize_model") -> None:
         raise ValueError(f"{caller}: bpw must be a number in [{BPW_RANGE[0]}, {BPW_RANGE[1]}], got {bpw!r}")
 
 
+@torch.no_grad()  # it runs before the pipeline's no_grad: with autograd on, each block's outputs
+# kept the graph of every block before them (SmolLM2-135M at 32 x 512 tokens: 24 GB by block 30)
 def fp_layer_stats(run: Run, names: set[str]) -> dict[str, LayerStats]:
     """LayerStats of the named linears, block by block on the unquantized model's calibration
     activations (one forward per block; the model is left as it was). Without calibration data
@@ -67,20 +69,27 @@ def fp_layer_stats(run: Run, names: set[str]) -> dict[str, LayerStats]:
 
 # A rate sweep (``compare --bpw sweep``) quantizes copies of one model on one calibration set at
 # many rates. Their statistics are the same, and each costs a pass of the fp model with its
-# Hessians (about 40 s on SmolLM2-135M at 32 x 512 tokens on 2 cores, a quarter of an allocated
-# run), so the last few are kept, keyed on everything they depend on.
+# Hessians on every allocated run, so the last few are kept, keyed on everything they depend on.
 _STATS_MEMO: OrderedDict[str, dict[str, LayerStats]] = OrderedDict()
 _STATS_MEMO_SIZE = 4
 
 
 def _stats_key(run: Run, names: set[str]) -> str:
-    """A digest of what fp_layer_stats reads: the model's whole state (the fp pass runs every
-    block), the calibration tokens, the damping, the rotation seed, the device and the names."""
-    h = hashlib.sha256(json.dumps([sorted(names), run.damp, run.config.seed, str(run.device),
+    """A digest of what fp_layer_stats reads: the model (its class, config, every parameter and
+    buffer: the fp pass runs every block), the calibration tokens, the damping, the rotation seed,
+    the device, the float32 matmul precision and the names."""
+    model = run.model
+    config = getattr(model, "config", None)
+    config_text = config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
+    h = hashlib.sha256(json.dumps([type(model).__qualname__, config_text,
+                                   str(getattr(config, "_attn_implementation", None)), sorted(names),
+                                   None if run.damp is None else float(run.damp), int(run.config.seed),
+                                   str(run.device), torch.get_float32_matmul_precision(),
                                    calibration_digest(run.chunks)]).encode())
-    for key, t in run.model.state_dict().items():
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for key, t in tensors:
         h.update(f"{key}:{t.dtype}:{list(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
