@@ -123,6 +123,17 @@ def test_sensitive_layers_get_more_bits():
     assert a.configs["hard"].code_bpw > a.configs["easy"].code_bpw
 
 
+def test_layers_whose_output_matters_more_get_more_bits():
+    """Equal layer losses, one weighed 100x by the output's sensitivity: the allocation follows F
+    alone, the same way it follows S, and reports the F it used."""
+    layers = {"quiet": LayerStats(64, 128, 1.0, 1.0), "loud": LayerStats(64, 128, 1.0, 100.0)}
+    a = allocate(layers, 2.6, SMALL)
+    assert a.configs["loud"].code_bpw > a.configs["quiet"].code_bpw
+    assert a.sensitivity == {"quiet": 1.0, "loud": 100.0}
+    folded = allocate({"quiet": LayerStats(64, 128, 1.0), "loud": LayerStats(64, 128, 100.0)}, 2.6, SMALL)
+    assert folded.configs == a.configs and folded.predicted_loss == pytest.approx(a.predicted_loss)
+
+
 def test_bad_budgets_and_layers_are_refused():
     layers = _random_layers(0, 2)
     with pytest.raises(ValueError, match="outside what the candidate configs reach"):

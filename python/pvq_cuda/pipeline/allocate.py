@@ -1,15 +1,17 @@
-"""quantize_model(bpw=R): a config per layer chosen before quantizing, from each layer's weight and
-the Hessian of its inputs in the unquantized model (quantization/allocation.py has the prediction
-and the knapsack)."""
+"""quantize_model(bpw=R): a config per layer chosen before quantizing, from each layer's weight, the
+Hessian of its inputs and the sensitivity of the model's output to its output, all in the
+unquantized model (quantization/allocation.py has the prediction and the knapsack)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from collections import OrderedDict
 
 import torch
+from torch.nn import functional as F
 
 from ..format.config import PVQConfig
 from ..layers.decoder import linears
@@ -23,6 +25,9 @@ from .stream import Stream
 BPW_RANGE = (2.0, 4.5)
 #: how close to R the mean rate of the quantized linears must come.
 BPW_TOLERANCE = 0.01
+#: calibration tokens the output sensitivities are averaged over (whole windows, at least one):
+#: a forward and a backward of the whole model each, so a few windows, not all of them.
+SENSITIVITY_TOKENS = 4096
 
 
 def check_bpw(bpw, caller: str = "quantize_model") -> None:
@@ -67,6 +72,55 @@ def fp_layer_stats(run: Run, names: set[str]) -> dict[str, LayerStats]:
     return stats
 
 
+def output_sensitivity(model: torch.nn.Module, names: set[str], chunks: list[torch.Tensor],
+                       seed: int = 0) -> dict[str, float]:
+    """F per named linear (quantization/allocation.py's module doc): the mean over calibration
+    tokens and output channels of (∂ log p(ŷ_t) / ∂y_t)², y_t the layer's output at token t and ŷ_t
+    a next token drawn from the model's own distribution (seeded by ``seed``), on the first
+    SENSITIVITY_TOKENS tokens of the calibration ``chunks`` ([b, seqlen] token ids each). One window at a time through the whole model, where the
+    model's embeddings are (with offload, the host); the parameters get no gradients."""
+    mods = {n: m for n, m in model.named_modules() if n in names}
+    sums = dict.fromkeys(mods, 0.0)
+    dev = model.get_input_embeddings().weight.device
+    windows = []
+    for chunk in chunks:
+        windows += list(chunk)
+        if sum(w.numel() for w in windows) >= SENSITIVITY_TOKENS:
+            break
+
+    def keep_output_gradient(name):
+        def add(grad):
+            sums[name] += float(grad.double().square().sum())
+
+        def hook(mod, args, out) -> None:  # returns None: the output stays as it is
+            if out.requires_grad:
+                out.register_hook(add)
+        return hook
+
+    def graph_from_here(mod, args, out):  # the graph starts at the embeddings' output
+        return out.detach().requires_grad_(True)
+
+    needs_grad = [(p, p.requires_grad) for p in model.parameters()]
+    handles = [m.register_forward_hook(keep_output_gradient(n)) for n, m in mods.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(graph_from_here))
+    gen = torch.Generator().manual_seed(int(seed))
+    try:
+        for p, _ in needs_grad:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for ids in windows:
+                logits = model(input_ids=ids[None].to(dev), use_cache=False).logits[0].float()
+                drawn = torch.multinomial(logits.detach().softmax(-1).cpu(), 1, generator=gen)[:, 0]
+                F.cross_entropy(logits, drawn.to(logits.device), reduction="sum").backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in needs_grad:
+            p.requires_grad_(flag)
+    tokens = sum(w.numel() for w in windows)
+    return {n: sums[n] / (tokens * m.out_features) for n, m in mods.items()}
+
+
 # A rate sweep (``compare --bpw sweep``) quantizes copies of one model on one calibration set at
 # many rates. Their statistics are the same, and each costs a pass of the fp model with its
 # Hessians on every allocated run, so the last few are kept, keyed on everything they depend on.
@@ -75,9 +129,10 @@ _STATS_MEMO_SIZE = 4
 
 
 def _stats_key(run: Run, names: set[str]) -> str:
-    """A digest of what fp_layer_stats reads: the model (its class, config, every parameter and
+    """A digest of what fp_layer_stats and output_sensitivity read: the model (its class, config, every parameter and
     buffer: the fp pass runs every block), the calibration tokens, the damping, the rotation seed,
-    the device, the float32 matmul precision and the names."""
+    the device, the float32 matmul precision and the names (the seed also draws the sensitivity's
+    labels)."""
     model = run.model
     config = getattr(model, "config", None)
     config_text = config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
@@ -94,10 +149,14 @@ def _stats_key(run: Run, names: set[str]) -> str:
 
 
 def memoized_layer_stats(run: Run, names: set[str]) -> dict[str, LayerStats]:
-    """fp_layer_stats, computed once for the same model state, calibration and settings."""
+    """fp_layer_stats with each layer's output_sensitivity, computed once for the same model state, calibration and settings."""
     key = _stats_key(run, names)
     if key not in _STATS_MEMO:
-        _STATS_MEMO[key] = fp_layer_stats(run, names)
+        stats = fp_layer_stats(run, names)
+        if run.chunks is not None:
+            sensitivity = output_sensitivity(run.model, names, run.chunks, run.config.seed)
+            stats = {n: dataclasses.replace(st, sensitivity=sensitivity[n]) for n, st in stats.items()}
+        _STATS_MEMO[key] = stats
         while len(_STATS_MEMO) > _STATS_MEMO_SIZE:
             _STATS_MEMO.popitem(last=False)
     _STATS_MEMO.move_to_end(key)

@@ -289,7 +289,8 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
         run.log["config"] = config.to_dict()
         run.log["overrides"] = {p.pattern: c.to_dict() for p, c in overrides_c}
         run.log["allocation"] = {"bpw": bpw, "achieved": a.bpw, "predicted_loss": a.predicted_loss,
-                                 "layers": {n: c.to_dict() for n, c in a.configs.items()}}
+                                 "layers": {n: c.to_dict() for n, c in a.configs.items()},
+                                 "sensitivity": a.sensitivity}
     if resume_dir is not None:
         run.resume = Resume(resume_dir, fingerprint(model, m, config, overrides_c, ignore, act_order, metric_search,
                                                       run.fp_targets, refine_passes, damp, seed,
