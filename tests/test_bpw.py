@@ -174,6 +174,17 @@ def test_the_sensitivity_pass_leaves_the_model_as_it_was():
     assert set(free["allocation"]["sensitivity"].values()) == {1.0}
 
 
+def test_the_sensitivity_reads_whole_windows_up_to_its_token_count(monkeypatch):
+    from pvq_cuda.pipeline import allocate
+
+    model, names = tiny_model(8), {"model.layers.1.self_attn.o_proj", "model.layers.0.mlp.down_proj"}
+    calib = random_ids(6, 24, seed=4)
+    monkeypatch.setattr(allocate, "SENSITIVITY_TOKENS", 60)  # 2.5 windows: three are read
+    capped = allocate.output_sensitivity(model, names, [calib[:2], calib[2:]], seed=1)
+    assert capped == allocate.output_sensitivity(model, names, [calib[:3]], seed=1)
+    assert capped != allocate.output_sensitivity(model, names, [calib[:2]], seed=1)
+
+
 @pytest.mark.parametrize("bad", [1.9, 4.6, True, "3", float("nan")])
 def test_bad_rate(bad):
     with pytest.raises(ValueError, match=r"bpw must be a number in \[2.0, 4.5\]"):

@@ -77,16 +77,18 @@ def output_sensitivity(model: torch.nn.Module, names: set[str], chunks: list[tor
     """F per named linear (quantization/allocation.py's module doc): the mean over calibration
     tokens and output channels of (∂ log p(ŷ_t) / ∂y_t)², y_t the layer's output at token t and ŷ_t
     a next token drawn from the model's own distribution (seeded by ``seed``), on the first
-    SENSITIVITY_TOKENS tokens of the calibration ``chunks`` ([b, seqlen] token ids each). One window at a time through the whole model, where the
-    model's embeddings are (with offload, the host); the parameters get no gradients."""
+    calibration windows (rows of the [b, seqlen] ``chunks``) that hold SENSITIVITY_TOKENS tokens
+    or all of them. One window at a time through the whole model, where the model's embeddings
+    are (with offload, the host); the parameters get no gradients."""
     mods = {n: m for n, m in model.named_modules() if n in names}
     sums = dict.fromkeys(mods, 0.0)
     dev = model.get_input_embeddings().weight.device
-    windows = []
-    for chunk in chunks:
-        windows += list(chunk)
-        if sum(w.numel() for w in windows) >= SENSITIVITY_TOKENS:
+    windows, tokens = [], 0  # whole windows, the fewest that reach the token count
+    for window in (w for chunk in chunks for w in chunk):
+        if tokens >= SENSITIVITY_TOKENS:
             break
+        windows.append(window)
+        tokens += window.numel()
 
     def keep_output_gradient(name):
         def add(grad):
@@ -117,7 +119,6 @@ def output_sensitivity(model: torch.nn.Module, names: set[str], chunks: list[tor
             h.remove()
         for p, flag in needs_grad:
             p.requires_grad_(flag)
-    tokens = sum(w.numel() for w in windows)
     return {n: sums[n] / (tokens * m.out_features) for n, m in mods.items()}
 
 
@@ -149,7 +150,8 @@ def _stats_key(run: Run, names: set[str]) -> str:
 
 
 def memoized_layer_stats(run: Run, names: set[str]) -> dict[str, LayerStats]:
-    """fp_layer_stats with each layer's output_sensitivity, computed once for the same model state, calibration and settings."""
+    """fp_layer_stats with each layer's output_sensitivity, computed once for the same model state,
+    calibration and settings."""
     key = _stats_key(run, names)
     if key not in _STATS_MEMO:
         stats = fp_layer_stats(run, names)

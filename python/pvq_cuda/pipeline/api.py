@@ -110,9 +110,11 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
         bpw: a mean rate R in [2.0, 4.5] bits per weight (everything stored counted) instead of one
             config for all: before quantizing, each linear gets the D, K and gain bits that minimise
             the summed predicted loss of all of them at R (:mod:`pvq_cuda.quantization.allocation`:
-            the loss of config c on a layer is predicted as d(c)·‖W‖²/n·tr(D), with d(c) the
-            config's relative error on Gaussian rows and D the pivots of the layer's rotated
-            calibration Hessian, as error feedback sees them; the identity for data-free methods).
+            the loss of config c on a layer is predicted as d(c)·‖W‖²/n·tr(D)·F, with d(c) the
+            config's relative error on Gaussian rows, D the pivots of the layer's rotated
+            calibration Hessian, as error feedback sees them, and F the model output's sensitivity
+            to the layer's output, a diagonal Fisher; the identity Hessian and F = 1 for
+            data-free methods). On SmolLM2-135M it beats the uniform presets at every rate.
             The achieved mean is within 0.01 of R (ValueError otherwise). PVQ methods only, not with
             ``overrides``; ``config`` then only supplies the rotation seed. The chosen configs are
             in the log (``allocation``) and in the saved checkpoint (``module_overrides``).
