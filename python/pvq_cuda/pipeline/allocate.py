@@ -81,7 +81,7 @@ def output_sensitivity(model: torch.nn.Module, names: set[str], chunks: list[tor
     or all of them. One window at a time through the whole model, where the model's embeddings
     are (with offload, the host); the parameters get no gradients."""
     mods = {n: m for n, m in model.named_modules() if n in names}
-    sums = dict.fromkeys(mods, 0.0)
+    sums: dict[str, torch.Tensor] = {}  # float64 on the model's device: no host sync inside backward
     dev = model.get_input_embeddings().weight.device
     windows, tokens = [], 0  # whole windows, the fewest that reach the token count
     for window in (w for chunk in chunks for w in chunk):
@@ -92,7 +92,8 @@ def output_sensitivity(model: torch.nn.Module, names: set[str], chunks: list[tor
 
     def keep_output_gradient(name):
         def add(grad):
-            sums[name] += float(grad.double().square().sum())
+            part = grad.double().square().sum()
+            sums[name] = sums[name] + part if name in sums else part
 
         def hook(mod, args, out) -> None:  # returns None: the output stays as it is
             if out.requires_grad:
@@ -119,7 +120,7 @@ def output_sensitivity(model: torch.nn.Module, names: set[str], chunks: list[tor
             h.remove()
         for p, flag in needs_grad:
             p.requires_grad_(flag)
-    return {n: sums[n] / (tokens * m.out_features) for n, m in mods.items()}
+    return {n: float(sums[n]) / (tokens * m.out_features) if n in sums else 0.0 for n, m in mods.items()}
 
 
 # A rate sweep (``compare --bpw sweep``) quantizes copies of one model on one calibration set at
