@@ -185,6 +185,43 @@ def test_the_sensitivity_reads_whole_windows_up_to_its_token_count(monkeypatch):
     assert capped != allocate.output_sensitivity(model, names, [calib[:2]], seed=1)
 
 
+def test_leading_windows_are_whole_and_keep_their_batches():
+    from pvq_cuda.pipeline.allocate import leading_windows
+
+    chunks = [random_ids(3, 10, seed=1), random_ids(2, 10, seed=2), random_ids(4, 7, seed=3)]
+    for tokens, rows in [(1, [1]), (10, [1]), (11, [2]), (30, [3]), (31, [3, 1]), (55, [3, 2, 1]), (10**6, [3, 2, 4])]:
+        got = leading_windows(chunks, tokens)
+        assert [c.shape[0] for c in got] == rows, tokens
+        assert all(torch.equal(g, c[:g.shape[0]]) for g, c in zip(got, chunks))
+
+
+def test_the_hessians_read_the_first_windows_for_four_tokens_per_input(monkeypatch):
+    """The allocation's Hessians come from the first whole windows that hold TOKENS_PER_INPUT (4)
+    tokens per input feature of the widest layer (down_proj's 128 here: 512 tokens, 16 windows of
+    32), batched as quantize_model batched them: the same sums as a calibration of those windows."""
+    from pvq_cuda.pipeline import allocate
+
+    monkeypatch.setattr(allocate, "HESSIAN_TOKENS", 1)
+    monkeypatch.setattr(allocate, "SENSITIVITY_TOKENS", 32)  # one window, the same in every run
+    seen = []
+    monkeypatch.setattr(allocate, "layer_stats",
+                        lambda w, h, seed, f=allocate.layer_stats: seen.append(h) or f(w, h, seed))
+    calib = random_ids(24, 32, seed=11)
+
+    def hessians(part):
+        seen.clear()
+        allocate._STATS_MEMO.clear()
+        quantize_quietly(tiny_model(9), part, bpw=3.0)
+        assert len(seen) == 14
+        return list(seen)
+
+    first16 = hessians(calib[:16])
+    assert all(torch.equal(a, b) for a, b in zip(hessians(calib), first16))
+    monkeypatch.setattr(allocate, "TOKENS_PER_INPUT", 5)  # 640 tokens: 20 windows
+    assert not any(torch.equal(a, b) for a, b in zip(hessians(calib), first16))
+    allocate._STATS_MEMO.clear()
+
+
 @pytest.mark.parametrize("bad", [1.9, 4.6, True, "3", float("nan")])
 def test_bad_rate(bad):
     with pytest.raises(ValueError, match=r"bpw must be a number in \[2.0, 4.5\]"):

@@ -139,10 +139,12 @@ class Stream:
     """One run's calibration activations, carried through its model block by block (steps 1-3 of
     the module docstring). :meth:`fp_pass` runs the unquantized block on the fp model's stream
     (fp targets); :meth:`quantize_block` quantizes a block and moves the stream past it. Several
-    runs on copies of one model can share one fp stream (:func:`quantize_models`)."""
+    runs on copies of one model can share one fp stream (:func:`quantize_models`). ``chunks``
+    (default: the run's) are the calibration token ids it carries."""
 
-    def __init__(self, run: Run) -> None:
-        self.run, self.layers, self.chunks = run, run.layers, run.chunks
+    def __init__(self, run: Run, chunks: list[torch.Tensor] | None = None) -> None:
+        self.run, self.layers = run, run.layers
+        self.chunks = run.chunks if chunks is None else chunks
         model, dev, layers = run.model, run.device, run.layers
         self.dev = dev
         self.store = torch.device("cpu") if run.offload else dev  # where activations wait between forwards
