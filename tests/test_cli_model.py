@@ -29,6 +29,25 @@ def test_fp_targets_default_per_method():
     assert not fp_targets_for("pvq-datafree", True) and not fp_targets_for("rtn-int4", True)  # no Hessian
 
 
+def test_quantize_evaluates_on_the_domains_calibration_does_not_read():
+    """quantize's default evaluation: every domain but the calibration's (the others' defaults,
+    files and an explicit --eval are unchanged)."""
+    from types import SimpleNamespace
+
+    from pvq_cuda.apps.domains import EVALUATION_DOMAINS
+    from pvq_cuda.apps.jobs import _sources
+
+    def sources(calib=None, eval=None, unseen_only=True):
+        return _sources(SimpleNamespace(calib=calib, eval=eval), True, unseen_only)
+
+    others = [d for d in EVALUATION_DOMAINS if d != "jargon"]
+    assert sources() == (["jargon"], others) and sources(unseen_only=False) == (["jargon"], list(EVALUATION_DOMAINS))
+    assert sources("jargon,fortunes") == (["jargon", "fortunes"], [d for d in others if d != "fortunes"])
+    assert sources("a.txt") == (["a.txt"], ["a.txt"]) and sources("jargon,a.txt") == (["jargon", "a.txt"],) * 2
+    assert sources(",".join(EVALUATION_DOMAINS))[1] == list(EVALUATION_DOMAINS)  # none left: their held-out parts
+    assert sources(eval="jargon") == (["jargon"], ["jargon"])
+
+
 def test_quantize_then_eval(tiny, capsys):
     out = tiny / "out"
     rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
@@ -38,9 +57,11 @@ def test_quantize_then_eval(tiny, capsys):
     lines = captured.out.strip().splitlines()
     assert lines[-1].startswith("perplexity: ")
     ppl_quantize = float(lines[-1].split()[1])
-    assert "| fp32 (unquantized) |" in captured.out and "PVQ pvq-3.25" in captured.out
+    # the default: each layer's config allocated for 3.25 bpw (--config gives one preset instead)
+    assert "| fp32 (unquantized) |" in captured.out and "PVQ at 3.25 bpw (allocated)" in captured.out
     log = json.loads((out / "quantization_log.json").read_text())
-    run = log["runs"]["pvq:pvq-3.25"]
+    run = log["runs"]["pvq:3.25bpw"]
+    assert run["allocation"]["bpw"] == 3.25 and abs(run["bpw"] - 3.25) <= 0.01
     assert len(run["layers"]) == 14 and all("loss" in e and "seconds" in e for e in run["layers"])
     # the CLI's default per method (README: levers out of domain): off for PVQ, on for GPTQ
     assert run["fp_targets"] is False and log["runs"]["gptq-int4"]["fp_targets"] is True

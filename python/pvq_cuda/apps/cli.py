@@ -72,8 +72,9 @@ def _data_options(p: argparse.ArgumentParser, calibration: bool = True) -> None:
                                    "('text' field) files, mixed evenly (default: jargon). Each one's last 10%% of "
                                    "tokens is held out, never calibrated on")
     p.add_argument("--eval", help="evaluation texts, the same way (default: every domain when --calib is not given, "
-                                  "else the --calib texts); a domain is evaluated on its held-out last 10%%, a file "
-                                  "that calibration does not read in whole")
+                                  "for quantize every domain --calib does not name, else the --calib texts); a domain "
+                                  "is evaluated on its held-out last 10%%, a file that calibration does not read in "
+                                  "whole")
     if calibration:
         p.add_argument("--nsamples", type=_positive, default=32,
                        help="calibration windows (default 32: 64 cost 1.6-1.8x the calibrated run time and measured no "
@@ -120,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     _data_options(q)
     _quant_options(q)
     rate = q.add_mutually_exclusive_group()
-    rate.add_argument("--config", choices=list(PRESETS), help="PVQ preset (default pvq-3.25)")
+    rate.add_argument("--config", choices=list(PRESETS),
+                      help="one PVQ preset for every layer instead of the allocated default (--bpw 3.25)")
     rate.add_argument("--bpw", type=_rate, metavar="R",
-                      help="any mean rate R in [2.0, 4.5] bits per weight instead of a preset: each layer gets the "
-                           "D, K and gain bits that minimise the summed predicted loss (from its weight, its "
+                      help=f"any mean rate R in [2.0, 4.5] bits per weight (default {jobs.QUANTIZE_BPW}): each layer "
+                           "gets the D, K and gain bits that minimise the summed predicted loss (from its weight, its "
                            "calibration Hessian and the output's sensitivity to it) at R, to within 0.01 bpw; "
                            "the choices are saved with the model. Better than the presets at every rate on the "
                            "default model (README)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -125,6 +126,8 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
         "seconds", "bpw"}``, where ``bpw`` is the parameter-weighted mean over the quantized
         linears, ``kept`` names every linear and embedding left in full precision with the reason,
         and ``path`` says how a calibrated layer's block ran (``"staged"`` or ``"generic"``).
+        ``seconds`` counts the whole run, with ``bpw``'s statistics pass (also in
+        ``allocation["seconds"]``; ~0 where a sweep had them already).
     """
     run = prepare(model, calibration, config, ignore=ignore, device=device, offload=offload, act_order=act_order,
                    resume_dir=resume_dir, progress=progress, method=method, overrides=overrides, damp=damp,
@@ -286,13 +289,15 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
         run.log["calibration"].update(nsamples=sum(c.shape[0] for c in chunks),
                                       tokens=sum(c.numel() for c in chunks))
     if bpw is not None:  # before the fingerprint: resuming needs the same allocation
+        t_alloc = time.perf_counter()
         a = allocate_run(run, todo, bpw)
+        t_alloc = time.perf_counter() - t_alloc
         config, overrides_c = run.config, run.overrides
         run.log["config"] = config.to_dict()
         run.log["overrides"] = {p.pattern: c.to_dict() for p, c in overrides_c}
         run.log["allocation"] = {"bpw": bpw, "achieved": a.bpw, "predicted_loss": a.predicted_loss,
                                  "layers": {n: c.to_dict() for n, c in a.configs.items()},
-                                 "sensitivity": a.sensitivity}
+                                 "sensitivity": a.sensitivity, "seconds": t_alloc}
     if resume_dir is not None:
         run.resume = Resume(resume_dir, fingerprint(model, m, config, overrides_c, ignore, act_order, metric_search,
                                                       run.fp_targets, refine_passes, damp, seed,

@@ -124,9 +124,10 @@ def fp_target_weight(W: torch.Tensor, shift: torch.Tensor, H: torch.Tensor) -> t
 
 
 def finish(run: Run, seconds: float) -> None:
-    """The log's totals, and the PVQ model's quantization_config."""
+    """The log's totals (``seconds``: the run's own work, plus its allocation's statistics pass
+    where it had one), and the PVQ model's quantization_config."""
     m = run.method
-    run.log["seconds"] = seconds
+    run.log["seconds"] = seconds + (run.log.get("allocation") or {}).get("seconds", 0.0)
     params = sum(e["out_features"] * e["in_features"] for e in run.log["layers"])
     run.log["bpw"] = sum(e["bpw"] * e["out_features"] * e["in_features"] for e in run.log["layers"]) / params
     run.write_log()
