@@ -4,9 +4,10 @@ unquantized model (quantization/allocation.py has the prediction and the knapsac
 
 The statistics only rank configs and layers, so they come from the first calibration windows,
 not all of them. On SmolLM2-135M (32 x 512 calibration tokens of the Jargon File) the Hessians
-then read 12 windows and F 4: 37 s instead of 96 s. The allocations they give at 2.25 and 3.25
-bpw have a predicted loss 0.5-0.6 % above the optimum under statistics from all 32 windows (and
-F from 8), and measure 1.942x and 1.143x fp32 out of domain against 1.896x and 1.152x (README)."""
+then read 12 windows and F 4: 37-45 s instead of 97 s. The allocations they give at 2.25 and
+3.25 bpw have a predicted loss 0.2-0.3 % above the best one under statistics from every window
+and F from 8 (bench/bench_allocation_stats.py), and measured 1.942x and 1.143x fp32 out of
+domain against that one's 1.896x and 1.152x (README)."""
 
 from __future__ import annotations
 
