@@ -101,6 +101,18 @@ def test_quantize_at_any_rate(tiny, capsys):
         assert exit_info.value.code == 2 and why in capsys.readouterr().err
 
 
+def test_quantize_data_free_keeps_the_preset(tiny, capsys):
+    """Without calibration the allocation would only weigh weight energy: data-free runs keep
+    the pvq-3.25 preset unless --bpw asks for a rate."""
+    out = tiny / "out-datafree"
+    rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
+               "--method", "pvq-datafree", "--baselines", "none", "--no-progress", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    run = json.loads((out / "quantization_log.json").read_text())["runs"]["pvq-datafree:pvq-3.25"]
+    assert "allocation" not in run and run["config"]["K"] == 30
+
+
 def test_quantize_with_finetune(tiny, capsys):
     out = tiny / "out-ft"
     rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,

@@ -122,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     _quant_options(q)
     rate = q.add_mutually_exclusive_group()
     rate.add_argument("--config", choices=list(PRESETS),
-                      help="one PVQ preset for every layer instead of the allocated default (--bpw 3.25)")
+                      help="one PVQ preset for every layer instead of the allocated default (--bpw 3.25; "
+                           "pvq-datafree: pvq-3.25)")
     rate.add_argument("--bpw", type=_rate, metavar="R",
-                      help=f"any mean rate R in [2.0, 4.5] bits per weight (default {jobs.QUANTIZE_BPW}): each layer "
+                      help=f"any mean rate R in [2.0, 4.5] bits per weight (default {jobs.QUANTIZE_BPW} for the "
+                           "Hessian-aware method): each layer "
                            "gets the D, K and gain bits that minimise the summed predicted loss (from its weight, its "
                            "calibration Hessian and the output's sensitivity to it) at R, to within 0.01 bpw; "
                            "the choices are saved with the model. Better than the presets at every rate on the "

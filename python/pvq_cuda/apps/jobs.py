@@ -34,8 +34,9 @@ QUANTIZE_BASELINES = ("rtn-int4", "gptq-int4", "gptq-int3")
 COMPARE_BASELINES = ("rtn-int4", "rtn-int3", "rtn-int2", "gptq-int4", "gptq-int3", "gptq-int2",
                      "gptq-rot-int4", "gptq-rot-int3", "gptq-rot-int2")
 COMPARE_PRESETS = ("pvq-2.25", "pvq-3.25", "pvq-4.25")
-# quantize without --config or --bpw: each layer's config allocated for 3.25 bpw, which measured
-# 1.143x fp32 against the pvq-3.25 preset's 1.201x on the texts calibration never read (README).
+# quantize (Hessian-aware) without --config or --bpw: each layer's config allocated for 3.25 bpw,
+# which measured 1.143x fp32 against the pvq-3.25 preset's 1.201x on the texts calibration never
+# read (README).
 QUANTIZE_BPW = 3.25
 
 
@@ -300,12 +301,15 @@ def cmd_quantize(args) -> int:
     from ..layers.quantized_model import save_quantized
 
     t0 = time.perf_counter()
-    if args.bpw is None and args.config is None:
-        args.bpw = QUANTIZE_BPW
-    preset = rate_preset(args.bpw) if args.bpw is not None else args.config
     method = args.method
-    if parse_method(method).kind != "pvq":
+    m = parse_method(method)
+    if m.kind != "pvq":
         raise SystemExit(f"--method {method!r}: quantize saves a PVQ model; run baselines with `pvq-cuda compare`")
+    if args.bpw is None and args.config is None:
+        # Data-free runs keep the preset: without calibration the allocation only weighs weight
+        # energy, which was never measured against it.
+        args.bpw, args.config = (QUANTIZE_BPW, None) if m.hessian else (None, DEFAULT_PRESET)
+    preset = rate_preset(args.bpw) if args.bpw is not None else args.config
     default_out = Path("pvq-out") / f"{_slug(args.model)}-{preset}"
     args.out_dir = Path(args.out) if args.out else default_out
     # Evaluated on the texts calibration never read (what a user gets on other text), not the
