@@ -61,6 +61,7 @@ def leading_windows(chunks: list[torch.Tensor], tokens: int) -> list[torch.Tenso
 
 
 def hessian_tokens(run: Run, names: set[str]) -> int:
+    """How many calibration tokens fp_layer_stats reads (HESSIAN_TOKENS, TOKENS_PER_INPUT)."""
     widest = max((m.in_features for n, m in run.model.named_modules() if n in names), default=0)
     return max(HESSIAN_TOKENS, TOKENS_PER_INPUT * widest)
 
