@@ -132,6 +132,22 @@ def test_quantize_with_finetune(tiny, capsys):
     assert rc == 0 and float(capsys.readouterr().out.strip().splitlines()[-1].split()[1]) == pytest.approx(ppl, rel=1e-3)
 
 
+def test_quantize_finetune_lr(tiny, capsys):
+    out = tiny / "out-ft-lr"
+    rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
+               "--baselines", "none", "--no-progress", "--config", "pvq-2.25", "--finetune", "2",
+               "--finetune-lr", "3e-3", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "PVQ pvq-2.25 Hessian-aware + finetuned scales (2 steps, lr 0.003)" in captured.out
+    ft = json.loads((out / "quantization_log.json").read_text())["runs"]["pvq:pvq-2.25"]["finetune"]
+    assert ft["lr"] == 3e-3 and ft["steps"] == 2
+    for bad in ("0", "-1e-3", "nan", "fast"):
+        with pytest.raises(SystemExit):
+            main(["quantize", "--finetune", "2", f"--finetune-lr={bad}"])
+        assert "--finetune-lr: must be a positive number" in capsys.readouterr().err
+
+
 def test_eval_on_separate_text(tiny, capsys):
     (tiny / "other.jsonl").write_text("\n".join(json.dumps({"text": TEXT[i:i + 400]}) for i in range(0, 2000, 400)))
     rc = main(["eval", "--model", str(tiny / "model"), "--eval", str(tiny / "other.jsonl"), "--seqlen", "64",

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -42,6 +43,16 @@ def _non_negative(s: str) -> int:
     v = int(s)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
     return v
 
 
@@ -143,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="before --finetune's steps (or alone), fine-tune the same parameters block by block: "
                         "EPOCHS passes over the calibration windows per decoder block, matching the unquantized "
                         "block's outputs (default 0: off)")
+    q.add_argument("--finetune-lr", type=_positive_float, default=1e-3, metavar="LR",
+                   help="Adam's learning rate on the log-factors for --finetune and --finetune-blocks "
+                        "(default 1e-3: each factor moves by at most about 0.1%% a step)")
     q.add_argument("--baselines", default=",".join(jobs.QUANTIZE_BASELINES),
                    help="comma-separated baseline methods to run beside it, or 'none' "
                         f"(default {','.join(jobs.QUANTIZE_BASELINES)})")

@@ -353,11 +353,13 @@ def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: d
     from ..pipeline import finetune_scales
 
     held_out = max(1, job.calibration.shape[0] // 8) if job.calibration.shape[0] > 1 else 0
+    lr = getattr(job.args, "finetune_lr", 1e-3)
     what = ", ".join(([f"{block_epochs} block epoch{'s' * (block_epochs != 1)}"] if block_epochs else [])
-                     + ([f"{steps} step{'s' * (steps != 1)}"] if steps else []))
+                     + ([f"{steps} step{'s' * (steps != 1)}"] if steps else [])
+                     + ([f"lr {lr:g}"] if lr != 1e-3 else []))
     _say(f"pvq-cuda: finetuning row scales, gain levels and norms ({what})")
     ft = finetune_scales(model, job.lm.model, job.calibration, steps=steps, held_out=held_out,
-                         block_epochs=block_epochs, progress=not job.args.no_progress)
+                         block_epochs=block_epochs, lr=lr, progress=not job.args.no_progress)
     if held_out:
         both = bool(block_epochs and steps)
         kls = [ft["kl_held_out_before"], *([ft["kl_held_out_after_blocks"]] if both else []), ft["kl_held_out_after"]]
