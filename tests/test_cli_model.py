@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -146,6 +147,34 @@ def test_quantize_finetune_lr(tiny, capsys):
         with pytest.raises(SystemExit):
             main(["quantize", "--finetune", "2", f"--finetune-lr={bad}"])
         assert "--finetune-lr: must be a positive number" in capsys.readouterr().err
+
+
+def test_quantize_finetune_windows(tiny, capsys, monkeypatch):
+    from pvq_cuda.apps import jobs
+    seen = {}
+    real = jobs.prepare
+
+    def spy(args, *a, **k):
+        seen["job"] = real(args, *a, **k)
+        return seen["job"]
+
+    monkeypatch.setattr(jobs, "prepare", spy)
+    out = tiny / "out-ft-windows"
+    rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
+               "--baselines", "none", "--no-progress", "--config", "pvq-2.25", "--finetune", "1",
+               "--finetune-windows", "16", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    job = seen["job"]
+    assert job.finetune.shape == (16, job.calibration.shape[1])
+    assert torch.equal(job.finetune[:job.calibration.shape[0]], job.calibration)  # one text: the calibration first
+    assert len({tuple(w.tolist()) for w in job.finetune}) > job.calibration.shape[0]  # and then more
+    log = json.loads((out / "quantization_log.json").read_text())
+    assert log["data"]["finetune_windows"] == 16
+    ft = log["runs"]["pvq:pvq-2.25"]["finetune"]
+    assert ft["windows"] == 16 and ft["held_out"] == 2 and ft["kl_held_out_before"] > 0
+    with pytest.raises(SystemExit):
+        main(["quantize", "--finetune", "2", "--finetune-windows", "0"])
+    assert "--finetune-windows" in capsys.readouterr().err
 
 
 def test_eval_on_separate_text(tiny, capsys):

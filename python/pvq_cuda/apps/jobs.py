@@ -50,6 +50,8 @@ class Job:
     data_info: dict
     device: torch.device
     args: object
+    # --finetune-windows: more windows of the calibration text for fine-tuning only (None: the calibration windows)
+    finetune: torch.Tensor | None = None
 
 
 def _say(msg: str) -> None:
@@ -113,9 +115,19 @@ def prepare(args, need_calibration: bool = True, unseen_only: bool = False) -> J
             "evaluation_sources": {s: names[s] + (" (whole file)" if s in whole else ", held-out last 10% of its tokens")
                                    for s in evaluation},
             **windows.info}
+    finetune = None
+    count = getattr(args, "finetune_windows", None)
+    if calib and count:
+        # The same sources, seed and draw as the calibration windows, only more of them, all before
+        # each text's held-out part. With one calibration text the calibration windows come first
+        # (torch's seeded draw of N starts begins with the draw of fewer; tests check it).
+        finetune = make_domain_windows({s: ids[s] for s in calib}, {s: ids[s] for s in evaluation}, nsamples=count,
+                                       seqlen=seqlen, eval_windows=1, eval_seqlen=args.eval_seqlen or args.seqlen,
+                                       seed=args.seed, whole=whole, bos_token_id=leading_bos(lm.tokenizer)).calibration
+        info["finetune_windows"] = count
     _say(f"pvq-cuda: {lm.name}; calibration {', '.join(calib) or '(none)'}; evaluation {', '.join(evaluation)}; "
          f"load {time.perf_counter() - t0:.1f} s")
-    return Job(lm, windows.calibration, windows.evaluation, info, _device(args), args)
+    return Job(lm, windows.calibration, windows.evaluation, info, _device(args), args, finetune)
 
 
 def _evaluate(job: Job, model) -> dict[str, dict]:
@@ -352,13 +364,14 @@ def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: d
     block and then end to end, then evaluate it again."""
     from ..pipeline import finetune_scales
 
-    held_out = max(1, job.calibration.shape[0] // 8) if job.calibration.shape[0] > 1 else 0
+    windows = job.calibration if job.finetune is None else job.finetune
+    held_out = max(1, windows.shape[0] // 8) if windows.shape[0] > 1 else 0
     lr = getattr(job.args, "finetune_lr", 1e-3)
     what = ", ".join(([f"{block_epochs} block epoch{'s' * (block_epochs != 1)}"] if block_epochs else [])
                      + ([f"{steps} step{'s' * (steps != 1)}"] if steps else [])
                      + ([f"lr {lr:g}"] if lr != 1e-3 else []))
     _say(f"pvq-cuda: finetuning row scales, gain levels and norms ({what})")
-    ft = finetune_scales(model, job.lm.model, job.calibration, steps=steps, held_out=held_out,
+    ft = finetune_scales(model, job.lm.model, windows, steps=steps, held_out=held_out,
                          block_epochs=block_epochs, lr=lr, progress=not job.args.no_progress)
     if held_out:
         both = bool(block_epochs and steps)
@@ -368,7 +381,7 @@ def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: d
              f"{' (before, after the blocks, after)' if both else ''}, {ft['seconds']:.0f} s")
     else:
         _say(f"pvq-cuda: finetune: {ft['seconds']:.0f} s")
-    log["finetune"] = ft
+    log["finetune"] = dict(ft, windows=windows.shape[0], held_out=held_out)
     log = dict(log, seconds=log["seconds"] + ft["seconds"])
     row = _row(job, method, preset, model, log, fp32)
     row.method += "+finetune"
