@@ -133,23 +133,7 @@ def test_quantize_with_finetune(tiny, capsys):
     assert rc == 0 and float(capsys.readouterr().out.strip().splitlines()[-1].split()[1]) == pytest.approx(ppl, rel=1e-3)
 
 
-def test_quantize_finetune_lr(tiny, capsys):
-    out = tiny / "out-ft-lr"
-    rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
-               "--baselines", "none", "--no-progress", "--config", "pvq-2.25", "--finetune", "2",
-               "--finetune-lr", "3e-3", "--out", str(out)])
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    assert "PVQ pvq-2.25 Hessian-aware + finetuned scales (2 steps, lr 0.003)" in captured.out
-    ft = json.loads((out / "quantization_log.json").read_text())["runs"]["pvq:pvq-2.25"]["finetune"]
-    assert ft["lr"] == 3e-3 and ft["steps"] == 2
-    for bad in ("0", "-1e-3", "nan", "fast"):
-        with pytest.raises(SystemExit):
-            main(["quantize", "--finetune", "2", f"--finetune-lr={bad}"])
-        assert "--finetune-lr: must be a positive number" in capsys.readouterr().err
-
-
-def test_quantize_finetune_windows(tiny, capsys, monkeypatch):
+def test_quantize_finetune_lr_and_windows(tiny, capsys, monkeypatch):
     from pvq_cuda.apps import jobs
     seen = {}
     real = jobs.prepare
@@ -159,11 +143,13 @@ def test_quantize_finetune_windows(tiny, capsys, monkeypatch):
         return seen["job"]
 
     monkeypatch.setattr(jobs, "prepare", spy)
-    out = tiny / "out-ft-windows"
+    out = tiny / "out-ft-options"
     rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
-               "--baselines", "none", "--no-progress", "--config", "pvq-2.25", "--finetune", "1",
-               "--finetune-windows", "16", "--out", str(out)])
-    assert rc == 0, capsys.readouterr().err
+               "--baselines", "none", "--no-progress", "--config", "pvq-2.25", "--finetune", "2",
+               "--finetune-lr", "3e-3", "--finetune-windows", "16", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "PVQ pvq-2.25 Hessian-aware + finetuned scales (2 steps, lr 0.003)" in captured.out
     job = seen["job"]
     assert job.finetune.shape == (16, job.calibration.shape[1])
     assert torch.equal(job.finetune[:job.calibration.shape[0]], job.calibration)  # one text: the calibration first
@@ -171,10 +157,13 @@ def test_quantize_finetune_windows(tiny, capsys, monkeypatch):
     log = json.loads((out / "quantization_log.json").read_text())
     assert log["data"]["finetune_windows"] == 16
     ft = log["runs"]["pvq:pvq-2.25"]["finetune"]
+    assert ft["lr"] == 3e-3 and ft["steps"] == 2
     assert ft["windows"] == 16 and ft["held_out"] == 2 and ft["kl_held_out_before"] > 0
-    with pytest.raises(SystemExit):
-        main(["quantize", "--finetune", "2", "--finetune-windows", "0"])
-    assert "--finetune-windows" in capsys.readouterr().err
+    for option, bad, says in [("--finetune-lr", v, "must be a positive number") for v in ("0", "-1e-3", "nan", "x")] + \
+            [("--finetune-windows", v, "") for v in ("0", "-3", "2.5")]:
+        with pytest.raises(SystemExit):
+            main(["quantize", "--finetune", "2", f"{option}={bad}"])
+        assert f"argument {option}: {says}" in capsys.readouterr().err
 
 
 def test_eval_on_separate_text(tiny, capsys):
