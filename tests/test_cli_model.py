@@ -128,6 +128,7 @@ def test_quantize_with_finetune(tiny, capsys):
     ft = log["runs"]["pvq:pvq-2.25"]["finetune"]
     assert ft["steps"] == 5 and ft["kl_held_out_before"] > 0 and ft["trained_parameters"] > 0
     assert ft["block_epochs"] == 1 and len(ft["block_loss"]) == 2 and ft["kl_held_out_after_blocks"] > 0
+    assert ft["windows"] == 20 and ft["held_out"] == 2  # by default max(--nsamples 4, 4 x 5 steps)
     assert [r["method"] for r in log["results"]][-2:] == ["pvq:pvq-2.25", "pvq:pvq-2.25+finetune"]
     rc = main(["eval", "--model", str(out), "--calib", str(tiny / "text.txt"), *SMALL[2:]])
     assert rc == 0 and float(capsys.readouterr().out.strip().splitlines()[-1].split()[1]) == pytest.approx(ppl, rel=1e-3)
@@ -164,6 +165,18 @@ def test_quantize_finetune_lr_and_windows(tiny, capsys, monkeypatch):
         with pytest.raises(SystemExit):
             main(["quantize", "--finetune", "2", f"{option}={bad}"])
         assert f"argument {option}: {says}" in capsys.readouterr().err
+
+
+def test_finetune_windows_default():
+    from argparse import Namespace
+
+    from pvq_cuda.apps.jobs import finetune_windows
+    assert finetune_windows(Namespace(nsamples=32, finetune=0, finetune_blocks=0, finetune_windows=None)) is None
+    assert finetune_windows(Namespace(nsamples=32, finetune=40, finetune_blocks=0, finetune_windows=None)) == 160
+    assert finetune_windows(Namespace(nsamples=32, finetune=5, finetune_blocks=0, finetune_windows=None)) == 32
+    assert finetune_windows(Namespace(nsamples=32, finetune=0, finetune_blocks=2, finetune_windows=None)) == 32
+    assert finetune_windows(Namespace(nsamples=32, finetune=40, finetune_blocks=0, finetune_windows=48)) == 48
+    assert finetune_windows(Namespace(nsamples=8)) is None  # compare and eval have no fine-tuning options
 
 
 def test_eval_on_separate_text(tiny, capsys):

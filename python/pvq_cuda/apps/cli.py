@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                         "block's outputs (default 0: off)")
     q.add_argument("--finetune-windows", type=_positive, default=None, metavar="N",
                    help="fine-tune on N windows of the calibration text, drawn as the calibration windows are "
-                        "(same seed, never from the held-out part; the last eighth held out to watch the KL), "
-                        "instead of the calibration windows themselves (default: those, --nsamples)")
+                        "(same seed, never from the held-out part; the last eighth held out to watch the KL). "
+                        "Default: max(--nsamples, 4 x STEPS), about one pass (reusing 32 windows over 40 steps "
+                        "overfit them; README)")
     q.add_argument("--finetune-lr", type=_positive_float, default=1e-3, metavar="LR",
                    help="Adam's learning rate on the log-factors for --finetune and --finetune-blocks "
                         "(default 1e-3: each factor moves by at most about 0.1%% a step)")
