@@ -21,6 +21,7 @@ import sys
 
 from ..format.activation import ACT_PRESETS
 from ..format.config import PRESETS
+from ..pipeline.finetune import LEARNING_RATE
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -159,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(same seed, never from the held-out part; the last eighth held out to watch the KL). "
                         "Default: max(--nsamples, 4 x STEPS), about one pass (reusing 32 windows over 40 steps "
                         "overfit them; README)")
-    q.add_argument("--finetune-lr", type=_positive_float, default=1e-3, metavar="LR",
+    q.add_argument("--finetune-lr", type=_positive_float, default=LEARNING_RATE, metavar="LR",
                    help="Adam's learning rate on the log-factors for --finetune and --finetune-blocks "
-                        "(default 1e-3: each factor moves by at most about 0.1%% a step)")
+                        f"(default {LEARNING_RATE:g}: each factor moves by at most about 0.1%% a step)")
     q.add_argument("--baselines", default=",".join(jobs.QUANTIZE_BASELINES),
                    help="comma-separated baseline methods to run beside it, or 'none' "
                         f"(default {','.join(jobs.QUANTIZE_BASELINES)})")

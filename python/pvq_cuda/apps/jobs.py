@@ -120,10 +120,15 @@ def prepare(args, need_calibration: bool = True, unseen_only: bool = False) -> J
     seqlen = args.seqlen
     if not need_calibration:  # eval only: no calibration windows are cut
         seqlen = 2
-    windows = make_domain_windows({s: ids[s] for s in calib}, {s: ids[s] for s in evaluation},
-                                  nsamples=args.nsamples, seqlen=seqlen, eval_windows=args.eval_windows,
-                                  eval_seqlen=args.eval_seqlen or args.seqlen, seed=args.seed, whole=whole,
-                                  bos_token_id=leading_bos(lm.tokenizer))
+    bos = leading_bos(lm.tokenizer)
+
+    def cut(nsamples: int, eval_windows: int | None):  # one draw for calibration and fine-tuning windows
+        return make_domain_windows({s: ids[s] for s in calib}, {s: ids[s] for s in evaluation}, nsamples=nsamples,
+                                   seqlen=seqlen, eval_windows=eval_windows,
+                                   eval_seqlen=args.eval_seqlen or args.seqlen, seed=args.seed, whole=whole,
+                                   bos_token_id=bos)
+
+    windows = cut(args.nsamples, args.eval_windows)
     info = {"model": lm.name,
             "calibration_sources": {s: names[s] for s in calib},
             "evaluation_sources": {s: names[s] + (" (whole file)" if s in whole else ", held-out last 10% of its tokens")
@@ -135,9 +140,7 @@ def prepare(args, need_calibration: bool = True, unseen_only: bool = False) -> J
         # The same sources, seed and draw as the calibration windows, only more of them, all before
         # each text's held-out part. With one calibration text the calibration windows come first
         # (torch's seeded draw of N starts begins with the draw of fewer; tests check it).
-        finetune = make_domain_windows({s: ids[s] for s in calib}, {s: ids[s] for s in evaluation}, nsamples=count,
-                                       seqlen=seqlen, eval_windows=1, eval_seqlen=args.eval_seqlen or args.seqlen,
-                                       seed=args.seed, whole=whole, bos_token_id=leading_bos(lm.tokenizer)).calibration
+        finetune = cut(count, 1).calibration
         info["finetune_windows"] = count
     _say(f"pvq-cuda: {lm.name}; calibration {', '.join(calib) or '(none)'}; evaluation {', '.join(evaluation)}; "
          f"load {time.perf_counter() - t0:.1f} s")
@@ -376,14 +379,14 @@ def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: d
     """--finetune / --finetune-blocks: train ``model``'s row scales, gain levels and norm weights
     toward the fp32 model on the calibration windows (the last eighth held out to watch), block by
     block and then end to end, then evaluate it again."""
-    from ..pipeline import finetune_scales
+    from ..pipeline.finetune import LEARNING_RATE, finetune_scales
 
     windows = job.calibration if job.finetune is None else job.finetune
     held_out = max(1, windows.shape[0] // 8) if windows.shape[0] > 1 else 0
-    lr = getattr(job.args, "finetune_lr", 1e-3)
+    lr = getattr(job.args, "finetune_lr", LEARNING_RATE)
     what = ", ".join(([f"{block_epochs} block epoch{'s' * (block_epochs != 1)}"] if block_epochs else [])
                      + ([f"{steps} step{'s' * (steps != 1)}"] if steps else [])
-                     + ([f"lr {lr:g}"] if lr != 1e-3 else []))
+                     + ([f"lr {lr:g}"] if lr != LEARNING_RATE else []))
     _say(f"pvq-cuda: finetuning row scales, gain levels and norms ({what})")
     ft = finetune_scales(model, job.lm.model, windows, steps=steps, held_out=held_out,
                          block_epochs=block_epochs, lr=lr, progress=not job.args.no_progress)

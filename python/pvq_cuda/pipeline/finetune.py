@@ -39,6 +39,7 @@ from ..ops import dequantize_packed, hadamard_transform
 from .capture import block_inputs, first
 
 STEP_WINDOWS = 4  # calibration windows per optimizer step (finetune_scales' batch_size)
+LEARNING_RATE = 1e-3  # Adam's, on the log-factors: each moves by at most about 0.1 % a step
 
 
 class _ScaledDirections(nn.Module):
@@ -213,7 +214,7 @@ def _finetune_blocks(model: nn.Module, reference: nn.Module, windows: torch.Tens
 
 
 def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.Tensor, *, steps: int = 100,
-                    lr: float = 1e-3, batch_size: int = STEP_WINDOWS, norms: bool = True, held_out: int = 0,
+                    lr: float = LEARNING_RATE, batch_size: int = STEP_WINDOWS, norms: bool = True, held_out: int = 0,
                     block_epochs: int = 0, progress: bool = True) -> dict:
     """Train the row scales and gain levels of ``model``'s PVQ layers (and its norm weights, with
     ``norms``) toward ``reference``, the same model unquantized; the codes stay. In place.
