@@ -47,3 +47,22 @@ def test_levels_deterministic_and_degenerate_cases():
     for bad in [(0, 8, 2), (8, 12, 2), (8, 4096, 9)]:
         with pytest.raises(ValueError):
             beta_gain_levels(*bad)
+
+
+@pytest.mark.parametrize("D,n,bits", [(1, 576, 7), (2, 576, 8), (2, 1536, 7), (8, 576, 6), (8, 4096, 8)])
+def test_high_rate_levels_reach_the_panter_dite_distortion(D, n, bits):
+    """At 6-8 bits (activation presets) the mean squared error of the levels, integrated on a grid
+    finer than the module's, is within 2 % of the high-resolution optimum (Panter–Dite:
+    (∫ p^(1/3))^3 / (12 · 4^bits)). Lloyd started at p's own quantiles stopped 17-350 % above it."""
+    grid = 1 << 21
+    hi = min(1.0, (np.sqrt(D) + 16) / np.sqrt(n))
+    dt = hi / grid
+    t = (np.arange(grid) + 0.5) * dt
+    logp = (D - 1) * np.log(t) + ((n - D) / 2 - 1) * np.log1p(-t * t)
+    p = np.exp(logp - logp.max())
+    p /= p.sum() * dt
+    levels = beta_gain_levels(D, n, bits)
+    cells = np.searchsorted((levels[1:] + levels[:-1]) / 2, t)
+    mse = (p * (t - levels[cells]) ** 2).sum() * dt
+    panter_dite = (np.cbrt(p).sum() * dt) ** 3 / (12 * 4.0**bits)
+    assert 0.95 < mse / panter_dite < 1.02

@@ -230,15 +230,13 @@ def test_default_int_baselines_meet_each_pvq_preset_at_its_rate():
     """compare --act's default INT rows include one within 0.03 bits per activation of each PVQ
     preset the table shows (at SmolLM2's widths), so "beats INT at equal bits" is a row-to-row
     comparison, not one across a quarter bit."""
-    from pvq_cuda.apps.wa import WA_ACTIVATIONS, WA_BASELINES
+    from pvq_cuda.apps.wa import EQUAL_RATE, WA_ACTIVATIONS, WA_BASELINES
 
     for n in (576, 1536):
         int_rates = [parse_activation_baseline(b).bits_per_activation(n) for b in WA_BASELINES]
         for a in WA_ACTIVATIONS:
-            if a == "pvq-a8.5":  # above INT8 per token; no INT row of its own
-                continue
             rate = ACT_PRESETS[a].bits_per_activation(n)
-            assert min(abs(r - rate) for r in int_rates) < 0.03, (a, n, rate, int_rates)
+            assert min(abs(r - rate) for r in int_rates) < min(0.03, EQUAL_RATE), (a, n, rate, int_rates)
 
 
 def test_int_baselines_quantize_as_stated():
@@ -316,7 +314,33 @@ def test_compare_act_writes_table_plot_and_json(tiny, tmp_path, capsys):
     assert bpa["int8-g8"] == 10 and bpa["A16"] is None
     assert all(r["ratio_se"] > 0 for r in result["results"][1:])
     assert (tmp_path / "wa_model.png").stat().st_size > 1000 and "| pvq-4.25 | INT8 g8 |" in out
-    assert "integer W+A kernel" in (tmp_path / "wa_model.md").read_text()
+    md = (tmp_path / "wa_model.md").read_text()
+    assert "integer W+A kernel" in md and "## PVQ against INT at equal bits per activation" in md
+    # KL from the A16 model: none on the reference rows, positive with a standard error on the rest,
+    # one value per evaluation window, and smaller at 8 bits than at 4
+    kl = {r["activations"]: r for r in result["results"]}
+    assert kl["fp32"]["kl"] is None and kl["A16"]["kl"] is None
+    for name in ("pvq-a4.25", "pvq-a8", "int4-token", "int8-g8"):
+        assert kl[name]["kl"] > 0 and kl[name]["kl_se"] > 0 and len(kl[name]["window_kl"]) == 2, name
+    assert kl["pvq-a8"]["kl"] < kl["pvq-a4.25"]["kl"] and kl["int8-g8"]["kl"] < kl["int4-token"]["kl"]
+
+
+def test_equal_rate_pairs_match_rows_of_the_same_weights_and_rate():
+    from pvq_cuda.apps.wa import WARow, equal_rate_pairs
+
+    def row(weights, act, family, bpa, window_kl):
+        return WARow(weights, act, act, family, 3.25, bpa, 20.0, 1.1, 0.01, 1.0, {}, sum(window_kl) / len(window_kl),
+                     None, window_kl)
+
+    rows = [WARow("pvq-3.25", "A16", "A16", "A16", 3.25, None, 20.0, 1.1, 0.01, None),
+            row("pvq-3.25", "pvq-a8", "PVQ", 8.022, [1.0, 2.0, 3.0]),
+            row("pvq-3.25", "int8-token", "INT per-token", 8.022, [2.0, 2.5, 5.0]),
+            row("pvq-3.25", "int4-g64", "INT per-group", 4.25, [9.0, 9.0, 9.0]),   # another rate
+            row("pvq-4.25", "int8-token", "INT per-token", 8.022, [0.0, 0.0, 0.0])]  # other weights
+    (p, q, diff, se), = equal_rate_pairs(rows)
+    assert (p.activations, q.activations, q.weights) == ("pvq-a8", "int8-token", "pvq-3.25")
+    assert diff == pytest.approx(-3.5 / 3) and se == pytest.approx(float(torch.tensor(
+        [-1.0, -0.5, -2.0], dtype=torch.float64).std()) / 3 ** 0.5)
 
 
 def test_quantize_act_config_saves_and_evals(tiny, tmp_path, capsys):

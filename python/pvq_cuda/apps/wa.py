@@ -4,8 +4,11 @@ One Hessian-aware PVQ quantization per weight rate (the runs share the fp model'
 each quantized model, in turn: the activations unquantized (A16), PVQ-coded with each activation
 preset (the layers' integer W+A kernel, ``wa_matmul``), and the integer baselines (per-token and
 per-group INT8/INT4 with the same rotation, simulated). Every row is the held-out perplexity on the
-same windows as the fp32 row, with ± one standard error of the ratio. Writes
-``wa_<model>.{md,json,png}``.
+same windows as the fp32 row, with ± one standard error of the ratio, and the KL divergence from the
+same weights' A16 model: at 6 and 8 bits per activation every coder is within a standard error of
+A16 in perplexity, while KL, paired over the same windows, still ranks them. Each PVQ row is set
+against the INT row of the same rate (within 0.05 bits per activation) by the paired difference of
+their KLs. Writes ``wa_<model>.{md,json,png}``.
 """
 
 from __future__ import annotations
@@ -20,15 +23,17 @@ from ..format.config import PRESETS
 from ..layers.linear import PVQLinear
 from ..layers.quantized_model import set_activation_coding
 from ..quantization.act_baselines import parse_activation_baseline, simulated_activations
-from .evaluate import perplexity
+from .evaluate import mean_standard_error, perplexity
 from .jobs import _fp32_row, _header as job_header, _say, _slug, prepare, run_methods
 from .report import domain_summary, save_perplexity_figure, write_json, write_text
 
 WA_WEIGHTS = ("pvq-4.25", "pvq-3.25")
 WA_ACTIVATIONS = ("pvq-a8.5", "pvq-a8", "pvq-a6.25", "pvq-a4.25")
-# One INT row at each PVQ preset's rate (8.02, 6.25, 4.25 bits per activation on SmolLM2's widths:
+# One INT row at each PVQ preset's rate (8.02, 8.5, 6.25, 4.25 bits per activation on SmolLM2's widths:
 # 576 and 1536 are multiples of 64), and the two common 4-bit layouts below and above it.
-WA_BASELINES = ("int8-token", "int6-g64", "int4-g64", "int4-g8", "int4-token")
+WA_BASELINES = ("int8-token", "int8-g32", "int6-g64", "int4-g64", "int4-g8", "int4-token")
+EQUAL_RATE = 0.05  # bits per activation: a PVQ row and an INT row this close are compared as equals
+KL_UNIT = 1e-3     # the tables' KL unit: 10^-3 nats per token
 
 
 @dataclass
@@ -44,6 +49,11 @@ class WARow:
     ratio_se: float | None
     eval_seconds: float | None  # the evaluation's time (None: measured with the weight run)
     domains: dict[str, dict] = field(default_factory=dict)
+    # KL(A16 ‖ this row) in nats per token, the mean over every evaluation window (all domains) and
+    # its standard error; window_kl holds each window's, domain after domain (None: fp32 and A16 rows)
+    kl: float | None = None
+    kl_se: float | None = None
+    window_kl: list[float] | None = None
 
 
 def activation_bits(model, act) -> float:
@@ -53,30 +63,68 @@ def activation_bits(model, act) -> float:
     return math.fsum(n * act.bits_per_activation(n) for n in ns) / sum(ns)
 
 
-def _evaluate(job, model, integer: bool) -> tuple[dict, float]:
+def _evaluate(job, model, integer: bool, reference: dict) -> tuple[dict, float]:
     t0 = time.perf_counter()
     # decoded_cache=False: PVQ layers with coded activations run the integer W+A kernel itself.
-    evals = {name: perplexity(model, w, device=job.device, decoded_cache=False if integer else None)
-             for name, w in job.evaluation.items()}
+    evals = {name: perplexity(model, w, device=job.device, decoded_cache=False if integer else None,
+                              reference_logprobs=reference[name]) for name, w in job.evaluation.items()}
     return evals, time.perf_counter() - t0
 
 
-def _row(job, model, fp32_eval, weights: str, activations: str, label: str, family: str, bpw, bpa,
+def reference_logprobs(job, model) -> dict:
+    """The A16 model's next-token log-probabilities on every evaluation window, per domain: the
+    reference of the activation rows' KL (float32, windows · seqlen · vocab · 4 bytes)."""
+    return {name: perplexity(model, w, device=job.device, keep_logprobs=True)["logprobs"]
+            for name, w in job.evaluation.items()}
+
+
+def _row(job, model, fp32_eval, reference: dict, weights: str, activations: str, label: str, family: str, bpw, bpa,
          integer: bool = False) -> WARow:
-    evals, secs = _evaluate(job, model, integer)
+    evals, secs = _evaluate(job, model, integer, reference)
     ppl, ratio, se, per = domain_summary(evals, fp32_eval)
-    row = WARow(weights, activations, label, family, bpw, bpa, ppl, ratio, se, secs, per)
+    window_kl = [x for ev in evals.values() for x in ev["window_kl"]]
+    kl, kl_se = mean_standard_error(window_kl)
+    row = WARow(weights, activations, label, family, bpw, bpa, ppl, ratio, se, secs, per, kl, kl_se, window_kl)
     _say(f"pvq-cuda: {label}: bpa {'-' if bpa is None else f'{bpa:.3f}'}, perplexity {ppl:.3f} "
-         f"({ratio:.3f}x fp32{'' if se is None else f' +- {se:.3f}'}), eval {secs:.0f} s")
+         f"({ratio:.3f}x fp32{'' if se is None else f' +- {se:.3f}'}), KL from A16 {kl / KL_UNIT:.3f}e-3, "
+         f"eval {secs:.0f} s")
     return row
+
+
+def _kl(value: float | None, se: float | None) -> str:
+    return "" if value is None else f"{value / KL_UNIT:.3f}" + ("" if se is None else f" ± {se / KL_UNIT:.3f}")
+
+
+def equal_rate_pairs(rows: list[WARow]) -> list[tuple[WARow, WARow, float, float | None]]:
+    """(PVQ row, INT row, mean of their per-window KL differences, its standard error) for every
+    PVQ activation row and each INT row of the same weights within EQUAL_RATE bits per activation."""
+    pairs = []
+    for p in rows:
+        if p.family != "PVQ" or p.window_kl is None:
+            continue
+        for q in rows:
+            if (q.family.startswith("INT") and q.weights == p.weights and q.window_kl is not None
+                    and abs(q.bpa - p.bpa) <= EQUAL_RATE):
+                pairs.append((p, q, *mean_standard_error([a - b for a, b in zip(p.window_kl, q.window_kl)])))
+    return pairs
+
+
+def pairs_table(rows: list[WARow]) -> str:
+    lines = ["| weights | PVQ activations | bpa | INT activations | bpa | KL PVQ | KL INT | PVQ − INT, paired | "
+             "PVQ / INT |", "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for p, q, d, se in equal_rate_pairs(rows):
+        lines.append(f"| {p.weights} | {p.activations} | {p.bpa:.3f} | {q.activations} | {q.bpa:.3f} | "
+                     f"{_kl(p.kl, p.kl_se)} | {_kl(q.kl, q.kl_se)} | {_kl(d, se)} | {p.kl / q.kl:.2f} |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[WARow]) -> str:
     domains = list(rows[0].domains) if rows and rows[0].domains else []
     many = len(domains) > 1
     head = "| weights | activations | bpw | bpa | " + ("".join(f"{d} | " for d in domains) if many else "") + \
-           "perplexity | × fp32 | eval s |"
-    lines = [head, "| --- | --- | ---: | ---: | " + ("---: | " * len(domains) if many else "") + "---: | ---: | ---: |"]
+           "perplexity | × fp32 | KL from A16 (10⁻³ nats/token) | eval s |"
+    lines = [head, "| --- | --- | ---: | ---: | " + ("---: | " * len(domains) if many else "") +
+             "---: | ---: | ---: | ---: |"]
     for r in rows:
         cells = []
         if many:
@@ -85,19 +133,21 @@ def markdown_table(rows: list[WARow]) -> str:
         ratio = f"{r.ratio:.3f}" + ("" if r.ratio_se is None else f" ± {r.ratio_se:.3f}")
         lines.append("| " + " | ".join([r.weights, r.label, "fp32" if r.bpw is None else f"{r.bpw:.3f}",
                                         "fp32" if r.bpa is None else f"{r.bpa:.3f}", *cells, f"{r.perplexity:.3f}",
-                                        ratio, "" if r.eval_seconds is None else f"{r.eval_seconds:.0f}"]) + " |")
+                                        ratio, _kl(r.kl, r.kl_se),
+                                        "" if r.eval_seconds is None else f"{r.eval_seconds:.0f}"]) + " |")
     return "\n".join(lines)
 
 
 def plot(rows: list[WARow], path, title: str) -> None:
     """Perplexity against bits per activation: one series per (weights, activation family); the
-    fp32 model and the weight-only (A16) rows as horizontal lines."""
+    fp32 model and the weight-only (A16) rows as horizontal lines. Beside it the KL from A16
+    against bits per activation, the same series, both axes' errors one standard error."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, (ax, kl_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
     series: dict[str, list[WARow]] = {}
     styles = {"PVQ": "o-", "INT per-token": "s--", "INT per-group": "^:"}
     colors = {}
@@ -112,6 +162,9 @@ def plot(rows: list[WARow], path, title: str) -> None:
         ax.errorbar([r.bpa for r in rs], [r.perplexity for r in rs],
                     yerr=[r.perplexity * (r.ratio_se or 0) / r.ratio for r in rs], fmt=styles[rs[0].family],
                     color=color, capsize=3, label=name)
+        if all(r.kl is not None for r in rs):
+            kl_ax.errorbar([r.bpa for r in rs], [r.kl for r in rs], yerr=[r.kl_se or 0 for r in rs],
+                           fmt=styles[rs[0].family], color=color, capsize=3, label=name)
     for r in rows:
         if r.bpa is None:
             color = "k" if r.weights == "fp32" else colors.get(r.weights, "gray")
@@ -120,6 +173,12 @@ def plot(rows: list[WARow], path, title: str) -> None:
     ax.set_xlabel("bits per activation (inputs of the quantized linears, scales included)")
     ax.set_ylabel("held-out perplexity" + (" (geometric mean over the texts)" if rows and len(rows[0].domains) > 1
                                            else ""))
+    kl_ax.set_yscale("log")
+    kl_ax.set_xlabel("bits per activation")
+    kl_ax.set_ylabel("KL(A16 model ‖ W+A model), nats per token")
+    kl_ax.set_title("KL from the same weights with unquantized activations", fontsize=9)
+    kl_ax.grid(True, which="both", alpha=0.3)
+    kl_ax.legend(fontsize=7)
     save_perplexity_figure(fig, ax, path, title, legend_size=7)
 
 
@@ -135,7 +194,12 @@ def _header(job, weight_logs: dict, integer: bool) -> list[str]:
                  if integer else "and multiplied as dequantized fp32 operands (the same product up to float rounding; "
                  "the integer kernel is tested against it)"),
               "INT baselines: symmetric round-to-nearest, fp16 scales, in the same rotated basis as the PVQ codes "
-              "(QuaRot-style), no clipping; simulated in floating point"]
+              "(QuaRot-style), no clipping; simulated in floating point",
+              "KL from A16: KL(p_A16 ‖ p_row) of the next-token distributions, the same weights with unquantized "
+              "activations as the reference, in 10⁻³ nats per token; the mean over every evaluation window of every "
+              "text ± one standard error over those windows. Equal rates: each PVQ row against the INT rows of the "
+              f"same weights within {EQUAL_RATE} bits per activation, by the mean of their per-window KL differences "
+              "± its paired standard error"]
     return lines
 
 
@@ -164,7 +228,8 @@ def cmd_compare_act(args) -> int:
     def save() -> str:
         md = "\n".join([f"# pvq-cuda compare --act: {job.lm.name}", "",
                         *[f"- {h}" for h in _header(job, logs, integer)],
-                        f"- job time: {time.perf_counter() - t0:.0f} s", "", markdown_table(rows), ""])
+                        f"- job time: {time.perf_counter() - t0:.0f} s", "", markdown_table(rows), "",
+                        "## PVQ against INT at equal bits per activation (KL from A16)", "", pairs_table(rows), ""])
         write_text(f"{stem}.md", md)
         write_json(f"{stem}.json", {"data": job.data_info, "results": [asdict(r) for r in rows],
                                     "weight_runs": logs, "seconds": time.perf_counter() - t0})
@@ -175,20 +240,22 @@ def cmd_compare_act(args) -> int:
         logs[w] = log
         rows.append(WARow(w, "A16", f"W{PRESETS[w].code_bpw:g} A16 (weights only)", "A16", log["bpw"], None,
                           wrow.perplexity, wrow.ratio, wrow.ratio_se, None, wrow.domains))
+        reference = reference_logprobs(job, model)
         for a in acts:
             cfg = ACT_PRESETS[a]
             set_activation_coding(model, cfg)
-            rows.append(_row(job, model, fp32_eval, w, a, f"PVQ {a} (D={cfg.D}, K={cfg.K}, {cfg.gain_bits} gain bits)",
-                             "PVQ", log["bpw"], activation_bits(model, cfg), integer=integer))
+            rows.append(_row(job, model, fp32_eval, reference, w, a,
+                             f"PVQ {a} (D={cfg.D}, K={cfg.K}, {cfg.gain_bits} gain bits)", "PVQ", log["bpw"],
+                             activation_bits(model, cfg), integer=integer))
             set_activation_coding(model, None)
             save()
         for q in parsed:
             with simulated_activations(model, q):
-                rows.append(_row(job, model, fp32_eval, w, q.name, q.label,
+                rows.append(_row(job, model, fp32_eval, reference, w, q.name, q.label,
                                  "INT per-token" if q.group is None else "INT per-group", log["bpw"],
                                  activation_bits(model, q)))
             save()
-        del model
+        del model, reference
     md = save()
     plot(rows, f"{stem}.png", f"{job.lm.name.split(' (')[0]}: held-out perplexity vs bits per activation (W+A)")
     print(md)
@@ -196,4 +263,5 @@ def cmd_compare_act(args) -> int:
     return 0
 
 
-__all__ = ["WA_ACTIVATIONS", "WA_BASELINES", "WA_WEIGHTS", "WARow", "activation_bits", "cmd_compare_act"]
+__all__ = ["EQUAL_RATE", "WA_ACTIVATIONS", "WA_BASELINES", "WA_WEIGHTS", "WARow", "activation_bits", "cmd_compare_act",
+           "equal_rate_pairs", "reference_logprobs"]

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 _GRID = 1 << 17          # cells of the discretized density; levels move < 1e-6 beyond this
-_ITERATIONS = 300        # Lloyd iterations; converged to ~1e-12 at b_s <= 4
+_ITERATIONS = 300        # Lloyd iterations from the start below; 3,000 give the same levels at bits <= 8
 _TAIL = 14.0             # sqrt(n f) ~ chi_D: beyond sqrt(D) + 14 the mass is below 1e-40
 
 
@@ -30,7 +30,12 @@ def _levels(D: int, n: int, bits: int) -> tuple[float, ...]:
     logp = (D - 1) * np.log(t) + ((n - D) / 2 - 1) * np.log1p(-t * t)
     w = np.exp(logp - logp.max())
     w /= w.sum()
-    cdf = np.cumsum(w)
+    # Start at the quantiles of p^(1/3), the optimal quantizer's point density at high rate
+    # (Panter–Dite), not at p's own quantiles: from those, Lloyd creeps toward the tails so slowly
+    # that at 7 bits (activations, D=1..2) 300 iterations ended 3–4 dB of SNR short of the
+    # optimum. At the weights' 1–4 bits both starts reach the same levels to within 0.01 dB.
+    density = np.exp((logp - logp.max()) / 3)
+    cdf = np.cumsum(density / density.sum())
     levels = t[np.searchsorted(cdf, (np.arange(count) + 0.5) / count)]
     for _ in range(_ITERATIONS):
         cells = np.searchsorted((levels[1:] + levels[:-1]) / 2, t)
