@@ -48,8 +48,9 @@ def domain_summary(evals: dict[str, dict], reference: dict[str, dict] | None) ->
     return ppl, ratio, se, per
 
 
-def _ratio(ratio: float, se: float | None) -> str:
-    return f"{ratio:.3f}" + ("" if se is None else f" ± {se:.3f}")
+def with_error(value: float, se: float | None) -> str:
+    """A table cell: ``value ± se`` to three decimals, or the value alone without an error."""
+    return f"{value:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -67,9 +68,9 @@ def markdown_table(rows: list[Row]) -> str:
         cells = []
         if len(domains) >= 2:
             cells = [f"{r.domains[d]['perplexity']:.2f}" if r.method == "fp32" else
-                     _ratio(r.domains[d]["ratio"], r.domains[d]["ratio_se"]) for d in domains]
+                     with_error(r.domains[d]["ratio"], r.domains[d]["ratio_se"]) for d in domains]
         lines.append("| " + " | ".join([label, f"{r.bpw:.3f}", *cells, f"{r.perplexity:.3f}",
-                                        _ratio(r.ratio, r.ratio_se), secs]) + " |")
+                                        with_error(r.ratio, r.ratio_se), secs]) + " |")
     return "\n".join(lines)
 
 

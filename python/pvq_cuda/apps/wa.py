@@ -25,7 +25,7 @@ from ..layers.quantized_model import set_activation_coding
 from ..quantization.act_baselines import parse_activation_baseline, simulated_activations
 from .evaluate import mean_standard_error, perplexity
 from .jobs import _fp32_row, _header as job_header, _say, _slug, prepare, run_methods
-from .report import domain_summary, save_perplexity_figure, write_json, write_text
+from .report import domain_summary, save_perplexity_figure, with_error, write_json, write_text
 
 WA_WEIGHTS = ("pvq-4.25", "pvq-3.25")
 WA_ACTIVATIONS = ("pvq-a8.5", "pvq-a8", "pvq-a6.25", "pvq-a4.25")
@@ -92,7 +92,7 @@ def _row(job, model, fp32_eval, reference: dict, weights: str, activations: str,
 
 
 def _kl(value: float | None, se: float | None) -> str:
-    return "" if value is None else f"{value / KL_UNIT:.3f}" + ("" if se is None else f" ± {se / KL_UNIT:.3f}")
+    return "" if value is None else with_error(value / KL_UNIT, None if se is None else se / KL_UNIT)
 
 
 def equal_rate_pairs(rows: list[WARow]) -> list[tuple[WARow, WARow, float, float | None]]:
@@ -129,11 +129,10 @@ def markdown_table(rows: list[WARow]) -> str:
         cells = []
         if many:
             cells = [f"{r.domains[d]['perplexity']:.2f}" if r.weights == "fp32" else
-                     f"{r.domains[d]['ratio']:.3f} ± {r.domains[d]['ratio_se']:.3f}" for d in domains]
-        ratio = f"{r.ratio:.3f}" + ("" if r.ratio_se is None else f" ± {r.ratio_se:.3f}")
+                     with_error(r.domains[d]['ratio'], r.domains[d]['ratio_se']) for d in domains]
         lines.append("| " + " | ".join([r.weights, r.label, "fp32" if r.bpw is None else f"{r.bpw:.3f}",
                                         "fp32" if r.bpa is None else f"{r.bpa:.3f}", *cells, f"{r.perplexity:.3f}",
-                                        ratio, _kl(r.kl, r.kl_se),
+                                        with_error(r.ratio, r.ratio_se), _kl(r.kl, r.kl_se),
                                         "" if r.eval_seconds is None else f"{r.eval_seconds:.0f}"]) + " |")
     return "\n".join(lines)
 
