@@ -87,6 +87,10 @@ def test_resume_skips_finished_blocks(tmp_path):
     b = tiny_model()
     log_b = _quantize(b, resume_dir=tmp_path / "r")
     assert [e["loss"] for e in log_b["layers"]] == [e["loss"] for e in log_a["layers"]]
+    # the calibration input norms (the activation coder's outlier test) come back from the resumed blocks
+    norms = [(n, m.input_norm) for n, m in a.named_modules() if isinstance(m, pvq_cuda.PVQLinear)]
+    assert norms and all(v is not None and v > 0 for _, v in norms)
+    assert [(n, m.input_norm) for n, m in b.named_modules() if isinstance(m, pvq_cuda.PVQLinear)] == norms
     ids = _calib(2, 16, seed=9)
     assert torch.equal(_logits(a, ids), _logits(b, ids))
     with pytest.raises(ValueError, match="resume_dir .* other settings"):

@@ -104,12 +104,95 @@ def test_layer_state_dict_and_dtype_moves_keep_the_act_config():
     assert "act: D=8, K=29, gain_bits=4" in repr(layer)
 
 
+def _massive_tokens(n=96, T=9, seed=0):
+    """T Gaussian tokens; token 3 is massive (a 200x spike on one channel, as the first token of a
+    sequence in some down_proj inputs), token 6 is 2x the others (not massive)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, n, generator=gen)
+    x[3, 17] += 200 * n**0.5
+    x[6] *= 2
+    return x
+
+
+@pytest.mark.parametrize("act", list(ACT_PRESETS))
+def test_massive_tokens_get_a_second_stage(act):
+    from reference_activation import wa_reference
+
+    layer, _ = _layer(96, 40)
+    x = _massive_tokens()
+    median = float(x.norm(dim=-1).median())
+    layer.set_input_norm(median)
+    layer.set_activation_config(act)
+    cfg = ACT_PRESETS[act]
+    one = code_activations(x, cfg, layer.signs)
+    two = code_activations(x, cfg, layer.signs, input_norm=median)
+    assert one.outliers is None and two.outliers.tolist() == [3] and two.residual.pulses.shape == (1, 96)
+    # stage one is the one-stage code; the flagged token's error shrinks by about the stage's SNR
+    for field in ("pulses", "index", "gain", "scale"):
+        assert torch.equal(getattr(one, field), getattr(two, field))
+    rotated = pvq_cuda.hadamard_transform(x, layer.signs)
+    err1 = (one.dequantize() - rotated).norm(dim=-1)
+    err2 = (two.dequantize() - rotated).norm(dim=-1)
+    assert torch.equal(err1[[0, 1, 2, 4, 5, 6, 7, 8]], err2[[0, 1, 2, 4, 5, 6, 7, 8]])
+    assert float(err2[3]) < 0.1 * float(err1[3])
+    # rate: one stage per token, a second on 1 of 9
+    assert two.bits_per_activation() == pytest.approx(cfg.bits_per_activation(96) * 10 / 9)
+    # the layer: the W+A product of both stages, within float32 of the float64 product
+    out = layer(x)
+    assert torch.equal(out, wa_matmul(two, layer.weight, layer.bias))
+    r = two.residual
+    want = wa_reference(two.pulses, two.gain, two.scale, two.levels, cfg.D, layer.weight, layer.bias)
+    want[3] += wa_reference(r.pulses, r.gain, r.scale, r.levels, cfg.D, layer.weight)[0]
+    assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert layer.activation_bits() == pytest.approx(cfg.bits_per_activation(96) * 10 / 9)
+    layer.enable_decoded_cache()
+    assert torch.allclose(layer(x), out, rtol=1e-5, atol=1e-5 * float(out.abs().max()))
+    # the second stage is what makes the massive token's output accurate
+    layer.disable_decoded_cache()
+    exact = nn.functional.linear(rotated, layer.weight.dequantize(rotated=True), layer.bias)
+    single = wa_matmul(one, layer.weight, layer.bias)
+    assert float((out[3] - exact[3]).norm()) < 0.2 * float((single[3] - exact[3]).norm())
+    # leading dims, 16-bit inputs, and no flag without a calibration norm or with outlier_ratio None
+    assert torch.equal(layer(x.view(3, 3, 96)).view(9, 40), out)
+    assert code_activations(x.half(), cfg, layer.signs, input_norm=median).outliers.tolist() == [3]
+    layer.set_input_norm(None)
+    assert torch.equal(layer(x), single)
+    off = ActivationConfig(cfg.D, cfg.K, cfg.gain_bits, outlier_ratio=None)
+    assert code_activations(x, off, layer.signs, input_norm=median).outliers is None
+
+
+def test_outlier_ratio_and_input_norm_bad_input():
+    for bad in (0.5, float("nan"), float("inf"), True, "4"):
+        with pytest.raises(ValueError, match="outlier_ratio must be None or a finite number >= 1"):
+            ActivationConfig(8, 29, 4, outlier_ratio=bad)
+    layer, act = _layer(64, 8)
+    for bad in (0.0, -1.0, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="input_norm must be None or a positive finite number"):
+            layer.set_input_norm(bad)
+        with pytest.raises(ValueError, match="input_norm must be None or a positive finite number"):
+            code_activations(torch.randn(2, 64), ACT_PRESETS[act], layer.signs, input_norm=bad)
+    layer.set_input_norm(2)
+    layer.set_activation_config(act)
+    state = layer.state_dict()
+    assert state["_extra_state"]["input_norm"] == 2.0
+    other = pvq_cuda.PVQLinear(64, 8, config=layer.config)
+    other.load_state_dict(state)
+    assert other.input_norm == 2.0 and "outlier_ratio=4.0" in repr(other)
+
+
 def test_layer_compiles_fullgraph():
     layer, act = _layer(64, 40)
     layer.set_activation_config(act)
     x = torch.randn(3, 64)
     torch._dynamo.reset()
     assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
+    # with a calibration norm and a massive token: the second stage without data-dependent shapes
+    layer.set_input_norm(8.0)
+    x[1, 5] += 300
+    eager = layer(x)
+    assert layer.act_outliers == 1
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(layer, fullgraph=True)(x), eager)
 
 
 def test_layer_bad_input():
@@ -163,13 +246,18 @@ def test_save_load_and_from_pretrained_restore_the_act_config(wa_model, tmp_path
     model, _ = wa_model
     out = pvq_cuda.save_quantized(model, tmp_path / "q")
     q = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert q["activation"] == {"D": 8, "K": 119, "gain_bits": 6} and q["activation_overrides"] == {}
+    assert q["activation"] == {"D": 8, "K": 119, "gain_bits": 6, "outlier_ratio": 4.0}
+    assert q["activation_overrides"] == {}
+    norms = {n: m.input_norm for n, m in model.named_modules() if isinstance(m, pvq_cuda.PVQLinear)}
+    assert q["input_norms"] == norms and all(v > 0 for v in norms.values())  # calibrated: every layer has one
     ids = _calib(2, 16, seed=9)
     want = _logits(model, ids)
     loaded = pvq_cuda.load_quantized(out)
     assert all(m.act_config == ACT_PRESETS["pvq-a6.25"] for m in loaded.modules() if isinstance(m, pvq_cuda.PVQLinear))
+    assert {n: m.input_norm for n, m in loaded.named_modules() if isinstance(m, pvq_cuda.PVQLinear)} == norms
     assert torch.equal(_logits(loaded, ids), want)
     hf = AutoModelForCausalLM.from_pretrained(out)
+    assert {n: m.input_norm for n, m in hf.named_modules() if isinstance(m, pvq_cuda.PVQLinear)} == norms
     assert torch.equal(_logits(hf, ids), want)
     # per-module differences are recorded as overrides, weights-only layers as null
     loaded.model.layers[0].mlp.down_proj.set_activation_config("pvq-a4.25")

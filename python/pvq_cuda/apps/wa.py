@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..format.activation import ACT_PRESETS
+from ..format.activation import ACT_PRESETS, ActivationConfig
 from ..format.config import PRESETS
 from ..layers.linear import PVQLinear
 from ..layers.quantized_model import set_activation_coding
@@ -58,9 +58,15 @@ class WARow:
 
 def activation_bits(model, act) -> float:
     """Bits per activation over the model's PVQ layers' inputs, each layer weighted by its input
-    size n (the values it codes per token): ActivationConfig or INT baseline."""
-    ns = [m.in_features for m in model.modules() if isinstance(m, PVQLinear)]
-    return math.fsum(n * act.bits_per_activation(n) for n in ns) / sum(ns)
+    size n (the values it codes per token): ActivationConfig or INT baseline. A PVQ layer that has
+    coded tokens since its config was set counts what they cost (a second stage on the flagged
+    massive tokens included, PVQLinear.activation_bits); otherwise the one-stage rate."""
+    rates = []
+    for m in model.modules():
+        if isinstance(m, PVQLinear):
+            measured = m.activation_bits() if isinstance(act, ActivationConfig) and m.act_config == act else None
+            rates.append((m.in_features, act.bits_per_activation(m.in_features) if measured is None else measured))
+    return math.fsum(n * r for n, r in rates) / sum(n for n, _ in rates)
 
 
 def _evaluate(job, model, integer: bool, reference: dict) -> tuple[dict, float]:
@@ -78,9 +84,12 @@ def reference_logprobs(job, model) -> dict:
             for name, w in job.evaluation.items()}
 
 
-def _row(job, model, fp32_eval, reference: dict, weights: str, activations: str, label: str, family: str, bpw, bpa,
+def _row(job, model, fp32_eval, reference: dict, weights: str, activations: str, label: str, family: str, bpw, act,
          integer: bool = False) -> WARow:
+    """Evaluate the model as it is set up; ``act``: the activation coder whose bits per activation
+    the row reports (measured over this evaluation: activation_bits), or None for A16."""
     evals, secs = _evaluate(job, model, integer, reference)
+    bpa = None if act is None else activation_bits(model, act)
     ppl, ratio, se, per = domain_summary(evals, fp32_eval)
     window_kl = [x for ev in evals.values() for x in ev["window_kl"]]
     kl, kl_se = mean_standard_error(window_kl)
@@ -186,8 +195,11 @@ def _header(job, weight_logs: dict, integer: bool) -> list[str]:
     lines += ["weights: PVQ Hessian-aware, one quantization per weight rate shared by all its activation rows; bpw: "
               "bits per weight of the quantized decoder linears, everything stored counted",
               "bpa: bits per activation of those linears' inputs, each weighted by its size: PVQ (index + gain bits) / "
-              "D + 16 / n (fp16 per-token scale), INT per-token b + 16 / n, INT per-group b + 16 / G; the lm_head and "
+              "D + 16 / n (fp16 per-token scale), measured: the second stage of the massive tokens included (its "
+              "flag is the scale's sign bit), INT per-token b + 16 / n, INT per-group b + 16 / G; the lm_head and "
               "the attention (q·k, p·v) stay in full precision",
+              "PVQ massive tokens: a token whose norm exceeds outlier_ratio x its layer's median calibration token "
+              "norm gets a second PVQ stage, its residual coded with the same config (format.activation)",
               "PVQ activations: rotated with the layer's own Hadamard rotation, coded per token online "
               + ("and multiplied by the integer W+A kernel (wa_matmul: int8 pulse dot products times gain products)"
                  if integer else "and multiplied as dequantized fp32 operands (the same product up to float rounding; "
@@ -245,14 +257,13 @@ def cmd_compare_act(args) -> int:
             set_activation_coding(model, cfg)
             rows.append(_row(job, model, fp32_eval, reference, w, a,
                              f"PVQ {a} (D={cfg.D}, K={cfg.K}, {cfg.gain_bits} gain bits)", "PVQ", log["bpw"],
-                             activation_bits(model, cfg), integer=integer))
+                             cfg, integer=integer))
             set_activation_coding(model, None)
             save()
         for q in parsed:
             with simulated_activations(model, q):
                 rows.append(_row(job, model, fp32_eval, reference, w, q.name, q.label,
-                                 "INT per-token" if q.group is None else "INT per-group", log["bpw"],
-                                 activation_bits(model, q)))
+                                 "INT per-token" if q.group is None else "INT per-group", log["bpw"], q))
             save()
         del model, reference
     md = save()

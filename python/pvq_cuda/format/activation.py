@@ -9,17 +9,28 @@ bits) and a gain code (``gain_bits``) relative to the token's norm, plus one fp1
 
 (the gain levels are data-free, Lloyd–Max for the Beta law of a group's energy share, and
 recomputed from (D, n, gain_bits): nothing else is stored per token).
+
+Massive tokens. A few tokens (the first of a sequence, in a few layers' inputs) have norms 10–460×
+a layer's median and hold ~45 % of all activation energy; nearly one-hot before the rotation, they
+are nearly flat after it, where per-token INT is almost exact and PVQ is not
+(bench/results/activation-snr-cpu-2026-12-04.md). Such a token's error dominates the layer's output
+error, so a token whose norm exceeds ``outlier_ratio`` × the layer's calibration median token norm
+gets a second PVQ stage: its residual ``x - x̂`` coded again with the same config. The flag fits the
+sign bit of the fp16 per-token scale (scales are positive) and costs nothing; the second stage costs
+the full rate on the flagged tokens only (~0.04 % of tokens at ratio 4 on SmolLM2:
+``ActivationCodes.bits_per_activation`` counts it).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
 
-from ..ops import check_limits, encode_activations, hadamard_split, index_bits
+from ..ops import check_limits, encode_activations, hadamard_split, hadamard_transform, index_bits
 from ..ops import wa_matmul as _wa_matmul_op
 from .gain import beta_gain_levels
 from .weight import PVQWeight
@@ -35,16 +46,25 @@ class ActivationConfig:
         D: activations per group (1, 2, 4, 8, 16 or 32).
         K: pulses per group (the pyramid P(D, K); the codec's limits, K <= 127 so pulses are int8).
         gain_bits: bits of each group's gain code, 0..8.
+        outlier_ratio: a token whose norm exceeds this multiple of the layer's calibration median
+            token norm (``PVQLinear.input_norm``) gets a second, residual PVQ stage (the module doc
+            says why); None: never. Layers without a calibration norm (data-free) code one stage.
     """
 
     D: int = 8
     K: int = 29
     gain_bits: int = 4
+    outlier_ratio: float | None = 4.0
 
     def __post_init__(self) -> None:
         check_limits(self.D, self.K, "ActivationConfig")
         if isinstance(self.gain_bits, bool) or not isinstance(self.gain_bits, int) or not 0 <= self.gain_bits <= 8:
             raise ValueError(f"ActivationConfig: gain_bits must be an int in [0, 8], got {self.gain_bits!r}")
+        r = self.outlier_ratio
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)
+                              or not r >= 1):
+            raise ValueError(f"ActivationConfig: outlier_ratio must be None or a finite number >= 1 (a multiple of "
+                             f"the median token norm), got {r!r}")
 
     @property
     def index_bits(self) -> int:
@@ -61,7 +81,8 @@ class ActivationConfig:
         return self.code_bits / self.D
 
     def bits_per_activation(self, n: int) -> float:
-        """Bits per activation of a token of n values, everything counted: (index + gain bits) / D + 16 / n."""
+        """Bits per activation of a token of n values coded in one stage, everything counted:
+        (index + gain bits) / D + 16 / n (a flagged token's second stage costs as much again)."""
         return self.code_bpa + SCALE_BITS_PER_TOKEN / n
 
     @classmethod
@@ -124,7 +145,12 @@ def check_activation_shape(config: ActivationConfig, n: int, where: str) -> None
 
 
 class ActivationCodes(NamedTuple):
-    """Coded activations ``[..., n]`` (from :func:`code_activations`), in the rotated basis."""
+    """Coded activations ``[..., n]`` (from :func:`code_activations`), in the rotated basis.
+
+    ``outliers`` (int64 ``[m]``) are the flagged tokens, as row numbers of the tokens flattened to
+    ``[-1, n]``, and ``residual`` the codes ``[m, n]`` of their second stage (module doc); both
+    None when no token is flagged. The tokens are ``x̂' = stage one + stage two`` on those rows.
+    """
 
     pulses: torch.Tensor  # int8 [..., n]
     index: torch.Tensor   # int64 [..., n / D]: the stored code, with gain
@@ -132,26 +158,73 @@ class ActivationCodes(NamedTuple):
     scale: torch.Tensor   # float16 [...]
     levels: torch.Tensor  # float32 [2**gain_bits]
     config: ActivationConfig
+    outliers: torch.Tensor | None = None
+    residual: "ActivationCodes | None" = None
 
     def dequantize(self) -> torch.Tensor:
-        """float32 ``x̂' [..., n]``: scale · level[gain] · y / |y| per group (rotated basis)."""
+        """float32 ``x̂' [..., n]``: scale · level[gain] · y / |y| per group (rotated basis), plus
+        the second stage on the flagged tokens."""
         D = self.config.D
         y = self.pulses.view(*self.pulses.shape[:-1], -1, D).float()
         factor = self.scale.float().unsqueeze(-1) * self.levels[self.gain.long()] * torch.rsqrt(y.square().sum(-1))
-        return (factor.unsqueeze(-1) * y).view(self.pulses.shape)
+        out = (factor.unsqueeze(-1) * y).view(self.pulses.shape)
+        if self.residual is not None:
+            out.view(-1, out.shape[-1]).index_add_(0, self.outliers, self.residual.dequantize())
+        return out
+
+    @property
+    def tokens(self) -> int:
+        return self.scale.numel()
+
+    @property
+    def outlier_count(self) -> int:
+        return 0 if self.outliers is None else self.outliers.numel()
 
     def bits_per_activation(self) -> float:
-        return self.config.bits_per_activation(self.pulses.shape[-1])
+        """Bits per activation of these codes: one stage per token, a second on the flagged ones."""
+        one = self.config.bits_per_activation(self.pulses.shape[-1])
+        return one * (1 + self.outlier_count / max(self.tokens, 1))
 
 
 def code_activations(x: torch.Tensor, config: ActivationConfig, signs: torch.Tensor | None,
-                     levels: torch.Tensor | None = None) -> ActivationCodes:
+                     levels: torch.Tensor | None = None, input_norm: float | None = None) -> ActivationCodes:
     """PVQ codes of activations ``x [..., n]`` rotated by ``R = H·diag(signs)/sqrt(n)`` (a layer's
-    rotation; see :func:`pvq_cuda.ops.encode_activations` for each step)."""
+    rotation; see :func:`pvq_cuda.ops.encode_activations` for each step).
+
+    ``input_norm``: the layer's calibration median token norm. With it (and
+    ``config.outlier_ratio``), every token whose norm exceeds ``outlier_ratio · input_norm`` gets a
+    second stage: ``x - Rᵀ x̂'`` (float32) coded the same way (module doc). On CUDA, finding the
+    flagged tokens synchronizes once.
+    """
     if levels is None:
         levels = activation_levels(config, x.shape[-1]).to(x.device)
+    if input_norm is not None and (isinstance(input_norm, bool) or not isinstance(input_norm, (int, float))
+                                   or not math.isfinite(input_norm) or not input_norm > 0):
+        raise ValueError(f"code_activations: input_norm must be None or a positive finite number, got "
+                         f"{input_norm!r}")
     pulses, index, gain, scale = encode_activations(x, signs, levels, config.D, config.K, config.gain_bits)
-    return ActivationCodes(pulses, index, gain, scale, levels, config)
+    codes = ActivationCodes(pulses, index, gain, scale, levels, config)
+    if input_norm is None or config.outlier_ratio is None:
+        return codes
+    n = x.shape[-1]
+    flat = x.detach().reshape(-1, n)
+    flagged = flat.float().norm(dim=-1) > config.outlier_ratio * input_norm
+    if torch.compiler.is_compiling():
+        # No data-dependent shapes in a graph: every token gets a second stage, zero (scale 0,
+        # adding exactly nothing) where it is not flagged. Same values, more work.
+        rows = torch.arange(flat.shape[0], device=flat.device)
+    else:
+        rows = torch.nonzero(flagged).flatten()
+        if rows.numel() == 0:
+            return codes
+    first = codes._replace(pulses=pulses.view(-1, n)[rows], index=index.view(-1, index.shape[-1])[rows],
+                           gain=gain.view(-1, gain.shape[-1])[rows], scale=scale.reshape(-1)[rows])
+    coded = hadamard_transform(first.dequantize(), None)  # Rᵀ = diag(signs)·H/sqrt(n): H is symmetric
+    if signs is not None:
+        coded = coded * signs.float()
+    rest = (flat[rows].float() - coded) * flagged[rows].unsqueeze(-1)
+    residual = code_activations(rest, config, signs, levels)
+    return codes._replace(outliers=rows, residual=residual)
 
 
 def wa_matmul(codes: ActivationCodes, weight: PVQWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,5 +235,8 @@ def wa_matmul(codes: ActivationCodes, weight: PVQWeight, bias: torch.Tensor | No
     if codes.pulses.shape[-1] != weight.in_features:
         raise ValueError(f"wa_matmul: the activations have {codes.pulses.shape[-1]} values per token, the weight "
                          f"has in_features={weight.in_features}")
-    return _wa_matmul_op(codes.pulses, codes.gain, codes.scale, codes.levels, weight.codes, weight.row_scale,
-                         weight.levels, bias, weight.out_features, c.D, c.K, c.scale_bits, a.D, a.K)
+    out = _wa_matmul_op(codes.pulses, codes.gain, codes.scale, codes.levels, weight.codes, weight.row_scale,
+                        weight.levels, bias, weight.out_features, c.D, c.K, c.scale_bits, a.D, a.K)
+    if codes.residual is not None:
+        out.view(-1, out.shape[-1]).index_add_(0, codes.outliers, wa_matmul(codes.residual, weight))
+    return out

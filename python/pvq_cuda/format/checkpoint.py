@@ -31,17 +31,23 @@ moment leaves either the old or the new checkpoint, never a mix.
     module_overrides        {module name: {D, K, scale_bits, rotate, seed}} where a layer differs
     calibration             how the Hessians were made (source, nsamples, seqlen, tokens, seed, damp,
                             act_order), or null for data-free quantization
-    activation              {D, K, gain_bits}: the PVQ layers code their input activations online
-                            (W+A, format.activation.ActivationConfig), or null (weights only)
-    activation_overrides    {module name: {D, K, gain_bits} or null} where a PVQ layer differs
+    activation              {D, K, gain_bits, outlier_ratio}: the PVQ layers code their input
+                            activations online (W+A, format.activation.ActivationConfig), or null
+                            (weights only)
+    activation_overrides    {module name: {D, K, gain_bits, outlier_ratio} or null} where a PVQ
+                            layer differs
+    input_norms             {module name: median calibration token norm of its input} (PVQ layers
+                            quantized with calibration data; the activation coder's outlier test)
     quantizer               "pvq_cuda <version>"
 
-The two activation keys are absent from checkpoints written before W+A existed: read as null.
+The activation keys are absent from checkpoints written before W+A existed: read as null; a
+missing outlier_ratio reads as the default, a missing input_norms as none (one stage per token).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,15 +98,23 @@ def check_quantization_config(q, where: str) -> None:
             act_config_of(q, name)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: quantization_config does not describe a valid activation config: {e}") from None
+    norms = q.get("input_norms") or {}
+    if not isinstance(norms, Mapping) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for v in norms.values()):
+        raise ValueError(f"{where}: quantization_config's input_norms must map module names to positive finite "
+                         f"numbers, got {norms!r:.200}")
 
 
 def build_quantization_config(configs: Mapping[str, PVQConfig], dense: list[str], *,
                               calibration: Mapping | None = None, damp: float | None = None,
                               act_order: bool | None = None, method: str = "pvq",
-                              act_configs: Mapping[str, ActivationConfig | None] | None = None) -> dict:
+                              act_configs: Mapping[str, ActivationConfig | None] | None = None,
+                              input_norms: Mapping[str, float | None] | None = None) -> dict:
     """The ``quantization_config`` dict (see the module doc) of a model whose PVQ layers have the
     configs ``configs`` (by module name), the activation configs ``act_configs`` (by module name;
-    missing or None: weights only) and whose other linears are ``dense``."""
+    missing or None: weights only), the calibration input norms ``input_norms`` (by module name;
+    missing or None: unknown) and whose other linears are ``dense``."""
     if not configs:
         raise ValueError("the model has no PVQLinear layer: quantize it with quantize_model(method='pvq') first")
     counts: dict[PVQConfig, int] = {}
@@ -134,6 +148,7 @@ def build_quantization_config(configs: Mapping[str, PVQConfig], dense: list[str]
         "calibration": calib,
         "activation": None if act_default is None else act_default.to_dict(),
         "activation_overrides": {n: None if a is None else a.to_dict() for n, a in acts.items() if a != act_default},
+        "input_norms": {n: float(v) for n, v in sorted((input_norms or {}).items()) if v is not None and n in configs},
         "method": method,
         "quantizer": f"pvq_cuda {__version__}",
     }
@@ -145,6 +160,11 @@ def config_of(qcfg: Mapping, name: str) -> PVQConfig:
     if name in over:
         return PVQConfig(**over[name])
     return PVQConfig(D=qcfg["D"], K=qcfg["K"], scale_bits=qcfg["scale_bits"], rotate=qcfg["rotate"], seed=qcfg["seed"])
+
+
+def input_norm_of(qcfg: Mapping, name: str) -> float | None:
+    """The calibration input norm of PVQ module ``name`` under a ``quantization_config`` (None: unknown)."""
+    return (qcfg.get("input_norms") or {}).get(name)
 
 
 def act_config_of(qcfg: Mapping, name: str) -> ActivationConfig | None:

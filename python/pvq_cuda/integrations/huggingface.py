@@ -26,7 +26,8 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..format.checkpoint import QUANT_METHOD, act_config_of, check_quantization_config, config_of, placeholder_key
+from ..format.checkpoint import (QUANT_METHOD, act_config_of, check_quantization_config, config_of, input_norm_of,
+                                 placeholder_key)
 from ..layers.decoder import set_submodule
 from ..layers.linear import PVQLinear
 from ..layers.quantized_model import make_save_pretrained_atomic
@@ -86,6 +87,7 @@ class PVQHfQuantizer(HfQuantizer):
                                      config_of(q, name), device="meta",
                                      dtype=None if module.bias is None else module.bias.dtype,
                                      act_config=act_config_of(q, name))
+            layer.set_input_norm(input_norm_of(q, name))
             set_submodule(model, name, layer)
         # The placeholder that makes a load without pvq_cuda fail is not a tensor of this model.
         self._placeholder = placeholder_key(names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 
@@ -71,6 +72,10 @@ class PVQLinear(nn.Module):
         else:
             self.bias = None
         self._decoded: torch.Tensor | None = None
+        # The median norm of this layer's input tokens on the calibration data (None: quantized
+        # without calibration); coded activations give tokens far above it a second stage
+        # (ActivationConfig.outlier_ratio). Saved in the checkpoint's quantization_config.
+        self.input_norm: float | None = None
         self.act_config: ActivationConfig | None = None
         self.register_buffer("act_levels", None, persistent=False)  # derived from act_config, like signs
         self.set_activation_config(act_config)
@@ -90,7 +95,7 @@ class PVQLinear(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: PVQWeight, bias: torch.Tensor | None = None,
-                    act_config: ActivationConfig | str | None = None) -> "PVQLinear":
+                    act_config: ActivationConfig | str | None = None, input_norm: float | None = None) -> "PVQLinear":
         layer = cls(weight.in_features, weight.out_features, bias is not None, weight.config, device=weight.device,
                     dtype=None if bias is None else bias.dtype, act_config=act_config)
         layer.codes.copy_(weight.codes)
@@ -98,7 +103,18 @@ class PVQLinear(nn.Module):
         layer.levels.copy_(weight.levels)
         if bias is not None:
             layer.bias.copy_(bias)
+        layer.set_input_norm(input_norm)
         return layer
+
+    def set_input_norm(self, input_norm: float | None) -> None:
+        """Set the calibration median token norm of this layer's inputs (None: unknown)."""
+        if input_norm is not None:
+            if isinstance(input_norm, bool) or not isinstance(input_norm, (int, float)) \
+                    or not math.isfinite(input_norm) or not input_norm > 0:
+                raise ValueError(f"PVQLinear.set_input_norm: input_norm must be None or a positive finite number, "
+                                 f"got {input_norm!r}")
+            input_norm = float(input_norm)
+        self.input_norm = input_norm
 
     @property
     def weight(self) -> PVQWeight:
@@ -118,12 +134,26 @@ class PVQLinear(nn.Module):
                                  "basis, but this layer's weight is not rotated (config.rotate=False); quantize it "
                                  "with rotate=True")
         self.act_config = cfg
+        self.reset_activation_stats()
         if cfg is None:
             self.act_levels = None
         else:
             device = self.codes.device if self.codes.device.type != "meta" else "cpu"
             self.act_levels = activation_levels(cfg, self.in_features).to(device)
         self._decoded = None  # the cache holds the rotated weight exactly when activations are coded
+
+    def reset_activation_stats(self) -> None:
+        """Zero the counts behind :meth:`activation_bits` (tokens coded, tokens given a second stage)."""
+        self.act_tokens = 0
+        self.act_outliers = 0
+
+    def activation_bits(self) -> float | None:
+        """Bits per activation this layer's coded inputs have cost since the last reset: one stage
+        per token, a second on the flagged ones (None before any token)."""
+        if self.act_config is None or not self.act_tokens:
+            return None
+        one = self.act_config.bits_per_activation(self.in_features)
+        return one * (1 + self.act_outliers / self.act_tokens)
 
     def code_input(self, x: torch.Tensor) -> ActivationCodes:
         """The activation codes of ``x [..., in_features]`` (needs an act_config)."""
@@ -134,15 +164,22 @@ class PVQLinear(nn.Module):
                              f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         key = None
         if not torch.compiler.is_compiling() and not x.is_inference():  # inference tensors have no version
-            key = (self.act_config, self.config.seed, x._version)
+            key = (self.act_config, self.config.seed, self.input_norm, x._version)
             last = getattr(_last_codes, "entry", None)
             if last is not None and last[0] is x and last[1] == key:
+                self._count(last[2])
                 return last[2]
         levels = self.act_levels if self.act_levels.device == x.device else self.act_levels.to(x.device)
-        codes = code_activations(x.detach(), self.act_config, self.signs, levels)
+        codes = code_activations(x.detach(), self.act_config, self.signs, levels, self.input_norm)
+        self._count(codes)
         # Holding x keeps any other tensor from taking its identity; an in-place change bumps its version.
         _last_codes.entry = None if key is None else (x, key, codes)
         return codes
+
+    def _count(self, codes: ActivationCodes) -> None:
+        if not torch.compiler.is_compiling():
+            self.act_tokens += codes.tokens
+            self.act_outliers += codes.outlier_count
 
     def _forward_wa(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
@@ -199,6 +236,8 @@ class PVQLinear(nn.Module):
         state = {"format_version": LAYOUT_VERSION, "config": self.config.to_dict()}
         if self.act_config is not None:
             state["act_config"] = self.act_config.to_dict()
+        if self.input_norm is not None:
+            state["input_norm"] = self.input_norm
         return state
 
     def set_extra_state(self, state: dict) -> None:
@@ -210,11 +249,12 @@ class PVQLinear(nn.Module):
             raise ValueError(f"PVQLinear: state was saved with {config}, this layer has {self.config}")
         act = state.get("act_config")
         self.set_activation_config(None if act is None else ActivationConfig(**act))  # the state's, or none
+        self.set_input_norm(state.get("input_norm"))
         self._decoded = None
 
     def extra_repr(self) -> str:
         c = self.config
         a = self.act_config
-        act = "" if a is None else f", act: D={a.D}, K={a.K}, gain_bits={a.gain_bits}"
+        act = "" if a is None else f", act: D={a.D}, K={a.K}, gain_bits={a.gain_bits}, outlier_ratio={a.outlier_ratio}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"D={c.D}, K={c.K}, scale_bits={c.scale_bits}, rotate={c.rotate}{act}")

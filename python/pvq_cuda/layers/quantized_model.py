@@ -15,7 +15,7 @@ from torch import nn
 
 from ..format.atomic import replace_directory
 from ..format.checkpoint import (DEFAULT_MAX_SHARD_BYTES, QUANT_METHOD, act_config_of, build_quantization_config,
-                                 config_of, is_checkpoint_file, placeholder_key, read_checkpoint_tensors,
+                                 config_of, input_norm_of, is_checkpoint_file, placeholder_key, read_checkpoint_tensors,
                                  read_quantization_config, write_checkpoint)
 from ..format.weight import PVQWeight
 from .decoder import decoder_layers, set_submodule
@@ -27,9 +27,10 @@ def model_quantization_config(model: nn.Module, *, calibration: Mapping | None =
     """The ``quantization_config`` of a model whose PVQ layers are in place."""
     configs = {n: m.config for n, m in model.named_modules() if isinstance(m, PVQLinear)}
     acts = {n: m.act_config for n, m in model.named_modules() if isinstance(m, PVQLinear)}
+    norms = {n: m.input_norm for n, m in model.named_modules() if isinstance(m, PVQLinear)}
     dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return build_quantization_config(configs, dense, calibration=calibration, damp=damp, act_order=act_order,
-                                     method=method, act_configs=acts)
+                                     method=method, act_configs=acts, input_norms=norms)
 
 
 def set_activation_coding(model: nn.Module, act_config, *, names=None) -> list[str]:
@@ -199,7 +200,8 @@ def load_quantized(directory: str | os.PathLike, device=None) -> nn.Module:
         if (bias is None) != (linear.bias is None):
             raise ValueError(f"load_quantized: {name!r}: the bias is {'missing' if bias is None else 'unexpected'}")
         set_submodule(model, name, PVQLinear.from_weight(value, None if bias is None else bias.to(linear.bias.dtype),
-                                                         act_config=act_config_of(qcfg, name)))
+                                                         act_config=act_config_of(qcfg, name),
+                                                         input_norm=input_norm_of(qcfg, name)))
         del stored[name]
 
     expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}

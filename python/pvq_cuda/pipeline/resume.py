@@ -89,14 +89,18 @@ class Resume:
         if meta.get("fingerprint") != self.fingerprint:
             raise ValueError(f"quantize_model: {str(path)!r} belongs to another run; delete resume_dir to restart")
         stored = load_file(path, device=device)
+        entries = json.loads(meta["log"])
+        # The log names layers in full (prefix + name): their calibration input norms come back from it.
+        norms = {e["name"]: e["input_norm"] for e in entries if "input_norm" in e}
         for name, value in stored.items():
             if isinstance(value, PVQWeight):
-                set_submodule(block, name, PVQLinear.from_weight(value, stored.get(f"{name}.bias")))
+                norm = next((v for full, v in norms.items() if full == name or full.endswith("." + name)), None)
+                set_submodule(block, name, PVQLinear.from_weight(value, stored.get(f"{name}.bias"), input_norm=norm))
         for name, value in stored.items():
             if name.endswith(".weight") and isinstance(value, torch.Tensor):
                 with torch.no_grad():
                     block.get_submodule(name[: -len(".weight")]).weight.copy_(value)
-        return json.loads(meta["log"])
+        return entries
 
     def save_activations(self, i: int, hidden: list[torch.Tensor], fp_hidden: list[torch.Tensor] | None) -> None:
         tensors = {f"h.{c}": h for c, h in enumerate(hidden)}

@@ -70,7 +70,7 @@ class Run:
             write_json(self.log_path, self.log)
 
     def quantize_layer(self, block: nn.Module, prefix: str, rel: str, H: torch.Tensor | None, seconds_h: float,
-                       block_index: int, shift: torch.Tensor | None = None) -> None:
+                       block_index: int, shift: torch.Tensor | None = None, input_norm: float | None = None) -> None:
         full = f"{prefix}{rel}"
         linear = block.get_submodule(rel)
         # The baselines overwrite the nn.Linear's weight in place: keep the original for the loss.
@@ -86,11 +86,13 @@ class Run:
             set_submodule(block, rel, res.module)
         loss = h_loss(W, res.w_hat, H) if H is not None else weight_loss(W, res.w_hat)
         if isinstance(res.module, PVQLinear):
+            res.module.set_input_norm(input_norm)
             res.module.enable_decoded_cache()  # the rest of the pipeline runs dense GEMMs on the decoded weight
         self.record({"name": full, "block": block_index, "out_features": linear.out_features,
                      "in_features": linear.in_features, "loss": loss,
                      "loss_kind": "hessian" if H is not None else "weight", "hessian_used": res.hessian_used,
-                     "bpw": res.bpw, "seconds": seconds, "hessian_seconds": seconds_h})
+                     "bpw": res.bpw, "seconds": seconds, "hessian_seconds": seconds_h,
+                     **({"input_norm": input_norm} if input_norm is not None else {})})
 
 
     def quantize_group(self, block: nn.Module, prefix: str, block_index: int, names: list[str],
@@ -103,7 +105,7 @@ class Run:
                 raise RuntimeError(f"quantize_model: {prefix + n} was never called in the block's forward pass, "
                                    f"so it has no Hessian") from None
             S = None if shift is None else shift.sum * (2.0 / max(hc.tokens(n), 1))
-            self.quantize_layer(block, prefix, n, H, seconds_h, block_index, shift=S)
+            self.quantize_layer(block, prefix, n, H, seconds_h, block_index, shift=S, input_norm=hc.input_norm(n))
 
 def fp_target_weight(W: torch.Tensor, shift: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """The weight whose outputs on the quantized model's inputs X best match the fp model's W·X̃.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -39,6 +41,7 @@ class HessianCollector:
         self._group_of: dict[str, int] = {}      # module name -> group id
         self._sums: list[torch.Tensor] = []      # unscaled Σ x xᵀ per group
         self._tokens: list[int] = []
+        self._norms: list[list[torch.Tensor]] = []  # token norms per group (input_norm's median)
         self._last: tuple[torch.Tensor, int] | None = None  # (input tensor, group) of the last call
         self._modules = dict(modules)
         self._handles = ([m.register_forward_pre_hook(lambda mod, args, name=name: self.add(name, args[0]))
@@ -61,9 +64,11 @@ class HessianCollector:
             n = self._modules[name].in_features
             self._sums.append(torch.zeros(n, n, dtype=torch.float32, device=x.device))
             self._tokens.append(0)
+            self._norms.append([])
         x2 = x.detach().reshape(-1, x.shape[-1])
         hessian_accumulate_(self._sums[group], x2)
         self._tokens[group] += x2.shape[0]
+        self._norms[group].append(x2.float().norm(dim=-1))
         self._last = (x, group)
 
     def __enter__(self) -> "HessianCollector":
@@ -93,6 +98,17 @@ class HessianCollector:
 
     def tokens(self, name: str) -> int:
         return self._tokens[self._group_of[name]]
+
+    def input_norm(self, name: str) -> float | None:
+        """The median norm of the input tokens of layer ``name`` (None if it saw none or they are all
+        zero): the reference of the activation coder's outlier test (ActivationConfig.outlier_ratio)."""
+        if name not in self._group_of:
+            raise KeyError(f"HessianCollector: no inputs were seen for {name!r}")
+        norms = self._norms[self._group_of[name]]
+        if not norms:
+            return None
+        median = float(torch.cat(norms).median())
+        return median if math.isfinite(median) and median > 0 else None
 
     def hessian(self, name: str, damp: float | None = None) -> torch.Tensor:
         """(2/N) Σ x xᵀ + damp·mean(diag)·I for layer ``name`` (a new float32 tensor)."""
