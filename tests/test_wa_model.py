@@ -15,6 +15,7 @@ import pvq_cuda  # noqa: E402
 from pvq_cuda.format.activation import ACT_PRESETS, ActivationConfig, code_activations, wa_matmul  # noqa: E402
 from pvq_cuda.layers import set_activation_coding  # noqa: E402
 from pvq_cuda.quantization.act_baselines import parse_activation_baseline, simulated_activations  # noqa: E402
+from conftest import requires_cuda  # noqa: E402
 from tiny_llama import TEXT, VOCAB, tiny_model, write_tiny_model_dir  # noqa: E402
 
 
@@ -159,6 +160,27 @@ def test_massive_tokens_get_a_second_stage(act):
     assert torch.equal(layer(x), single)
     off = ActivationConfig(cfg.D, cfg.K, cfg.gain_bits, outlier_ratio=None)
     assert code_activations(x, off, layer.signs, input_norm=median).outliers is None
+
+
+@requires_cuda
+@pytest.mark.parametrize("act", ["pvq-a4.25", "pvq-a8"])
+def test_cuda_massive_tokens_match_the_cpu(act):
+    """On CUDA the second stage is the same composition of ops: codes of both stages bit for bit
+    the CPU's, the product within float32 of the CPU's."""
+    layer, _ = _layer(576, 64)
+    x = _massive_tokens(576, 20, seed=3)
+    layer.set_input_norm(float(x.norm(dim=-1).median()))
+    layer.set_activation_config(act)
+    want = code_activations(x, ACT_PRESETS[act], layer.signs, input_norm=layer.input_norm)
+    out_cpu = layer(x)
+    layer.cuda()
+    got = code_activations(x.cuda(), ACT_PRESETS[act], layer.signs, input_norm=layer.input_norm)
+    assert got.outliers.cpu().tolist() == want.outliers.tolist() == [3]
+    for a, b in ((got, want), (got.residual, want.residual)):
+        for field in ("pulses", "index", "gain", "scale"):
+            assert torch.equal(getattr(a, field).cpu(), getattr(b, field))
+    out = layer(x.cuda()).cpu()
+    assert torch.allclose(out, out_cpu, rtol=1e-4, atol=1e-4 * float(out_cpu.abs().max()))
 
 
 def test_outlier_ratio_and_input_norm_bad_input():
