@@ -305,6 +305,18 @@ def test_checkpoints_without_activation_keys_load_weights_only(wa_model, tmp_pat
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not describe a valid activation config: .*K must be"):
         pvq_cuda.load_quantized(out)
+    # input_norms: absent reads as none (one stage per token); a bad value is refused by name
+    cfg["quantization_config"]["activation"] = {"D": 8, "K": 119, "gain_bits": 6}  # no outlier_ratio: the default
+    del cfg["quantization_config"]["input_norms"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    loaded = pvq_cuda.load_quantized(out)
+    layers = [m for m in loaded.modules() if isinstance(m, pvq_cuda.PVQLinear)]
+    assert all(m.input_norm is None and m.act_config == ACT_PRESETS["pvq-a6.25"] for m in layers)
+    for bad in (-1.0, 0, "2", True, None):
+        cfg["quantization_config"]["input_norms"] = {"model.layers.0.mlp.down_proj": bad}
+        (out / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="input_norms must map module names to positive finite numbers"):
+            pvq_cuda.load_quantized(out)
 
 
 def test_quantize_model_act_config_bad_input():

@@ -181,7 +181,9 @@ class ActivationCodes(NamedTuple):
         return 0 if self.outliers is None else self.outliers.numel()
 
     def bits_per_activation(self) -> float:
-        """Bits per activation of these codes: one stage per token, a second on the flagged ones."""
+        """Bits per activation of these codes: one stage per token, a second on the flagged ones
+        (codes made inside torch.compile carry a second stage for every token, zero where not
+        flagged, and count it)."""
         one = self.config.bits_per_activation(self.pulses.shape[-1])
         return one * (1 + self.outlier_count / max(self.tokens, 1))
 
