@@ -147,9 +147,11 @@ def prepare(args, need_calibration: bool = True, unseen_only: bool = False) -> J
     return Job(lm, windows.calibration, windows.evaluation, info, _device(args), args, finetune)
 
 
-def _evaluate(job: Job, model) -> dict[str, dict]:
-    """The model's perplexity on each evaluation source."""
-    return {name: perplexity(model, w, device=job.device) for name, w in job.evaluation.items()}
+def _evaluate(job: Job, model, keep_logprobs: bool = False) -> dict[str, dict]:
+    """The model's perplexity on each evaluation source (with ``keep_logprobs``: and its
+    next-token log-probabilities, see :func:`perplexity`)."""
+    return {name: perplexity(model, w, device=job.device, keep_logprobs=keep_logprobs)
+            for name, w in job.evaluation.items()}
 
 
 def _eval_seconds(evals: dict[str, dict]) -> float:
@@ -220,9 +222,13 @@ def _run_options(job: Job, method: str, preset: str | None, log_path: Path | Non
                 calibration_info=job.data_info if m.hessian else None)
 
 
-def _row(job: Job, method: str, preset: str | None, model, log: dict, fp32: dict) -> Row:
-    """Evaluate a quantized model against ``fp32`` (the fp32 model's results per source)."""
-    evals = _evaluate(job, model)
+def _row(job: Job, method: str, preset: str | None, model, log: dict, fp32: dict,
+         logprobs: dict | None = None) -> Row:
+    """Evaluate a quantized model against ``fp32`` (the fp32 model's results per source). With a
+    ``logprobs`` dict, the same pass also fills it with the model's log-probabilities per source."""
+    evals = _evaluate(job, model, keep_logprobs=logprobs is not None)
+    if logprobs is not None:
+        logprobs.update({name: ev.pop("logprobs") for name, ev in evals.items()})
     ppl, ratio, se, per = domain_summary(evals, fp32)
     label, family, note = _labels(method, preset, log)
     row = Row(method if preset is None else f"{method}:{preset}", label, family, log["bpw"], ppl, ratio,
@@ -234,21 +240,25 @@ def _row(job: Job, method: str, preset: str | None, model, log: dict, fp32: dict
 
 
 def run_method(job: Job, method: str, preset: str | None, fp32: dict, log_path: Path | None,
-               keep_base: bool = True):
+               keep_base: bool = True, logprobs: dict | None = None):
     """Quantize a copy of the fp32 model by ``method`` and evaluate it against ``fp32`` (the fp32
-    model's :func:`perplexity` result); returns (row, log, quantized model)."""
+    model's :func:`perplexity` result); returns (row, log, quantized model). ``logprobs``: see
+    :func:`_row`."""
     model = copy.deepcopy(job.lm.model) if keep_base else job.lm.model
     opts = _run_options(job, method, preset, log_path)
     if job.args.resume:
         opts["resume_dir"] = Path(job.args.out_dir) / "resume" / f"{method}-{preset or 'baseline'}"
     _say(f"pvq-cuda: {method}{' ' + preset if preset else ''}")
     log = quantize_model(model, job.calibration, **opts)
-    return _row(job, method, preset, model, log, fp32), log, model
+    return _row(job, method, preset, model, log, fp32, logprobs), log, model
 
 
-def run_methods(job: Job, runs: list[tuple[str, str | None, Path | None]], fp32: dict, keep_base: bool = True):
+def run_methods(job: Job, runs: list[tuple[str, str | None, Path | None]], fp32: dict, keep_base: bool = True,
+                logprobs: dict | None = None):
     """Every (method, preset, log_path) of ``runs`` as :func:`run_method` gives it, yielding
-    (index into runs, row, log, model) as each is done. Runs that can share the fp model's pass
+    (index into runs, row, log, model) as each is done. With a ``logprobs`` dict, each row's
+    evaluation also puts the model's log-probabilities per source in ``logprobs[index]`` (one pass
+    for both). Runs that can share the fp model's pass
     over each block (Hessian methods with fp targets, without --resume) are quantized together by
     quantize_models, as many copies at a time as fit in half the free memory. With
     ``keep_base=False`` the last run quantizes the job's model itself."""
@@ -261,7 +271,8 @@ def run_methods(job: Job, runs: list[tuple[str, str | None, Path | None]], fp32:
         batch = [k for k in todo if shares(k)][:_copies_that_fit(job)] if shares(todo[0]) else []
         if len(batch) < 2:
             k = todo.pop(0)
-            yield (k, *run_method(job, *runs[k][:2], fp32, runs[k][2], keep_base or k != len(runs) - 1))
+            sink = None if logprobs is None else logprobs.setdefault(k, {})
+            yield (k, *run_method(job, *runs[k][:2], fp32, runs[k][2], keep_base or k != len(runs) - 1, sink))
             continue
         todo = [k for k in todo if k not in batch]
         models = [copy.deepcopy(job.lm.model) if keep_base or k != len(runs) - 1 else job.lm.model for k in batch]
@@ -273,7 +284,8 @@ def run_methods(job: Job, runs: list[tuple[str, str | None, Path | None]], fp32:
                                                           for o in opts], **shared)
         for k, log in zip(batch, logs):
             model = models.pop(0)  # the caller may drop each model once it has its row
-            yield k, _row(job, *runs[k][:2], model, log, fp32), log, model
+            sink = None if logprobs is None else logprobs.setdefault(k, {})
+            yield k, _row(job, *runs[k][:2], model, log, fp32, sink), log, model
 
 
 def _copies_that_fit(job: Job) -> int:

@@ -77,13 +77,6 @@ def _evaluate(job, model, integer: bool, reference: dict) -> tuple[dict, float]:
     return evals, time.perf_counter() - t0
 
 
-def reference_logprobs(job, model) -> dict:
-    """The A16 model's next-token log-probabilities on every evaluation window, per domain: the
-    reference of the activation rows' KL (float32, windows · seqlen · vocab · 4 bytes)."""
-    return {name: perplexity(model, w, device=job.device, keep_logprobs=True)["logprobs"]
-            for name, w in job.evaluation.items()}
-
-
 def _row(job, model, fp32_eval, reference: dict, weights: str, activations: str, label: str, family: str, bpw, act,
          integer: bool = False) -> WARow:
     """Evaluate the model as it is set up; ``act``: the activation coder whose bits per activation
@@ -246,12 +239,14 @@ def cmd_compare_act(args) -> int:
                                     "weight_runs": logs, "seconds": time.perf_counter() - t0})
         return md
 
-    for k, wrow, log, model in run_methods(job, [("pvq", w, None) for w in weights], fp32_eval):
+    a16_logprobs: dict[int, dict] = {}  # the A16 rows' evaluation keeps them: the KL reference, one pass
+    for k, wrow, log, model in run_methods(job, [("pvq", w, None) for w in weights], fp32_eval,
+                                           logprobs=a16_logprobs):
         w = weights[k]
         logs[w] = log
         rows.append(WARow(w, "A16", f"W{PRESETS[w].code_bpw:g} A16 (weights only)", "A16", log["bpw"], None,
                           wrow.perplexity, wrow.ratio, wrow.ratio_se, None, wrow.domains))
-        reference = reference_logprobs(job, model)
+        reference = a16_logprobs.pop(k)
         for a in acts:
             cfg = ACT_PRESETS[a]
             set_activation_coding(model, cfg)
@@ -274,4 +269,4 @@ def cmd_compare_act(args) -> int:
 
 
 __all__ = ["EQUAL_RATE", "WA_ACTIVATIONS", "WA_BASELINES", "WA_WEIGHTS", "WARow", "activation_bits", "cmd_compare_act",
-           "equal_rate_pairs", "reference_logprobs"]
+           "equal_rate_pairs"]
