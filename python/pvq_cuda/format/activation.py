@@ -80,10 +80,10 @@ class ActivationConfig:
         """Bits per activation of the group codes alone (the per-token scale excluded)."""
         return self.code_bits / self.D
 
-    def bits_per_activation(self, n: int) -> float:
-        """Bits per activation of a token of n values coded in one stage, everything counted:
-        (index + gain bits) / D + 16 / n (a flagged token's second stage costs as much again)."""
-        return self.code_bpa + SCALE_BITS_PER_TOKEN / n
+    def bits_per_activation(self, n: int, second_stage_share: float = 0.0) -> float:
+        """Bits per activation of tokens of n values, everything counted: (index + gain bits) / D +
+        16 / n a stage, times (1 + the share of tokens flagged for a second stage)."""
+        return (self.code_bpa + SCALE_BITS_PER_TOKEN / n) * (1 + second_stage_share)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ActivationConfig":
@@ -122,6 +122,12 @@ def as_activation_config(value, where: str) -> ActivationConfig | None:
         return ACT_PRESETS[value]
     raise TypeError(f"{where}: the activation config must be an ActivationConfig, a preset name or None, got "
                     f"{type(value).__name__}")
+
+
+def is_input_norm(value) -> bool:
+    """Whether ``value`` can be a layer's calibration median token norm: a positive finite number."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            and value > 0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -184,8 +190,7 @@ class ActivationCodes(NamedTuple):
         """Bits per activation of these codes: one stage per token, a second on the flagged ones
         (codes made inside torch.compile carry a second stage for every token, zero where not
         flagged, and count it)."""
-        one = self.config.bits_per_activation(self.pulses.shape[-1])
-        return one * (1 + self.outlier_count / max(self.tokens, 1))
+        return self.config.bits_per_activation(self.pulses.shape[-1], self.outlier_count / max(self.tokens, 1))
 
 
 def code_activations(x: torch.Tensor, config: ActivationConfig, signs: torch.Tensor | None,
@@ -200,8 +205,7 @@ def code_activations(x: torch.Tensor, config: ActivationConfig, signs: torch.Ten
     """
     if levels is None:
         levels = activation_levels(config, x.shape[-1]).to(x.device)
-    if input_norm is not None and (isinstance(input_norm, bool) or not isinstance(input_norm, (int, float))
-                                   or not math.isfinite(input_norm) or not input_norm > 0):
+    if input_norm is not None and not is_input_norm(input_norm):
         raise ValueError(f"code_activations: input_norm must be None or a positive finite number, got "
                          f"{input_norm!r}")
     pulses, index, gain, scale = encode_activations(x, signs, levels, config.D, config.K, config.gain_bits)

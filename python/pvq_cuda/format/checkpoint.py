@@ -47,13 +47,12 @@ missing outlier_ratio reads as the default, a missing input_norms as none (one s
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from .._version import __version__
-from .activation import ActivationConfig
+from .activation import ActivationConfig, is_input_norm
 from .atomic import recover_directory, replace_directory, write_json
 from .config import PVQConfig
 from .container import VERSION_KEY, FormatError
@@ -99,9 +98,7 @@ def check_quantization_config(q, where: str) -> None:
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: quantization_config does not describe a valid activation config: {e}") from None
     norms = q.get("input_norms") or {}
-    if not isinstance(norms, Mapping) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-            for v in norms.values()):
+    if not isinstance(norms, Mapping) or not all(is_input_norm(v) for v in norms.values()):
         raise ValueError(f"{where}: quantization_config's input_norms must map module names to positive finite "
                          f"numbers, got {norms!r:.200}")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from ..format.activation import (ActivationCodes, ActivationConfig, activation_levels, as_activation_config,
-                                 check_activation_shape, code_activations, wa_matmul)
+                                 check_activation_shape, code_activations, is_input_norm, wa_matmul)
 from ..format.config import DEFAULT_PRESET, PVQConfig
 from ..format.weight import LAYOUT_VERSION, TILE_ROWS, PVQWeight, pvq_matmul, rotation_signs
 
@@ -109,8 +108,7 @@ class PVQLinear(nn.Module):
     def set_input_norm(self, input_norm: float | None) -> None:
         """Set the calibration median token norm of this layer's inputs (None: unknown)."""
         if input_norm is not None:
-            if isinstance(input_norm, bool) or not isinstance(input_norm, (int, float)) \
-                    or not math.isfinite(input_norm) or not input_norm > 0:
+            if not is_input_norm(input_norm):
                 raise ValueError(f"PVQLinear.set_input_norm: input_norm must be None or a positive finite number, "
                                  f"got {input_norm!r}")
             input_norm = float(input_norm)
@@ -152,8 +150,7 @@ class PVQLinear(nn.Module):
         per token, a second on the flagged ones (None before any token)."""
         if self.act_config is None or not self.act_tokens:
             return None
-        one = self.act_config.bits_per_activation(self.in_features)
-        return one * (1 + self.act_outliers / self.act_tokens)
+        return self.act_config.bits_per_activation(self.in_features, self.act_outliers / self.act_tokens)
 
     def code_input(self, x: torch.Tensor) -> ActivationCodes:
         """The activation codes of ``x [..., in_features]`` (needs an act_config)."""
