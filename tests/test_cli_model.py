@@ -167,6 +167,41 @@ def test_quantize_finetune_lr_and_windows(tiny, capsys, monkeypatch):
         assert f"argument {option}: {says}" in capsys.readouterr().err
 
 
+def test_quantize_finetune_on_generated_windows(tiny, capsys, monkeypatch):
+    """--finetune-data generated: the windows trained on are the unquantized model's own samples,
+    as many as --finetune would draw from the text, each starting with a drawn window's first token."""
+    from pvq_cuda.apps import jobs
+    from pvq_cuda.pipeline import finetune
+    seen = {}
+    real_prepare, real_finetune = jobs.prepare, finetune.finetune_scales
+
+    def spy_prepare(args, *a, **k):
+        seen["job"] = real_prepare(args, *a, **k)
+        return seen["job"]
+
+    def spy_finetune(model, reference, windows, **k):
+        seen["windows"] = windows
+        return real_finetune(model, reference, windows, **k)
+
+    monkeypatch.setattr(jobs, "prepare", spy_prepare)
+    monkeypatch.setattr(finetune, "finetune_scales", spy_finetune)
+    out = tiny / "out-ft-generated"
+    rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
+               "--baselines", "none", "--no-progress", "--config", "pvq-2.25", "--finetune", "2",
+               "--finetune-windows", "12", "--finetune-data", "generated", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "PVQ pvq-2.25 Hessian-aware + finetuned scales (2 steps, on the model's own samples)" in captured.out
+    drawn, trained = seen["job"].finetune, seen["windows"]
+    assert trained.shape == drawn.shape == (12, seen["job"].calibration.shape[1])
+    assert torch.equal(trained[:, 0], drawn[:, 0]) and not torch.equal(trained, drawn)
+    ft = json.loads((out / "quantization_log.json").read_text())["runs"]["pvq:pvq-2.25"]["finetune"]
+    assert ft["data"] == "generated" and ft["sampling_seconds"] > 0 and ft["windows"] == 12
+    with pytest.raises(SystemExit):
+        main(["quantize", "--finetune", "2", "--finetune-data", "web"])
+    assert "argument --finetune-data: invalid choice" in capsys.readouterr().err
+
+
 def test_finetune_windows_default():
     from argparse import Namespace
 

@@ -190,3 +190,54 @@ def test_bad_input():
         pvq_cuda.finetune_scales(model, reference, calib.float())
     with pytest.raises(ValueError, match="no PVQLinear layers"):
         pvq_cuda.finetune_scales(tiny_model(), reference, calib)
+
+
+def test_sample_windows_draw_from_the_model():
+    """The sampled windows are the model's own text: each token is a draw from the model's
+    next-token distribution given the window so far (temperature 1), so the mean of log p(token)
+    + entropy over many tokens is zero within its standard error, where a greedy or a uniform
+    choice would be far off; the cached decoding agrees with a forward over the whole window."""
+    from pvq_cuda.pipeline.finetune import sample_windows
+
+    reference = tiny_model(5)
+    reference.generation_config.eos_token_id = None  # every token may be drawn here
+    starts = random_ids(1, 48, seed=6)[0]
+    w = sample_windows(reference, starts, 24, seed=3, batch_size=20)
+    assert w.shape == (48, 24) and w.dtype == torch.long and torch.equal(w[:, 0], starts)
+    logp = torch.log_softmax(logits(reference, w).double(), -1)[:, :-1]
+    drawn = logp.gather(-1, w[:, 1:, None])[..., 0]
+    entropy = -(logp.exp() * logp).sum(-1)
+    gap = (drawn + entropy).flatten()
+    se = float(gap.std() / gap.numel() ** 0.5)
+    assert abs(float(gap.mean())) < 4 * se
+    greedy = (logp.max(-1).values + entropy).mean()
+    uniform = (logp.mean(-1) + entropy).mean()
+    assert float(greedy) > 8 * se and float(uniform) < -4 * se  # the test tells both apart from sampling
+    # seeded: the same seed gives the same windows, another seed others
+    assert torch.equal(sample_windows(reference, starts, 24, seed=3, batch_size=20), w)
+    assert not torch.equal(sample_windows(reference, starts, 24, seed=4, batch_size=20), w)
+
+
+def test_sample_windows_never_draw_an_end_of_sequence():
+    from pvq_cuda.pipeline.finetune import sample_windows
+
+    reference = tiny_model(5).train()
+    ends = list(range(0, reference.config.vocab_size, 2))  # half the vocabulary ends a sequence
+    reference.generation_config.eos_token_id = ends
+    w = sample_windows(reference, random_ids(1, 16, seed=7)[0], 20, seed=0)
+    assert not torch.isin(w[:, 1:], torch.tensor(ends)).any()  # about half would be, unmasked
+    reference.generation_config.eos_token_id = 1
+    assert not (sample_windows(reference, random_ids(1, 16, seed=7)[0], 20, seed=0)[:, 1:] == 1).any()
+    assert reference.training  # sampled in eval mode, handed back as it came
+
+
+def test_sample_windows_refuse_bad_input():
+    from pvq_cuda.pipeline.finetune import sample_windows
+
+    reference = tiny_model(0)
+    for bad in (torch.tensor([1.0, 2.0]), torch.tensor([[1, 2]]), torch.tensor([], dtype=torch.long), [1, 2]):
+        with pytest.raises(ValueError, match="starts must be a non-empty 1-D int64 tensor"):
+            sample_windows(reference, bad, 8)
+    for bad in (1, 0, 2.0, True):
+        with pytest.raises(ValueError, match="seqlen must be an int >= 2"):
+            sample_windows(reference, torch.tensor([1, 2]), bad)

@@ -391,14 +391,23 @@ def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: d
     """--finetune / --finetune-blocks: train ``model``'s row scales, gain levels and norm weights
     toward the fp32 model on the calibration windows (the last eighth held out to watch), block by
     block and then end to end, then evaluate it again."""
-    from ..pipeline.finetune import LEARNING_RATE, finetune_scales
+    from ..pipeline.finetune import LEARNING_RATE, finetune_scales, sample_windows
 
     windows = job.calibration if job.finetune is None else job.finetune
+    generated = getattr(job.args, "finetune_data", "calibration") == "generated"
+    if generated:
+        t = time.perf_counter()
+        _say(f"pvq-cuda: sampling {windows.shape[0]} windows of {windows.shape[1]} tokens from the unquantized model")
+        windows = sample_windows(job.lm.model, windows[:, 0].contiguous(), windows.shape[1], seed=job.args.seed,
+                                 progress=not job.args.no_progress)
+        sampling_seconds = time.perf_counter() - t
+        _say(f"pvq-cuda: sampled in {sampling_seconds:.0f} s")
     held_out = max(1, windows.shape[0] // 8) if windows.shape[0] > 1 else 0
     lr = getattr(job.args, "finetune_lr", LEARNING_RATE)
     what = ", ".join(([f"{block_epochs} block epoch{'s' * (block_epochs != 1)}"] if block_epochs else [])
                      + ([f"{steps} step{'s' * (steps != 1)}"] if steps else [])
-                     + ([f"lr {lr:g}"] if lr != LEARNING_RATE else []))
+                     + ([f"lr {lr:g}"] if lr != LEARNING_RATE else [])
+                     + (["on the model's own samples"] if generated else []))
     _say(f"pvq-cuda: finetuning row scales, gain levels and norms ({what})")
     ft = finetune_scales(model, job.lm.model, windows, steps=steps, held_out=held_out,
                          block_epochs=block_epochs, lr=lr, progress=not job.args.no_progress)
@@ -406,12 +415,15 @@ def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: d
         both = bool(block_epochs and steps)
         kls = [ft["kl_held_out_before"], *([ft["kl_held_out_after_blocks"]] if both else []), ft["kl_held_out_after"]]
         chain = " -> ".join(f"{v:.4f}" for v in kls)
-        _say(f"pvq-cuda: finetune: KL on {held_out} held-out calibration windows {chain} nats/token"
+        kind = "sampled" if generated else "calibration"
+        _say(f"pvq-cuda: finetune: KL on {held_out} held-out {kind} windows {chain} nats/token"
              f"{' (before, after the blocks, after)' if both else ''}, {ft['seconds']:.0f} s")
     else:
         _say(f"pvq-cuda: finetune: {ft['seconds']:.0f} s")
-    log["finetune"] = dict(ft, windows=windows.shape[0], held_out=held_out)
-    log = dict(log, seconds=log["seconds"] + ft["seconds"])
+    log["finetune"] = dict(ft, windows=windows.shape[0], held_out=held_out,
+                           data="generated" if generated else "calibration",
+                           **({"sampling_seconds": sampling_seconds} if generated else {}))
+    log = dict(log, seconds=log["seconds"] + ft["seconds"] + (sampling_seconds if generated else 0.0))
     row = _row(job, method, preset, model, log, fp32)
     row.method += "+finetune"
     row.label += f" + finetuned scales ({what})"

@@ -153,6 +153,58 @@ class _Teacher:
         return head(torch.stack([self.hidden[r] for r in rows]))
 
 
+@torch.no_grad()
+def sample_windows(reference: nn.Module, starts: torch.Tensor, seqlen: int, *, seed: int = 0, batch_size: int = 64,
+                   progress: bool = False) -> torch.Tensor:
+    """Windows of text written by ``reference`` itself, for fine-tuning toward it: window i starts
+    with ``starts[i]`` and continues with tokens sampled from the model's own next-token
+    distribution (temperature 1, nothing truncated), ``seqlen`` tokens in all. Its end-of-sequence
+    tokens are never drawn, so every window is one stretch of text, as the evaluation windows are.
+
+    Why: a calibration text teaches the scales one domain. The model's own samples cover what it
+    puts probability on everywhere (LLM-QAT's data-free distillation), so the KL taught on them is
+    the KL the model is judged by on any text. Seeded: the same ``seed`` gives the same windows.
+
+    Returns int64 ``[len(starts), seqlen]`` on the CPU.
+    """
+    if not isinstance(starts, torch.Tensor) or starts.dim() != 1 or starts.dtype != torch.long or not len(starts):
+        raise ValueError("sample_windows: starts must be a non-empty 1-D int64 tensor of first tokens")
+    if not isinstance(seqlen, int) or isinstance(seqlen, bool) or seqlen < 2:
+        raise ValueError(f"sample_windows: seqlen must be an int >= 2, got {seqlen!r}")
+    device = next(reference.parameters()).device
+    ends = getattr(getattr(reference, "generation_config", None), "eos_token_id", None)
+    ends = [] if ends is None else [ends] if isinstance(ends, int) else list(ends)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = torch.empty(len(starts), seqlen, dtype=torch.long)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(starts) * (seqlen - 1), desc="sampling", unit="tok")
+    was_training = reference.training
+    reference.eval()
+    try:
+        for b in range(0, len(starts), batch_size):
+            ids = starts[b:b + batch_size].to(device)[:, None]
+            window, past = [ids], None
+            for _ in range(seqlen - 1):
+                step = reference(input_ids=ids, past_key_values=past, use_cache=True)
+                past = step.past_key_values
+                logits = step.logits[:, -1].float()
+                if ends:
+                    logits[:, ends] = float("-inf")
+                ids = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)
+                window.append(ids)
+                if bar is not None:
+                    bar.update(ids.shape[0])
+            out[b:b + batch_size] = torch.cat(window, dim=1).cpu()
+    finally:
+        reference.train(was_training)
+        if bar is not None:
+            bar.close()
+    return out
+
+
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher ‖ student) in nats."""
     t = F.log_softmax(teacher_logits.float(), dim=-1)
