@@ -132,7 +132,7 @@ def is_input_norm(value) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _levels(D: int, n: int, bits: int) -> torch.Tensor:
-    return torch.tensor(beta_gain_levels(D, n, bits), dtype=torch.float32)
+    return torch.tensor(beta_gain_levels(D, n, bits, high_rate_start=True), dtype=torch.float32)
 
 
 def activation_levels(config: ActivationConfig, n: int) -> torch.Tensor:

@@ -36,8 +36,8 @@ block, one run or several in lockstep).
 """
 
 from .api import PER_RUN_OPTIONS, quantize_model, quantize_models, uses_fp_targets
-from .finetune import finetune_scales
+from .finetune import finetune_scales, sample_windows
 from .run import LOSS_DEFINITION, fp_target_weight
 
 __all__ = ["LOSS_DEFINITION", "PER_RUN_OPTIONS", "finetune_scales", "fp_target_weight", "quantize_model", "quantize_models",
-           "uses_fp_targets"]
+           "sample_windows", "uses_fp_targets"]
