@@ -134,22 +134,33 @@ def test_quantize_with_finetune(tiny, capsys):
     assert rc == 0 and float(capsys.readouterr().out.strip().splitlines()[-1].split()[1]) == pytest.approx(ppl, rel=1e-3)
 
 
-def test_quantize_finetune_lr_and_windows(tiny, capsys, monkeypatch):
+def spy_on_prepare(monkeypatch) -> dict:
+    """What the next CLI call's jobs.prepare returns lands in the dict under "job"."""
     from pvq_cuda.apps import jobs
-    seen = {}
-    real = jobs.prepare
+    seen, real = {}, jobs.prepare
 
     def spy(args, *a, **k):
         seen["job"] = real(args, *a, **k)
         return seen["job"]
 
     monkeypatch.setattr(jobs, "prepare", spy)
-    out = tiny / "out-ft-options"
+    return seen
+
+
+def finetune_tiny(tiny, capsys, out, *options):
+    """quantize the tiny model at pvq-2.25 with 2 fine-tuning steps and ``options``; its output."""
     rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
-               "--baselines", "none", "--no-progress", "--config", "pvq-2.25", "--finetune", "2",
-               "--finetune-lr", "3e-3", "--finetune-windows", "16", "--out", str(out)])
+               "--baselines", "none", "--no-progress", "--config", "pvq-2.25", "--finetune", "2", *options,
+               "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
+    return captured
+
+
+def test_quantize_finetune_lr_and_windows(tiny, capsys, monkeypatch):
+    seen = spy_on_prepare(monkeypatch)
+    out = tiny / "out-ft-options"
+    captured = finetune_tiny(tiny, capsys, out, "--finetune-lr", "3e-3", "--finetune-windows", "16")
     assert "PVQ pvq-2.25 Hessian-aware + finetuned scales (2 steps, lr 0.003)" in captured.out
     job = seen["job"]
     assert job.finetune.shape == (16, job.calibration.shape[1])
@@ -170,27 +181,17 @@ def test_quantize_finetune_lr_and_windows(tiny, capsys, monkeypatch):
 def test_quantize_finetune_on_generated_windows(tiny, capsys, monkeypatch):
     """--finetune-data generated: the windows trained on are the unquantized model's own samples,
     as many as --finetune would draw from the text, each starting with a drawn window's first token."""
-    from pvq_cuda.apps import jobs
     from pvq_cuda.pipeline import finetune
-    seen = {}
-    real_prepare, real_finetune = jobs.prepare, finetune.finetune_scales
-
-    def spy_prepare(args, *a, **k):
-        seen["job"] = real_prepare(args, *a, **k)
-        return seen["job"]
+    seen = spy_on_prepare(monkeypatch)
+    real_finetune = finetune.finetune_scales
 
     def spy_finetune(model, reference, windows, **k):
         seen["windows"] = windows
         return real_finetune(model, reference, windows, **k)
 
-    monkeypatch.setattr(jobs, "prepare", spy_prepare)
     monkeypatch.setattr(finetune, "finetune_scales", spy_finetune)
     out = tiny / "out-ft-generated"
-    rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
-               "--baselines", "none", "--no-progress", "--config", "pvq-2.25", "--finetune", "2",
-               "--finetune-windows", "12", "--finetune-data", "generated", "--out", str(out)])
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
+    captured = finetune_tiny(tiny, capsys, out, "--finetune-windows", "12", "--finetune-data", "generated")
     assert "PVQ pvq-2.25 Hessian-aware + finetuned scales (2 steps, on the model's own samples)" in captured.out
     drawn, trained = seen["job"].finetune, seen["windows"]
     assert trained.shape == drawn.shape == (12, seen["job"].calibration.shape[1])
