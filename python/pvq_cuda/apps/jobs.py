@@ -394,7 +394,8 @@ def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: d
     from ..pipeline.finetune import LEARNING_RATE, finetune_scales, sample_windows
 
     windows = job.calibration if job.finetune is None else job.finetune
-    generated = getattr(job.args, "finetune_data", "calibration") == "generated"
+    data = getattr(job.args, "finetune_data", "calibration")
+    generated, sampling_seconds = data == "generated", 0.0
     if generated:
         t = time.perf_counter()
         _say(f"pvq-cuda: sampling {windows.shape[0]} windows of {windows.shape[1]} tokens from the unquantized model")
@@ -415,15 +416,14 @@ def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: d
         both = bool(block_epochs and steps)
         kls = [ft["kl_held_out_before"], *([ft["kl_held_out_after_blocks"]] if both else []), ft["kl_held_out_after"]]
         chain = " -> ".join(f"{v:.4f}" for v in kls)
-        kind = "sampled" if generated else "calibration"
-        _say(f"pvq-cuda: finetune: KL on {held_out} held-out {kind} windows {chain} nats/token"
+        _say(f"pvq-cuda: finetune: KL on {held_out} held-out {'sampled' if generated else data} windows {chain} "
+             f"nats/token"
              f"{' (before, after the blocks, after)' if both else ''}, {ft['seconds']:.0f} s")
     else:
         _say(f"pvq-cuda: finetune: {ft['seconds']:.0f} s")
-    log["finetune"] = dict(ft, windows=windows.shape[0], held_out=held_out,
-                           data="generated" if generated else "calibration",
+    log["finetune"] = dict(ft, windows=windows.shape[0], held_out=held_out, data=data,
                            **({"sampling_seconds": sampling_seconds} if generated else {}))
-    log = dict(log, seconds=log["seconds"] + ft["seconds"] + (sampling_seconds if generated else 0.0))
+    log = dict(log, seconds=log["seconds"] + ft["seconds"] + sampling_seconds)
     row = _row(job, method, preset, model, log, fp32)
     row.method += "+finetune"
     row.label += f" + finetuned scales ({what})"

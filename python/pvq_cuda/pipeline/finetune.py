@@ -37,6 +37,7 @@ from ..layers.decoder import decoder_layers
 from ..layers.linear import PVQLinear
 from ..ops import dequantize_packed, hadamard_transform
 from .capture import block_inputs, first
+from .run import progress_bar
 
 STEP_WINDOWS = 4  # calibration windows per optimizer step (finetune_scales' batch_size)
 LEARNING_RATE = 1e-3  # Adam's, on the log-factors: each moves by at most about 0.1 % a step
@@ -161,9 +162,10 @@ def sample_windows(reference: nn.Module, starts: torch.Tensor, seqlen: int, *, s
     distribution (temperature 1, nothing truncated), ``seqlen`` tokens in all. Its end-of-sequence
     tokens are never drawn, so every window is one stretch of text, as the evaluation windows are.
 
-    Why: a calibration text teaches the scales one domain. The model's own samples cover what it
-    puts probability on everywhere (LLM-QAT's data-free distillation), so the KL taught on them is
-    the KL the model is judged by on any text. Seeded: the same ``seed`` gives the same windows.
+    Why: a calibration text shows the scales one domain; the model's own samples cover what it puts
+    probability on anywhere (LLM-QAT's data-free distillation), and need no text at hand. On the
+    default model they taught as much as the Jargon File, no more (README, fine-tuning). Seeded:
+    the same ``seed`` gives the same windows.
 
     Returns int64 ``[len(starts), seqlen]`` on the CPU.
     """
@@ -176,11 +178,7 @@ def sample_windows(reference: nn.Module, starts: torch.Tensor, seqlen: int, *, s
     ends = [] if ends is None else [ends] if isinstance(ends, int) else list(ends)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = torch.empty(len(starts), seqlen, dtype=torch.long)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(starts) * (seqlen - 1), desc="sampling", unit="tok")
+    bar = progress_bar(len(starts) * (seqlen - 1), "sampling", unit="tok") if progress else None
     was_training = reference.training
     reference.eval()
     try:
@@ -345,10 +343,8 @@ def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.T
 
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps + (len(decoder_layers(model, "finetune_scales")) if block_epochs else 0),
-                       desc="finetune", unit="step")
+            bar = progress_bar(steps + (len(decoder_layers(model, "finetune_scales")) if block_epochs else 0),
+                               "finetune", unit="step")
         before = held_out_kl()
         block_losses, block_seconds, after_blocks = [], 0.0, None
         if block_epochs:

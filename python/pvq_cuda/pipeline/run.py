@@ -21,10 +21,10 @@ LOSS_DEFINITION = ("H-weighted relative error tr((W-Wq) H (W-Wq)^T) / tr(W H W^T
                    "Hessian of the layer; data-free methods log the weight error |W-Wq|^2/|W|^2 instead")
 
 
-def progress_bar(total: int, desc: str):
+def progress_bar(total: int, desc: str, unit: str = "layer"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="layer", desc=desc, dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True)
 
 
 def config_for(name: str, config: PVQConfig, overrides) -> PVQConfig:
