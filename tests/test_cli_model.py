@@ -102,6 +102,24 @@ def test_quantize_at_any_rate(tiny, capsys):
         assert exit_info.value.code == 2 and why in capsys.readouterr().err
 
 
+def test_quantize_with_tuning_within_blocks(tiny, capsys):
+    out = tiny / "out-tune"
+    rc = main(["quantize", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
+               "--baselines", "none", "--no-progress", "--tune-epochs", "2", "--tune-lr", "3e-4", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    run = json.loads((out / "quantization_log.json").read_text())["runs"]["pvq:3.25bpw"]
+    assert run["tune_epochs"] == 2 and run["tune_lr"] == 3e-4
+    assert [e["block"] for e in run["tune"]] == [0, 0, 0, 1, 1, 1]
+    calib = json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]
+    assert calib["tune_epochs"] == 2 and calib["tune_lr"] == 3e-4
+    for bad, why in ((["--tune-epochs", "-2"], "--tune-epochs: must be a non-negative integer, got -2"),
+                     (["--tune-lr", "0"], "--tune-lr: must be a positive number")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["quantize", "--model", str(tiny / "model"), *bad])
+        assert exit_info.value.code == 2 and why in capsys.readouterr().err
+
+
 def test_quantize_data_free_keeps_the_preset(tiny, capsys):
     """Without calibration the allocation would only weigh weight energy: data-free runs keep
     the pvq-3.25 preset unless --bpw asks for a rate."""

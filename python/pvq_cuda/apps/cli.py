@@ -22,6 +22,7 @@ import sys
 from ..format.activation import ACT_PRESETS
 from ..format.config import PRESETS
 from ..pipeline.finetune import LEARNING_RATE
+from ..pipeline.tune import TUNE_LR
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -111,6 +112,13 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-passes", type=_non_negative, default=0, metavar="N",
                    help="PVQ: N coordinate-descent passes over each layer's groups after error feedback "
                         "(lowers the layer loss ~6%% with N=2; default 0)")
+    p.add_argument("--tune-epochs", type=_non_negative, default=0, metavar="EPOCHS",
+                   help="after each group of a block is quantized, train the block's linears not yet quantized "
+                        "for EPOCHS passes over the calibration chunks toward the block's unquantized outputs, "
+                        "then quantize them from the trained weights (QuIP#'s tuning within a block; Hessian "
+                        "methods; default 0: none)")
+    p.add_argument("--tune-lr", type=_positive_float, default=TUNE_LR, metavar="LR",
+                   help=f"Adam's learning rate for --tune-epochs, relative to each layer's weight RMS (default {TUNE_LR:g})")
     p.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize each layer toward the unquantized model's outputs (asymmetric calibration; "
                         "one more forward per block; any Hessian method). Default: per method, as measured on "

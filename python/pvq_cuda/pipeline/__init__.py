@@ -32,7 +32,8 @@ Modules, one job each: ``api`` (the entry points and their checks), ``run`` (one
 its per-layer step), ``calibration`` (token chunks), ``resume`` (per-block checkpoints),
 ``capture`` (hooks that catch activations), ``groups`` (which linears go together), ``llama``
 (staged Llama blocks), ``generic`` (any other block), ``stream`` (activations carried block by
-block, one run or several in lockstep).
+block, one run or several in lockstep), ``tune`` (training a block's linears not yet quantized
+between its groups, ``tune_epochs``), ``allocate`` (``bpw``), ``finetune`` (the scales after coding).
 """
 
 from .api import PER_RUN_OPTIONS, quantize_model, quantize_models, uses_fp_targets

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 import time
@@ -23,6 +24,7 @@ from .calibration import calibration_chunks, calibration_digest
 from .resume import Resume, fingerprint
 from .run import LOSS_DEFINITION, Run, config_for, progress_bar
 from .stream import execute
+from .tune import TUNE_LR
 
 
 def compile_overrides(overrides) -> list[tuple[re.Pattern, PVQConfig]]:
@@ -66,7 +68,7 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
                    batch_size: int = 8, seed: int = 0, log_path: str | os.PathLike | None = None,
                    calibration_info: Mapping | None = None, metric_search: bool = False,
                    fp_targets: bool = False, refine_passes: int = 0, act_config=None,
-                   bpw: float | None = None) -> dict:
+                   bpw: float | None = None, tune_epochs: int = 0, tune_lr: float = TUNE_LR) -> dict:
     """Quantize the decoder linears of a causal LM in place, block by block.
 
     Args:
@@ -91,6 +93,14 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
         fp_targets: quantize each layer toward the unquantized model's outputs (asymmetric
             calibration, :func:`fp_target_weight`); costs one more forward per block and the fp
             model's activations beside the quantized ones. Any method with a Hessian.
+        tune_epochs: methods with a Hessian: after each group of a block is quantized, train the
+            block's linears not yet quantized (their weights and biases; layers kept by ``ignore``
+            never) for this many passes over the calibration chunks, Adam, one step a chunk, so that the block's outputs match its outputs before quantization (with
+            ``fp_targets``: the unquantized model's); the later groups are then quantized from the
+            trained weights (QuIP#'s fine-tuning within a block, :mod:`pvq_cuda.pipeline.tune`).
+            0 (default): none. Each group's losses are in the log (``tune``).
+        tune_lr: Adam's learning rate for ``tune_epochs``, relative to each layer's weight RMS
+            (a step moves a weight by at most about ``tune_lr`` · RMS).
         resume_dir: save each finished block there and skip finished blocks on a rerun with the
             same settings (a rerun with other settings raises ValueError).
         progress: show a tqdm bar (layer name, loss, ETA).
@@ -133,7 +143,7 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
                    resume_dir=resume_dir, progress=progress, method=method, overrides=overrides, damp=damp,
                    batch_size=batch_size, seed=seed, log_path=log_path, calibration_info=calibration_info,
                    metric_search=metric_search, fp_targets=fp_targets, refine_passes=refine_passes,
-                   act_config=act_config, bpw=bpw)
+                   act_config=act_config, bpw=bpw, tune_epochs=tune_epochs, tune_lr=tune_lr)
     execute([run])
     _install_activation_coding(model, run)
     return run.log
@@ -152,7 +162,7 @@ def uses_fp_targets(method: str, fp_targets: bool) -> bool:
 
 #: quantize_models: the options each run may set for itself; the others are shared.
 PER_RUN_OPTIONS = frozenset({"method", "config", "overrides", "act_order", "metric_search", "refine_passes",
-                             "log_path", "calibration_info", "act_config", "bpw"})
+                             "log_path", "calibration_info", "act_config", "bpw", "tune_epochs", "tune_lr"})
 
 
 def quantize_models(models: Sequence[nn.Module], calibration=None, runs: Sequence[Mapping] | None = None,
@@ -171,7 +181,7 @@ def quantize_models(models: Sequence[nn.Module], calibration=None, runs: Sequenc
         calibration: token ids, as for :func:`quantize_model`, shared by all runs.
         runs: one mapping per model of the options in :data:`PER_RUN_OPTIONS` (``method``,
             ``config``, ``overrides``, ``act_order``, ``metric_search``, ``refine_passes``,
-            ``log_path``, ``calibration_info``, ``act_config``, ``bpw``).
+            ``log_path``, ``calibration_info``, ``act_config``, ``bpw``, ``tune_epochs``, ``tune_lr``).
         **options: any other :func:`quantize_model` keyword argument, shared by all runs;
             ``resume_dir`` is not taken (resume single runs with :func:`quantize_model`).
 
@@ -212,7 +222,7 @@ def quantize_models(models: Sequence[nn.Module], calibration=None, runs: Sequenc
 
 def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, act_order, resume_dir, progress,
              method, overrides, damp, batch_size, seed, log_path, calibration_info, metric_search, fp_targets,
-             refine_passes, act_config=None, bpw=None) -> Run:
+             refine_passes, act_config=None, bpw=None, tune_epochs=0, tune_lr=TUNE_LR) -> Run:
     """Check quantize_model's arguments and set up its run (nothing is quantized yet)."""
     layers = decoder_layers(model)
     check_dense_blocks(layers)
@@ -235,6 +245,11 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
     if not damp >= 0:
         raise ValueError(f"quantize_model: damp must be >= 0, got {damp!r}")
     check_refine_passes(refine_passes, "quantize_model")
+    if not isinstance(tune_epochs, int) or isinstance(tune_epochs, bool) or tune_epochs < 0:
+        raise ValueError(f"quantize_model: tune_epochs must be an int >= 0, got {tune_epochs!r}")
+    if not (isinstance(tune_lr, (int, float)) and not isinstance(tune_lr, bool) and math.isfinite(tune_lr)
+            and tune_lr > 0):
+        raise ValueError(f"quantize_model: tune_lr must be a positive number, got {tune_lr!r}")
     act = as_activation_config(act_config, "quantize_model: act_config")
     if act is not None and m.kind != "pvq":
         raise ValueError(f"quantize_model: act_config codes activations against PVQ weights, but method {method!r} "
@@ -273,13 +288,16 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
     if not offload:
         model.to(dev)
     refine_passes = refine_passes if m.kind == "pvq" and m.hessian else 0
+    tune_epochs = tune_epochs if m.hessian else 0  # data-free methods carry no activations to train on
     run = Run(model, m, config, overrides_c, ignore_re, dev, offload, act_order, metric_search, damp, seed, progress,
-               log_path, len(todo), fp_targets=uses_fp_targets(method, fp_targets), refine_passes=refine_passes)
+               log_path, len(todo), fp_targets=uses_fp_targets(method, fp_targets), refine_passes=refine_passes,
+               tune_epochs=tune_epochs, tune_lr=tune_lr)
     run.layers, run.chunks = layers, chunks
     run.act_config = act
     run.log = {"method": m.name, "label": m.label, "config": config.to_dict() if m.kind == "pvq" else None,
                "overrides": {p.pattern: c.to_dict() for p, c in overrides_c}, "ignore": ignore,
                "act_order": act_order, "metric_search": metric_search, "refine_passes": refine_passes,
+               "tune_epochs": tune_epochs, "tune_lr": tune_lr if tune_epochs else None,
                "fp_targets": run.fp_targets, "act_config": None if act is None else act.to_dict(),
                "damp": damp if m.hessian else None, "device": str(dev), "offload": offload,
                "loss_definition": LOSS_DEFINITION, "calibration": dict(calibration_info or {}),
@@ -301,5 +319,5 @@ def prepare(model: nn.Module, calibration, config, *, ignore, device, offload, a
     if resume_dir is not None:
         run.resume = Resume(resume_dir, fingerprint(model, m, config, overrides_c, ignore, act_order, metric_search,
                                                       run.fp_targets, refine_passes, damp, seed,
-                                                      calibration_digest(chunks)))
+                                                      calibration_digest(chunks), tune_epochs, tune_lr))
     return run

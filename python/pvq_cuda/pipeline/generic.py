@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from torch import nn
 
@@ -13,9 +14,10 @@ from .run import Run
 
 
 def generic_block(run: Run, block: nn.Module, prefix: str, i: int, n_chunks: int, block_forward,
-                   fp_inputs, groups: list[list[str]]) -> None:
+                   fp_inputs, groups: list[list[str]], after_group: Callable[[], None]) -> None:
     """Quantize any block group by group (``groups``: groups.call_order_groups), running it up to
-    each group on every chunk (``block_forward(c)`` runs it on chunk ``c``)."""
+    each group on every chunk (``block_forward(c)`` runs it on chunk ``c``); ``after_group()``
+    runs after each group is quantized."""
     mlp_in: list | None = None
     for group in groups:
         names = kept(group, prefix, run.ignore)
@@ -49,3 +51,4 @@ def generic_block(run: Run, block: nn.Module, prefix: str, i: int, n_chunks: int
             if shift is not None:
                 shift.remove()
         run.quantize_group(block, prefix, i, names, hc, shift, (time.perf_counter() - t0) / len(names))
+        after_group()

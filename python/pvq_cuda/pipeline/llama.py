@@ -87,9 +87,10 @@ class LlamaFlow:
 
 
 def staged_block(run: Run, block: nn.Module, prefix: str, i: int, hidden: list[torch.Tensor], block_forward,
-                  fp_inputs, store) -> list[torch.Tensor]:
+                  fp_inputs, store, after_group: Callable[[], None]) -> list[torch.Tensor]:
     """Quantize a block that passed :meth:`LlamaFlow.probe`, group by group; returns its outputs.
-    ``block_forward(c)`` runs the block on calibration chunk ``c``."""
+    ``block_forward(c)`` runs the block on calibration chunk ``c``; ``after_group()`` runs after
+    each group is quantized, before the next group's inputs are made."""
     flow, dev = LlamaFlow(block), run.device
 
     def quantize(group, inputs: list[torch.Tensor], t0: float) -> None:
@@ -107,6 +108,7 @@ def staged_block(run: Run, block: nn.Module, prefix: str, i: int, hidden: list[t
             if shift is not None:
                 shift.add(x, c)
         run.quantize_group(block, prefix, i, names, hc, shift, (time.perf_counter() - t0) / len(names))
+        after_group()
 
     chunks = range(len(hidden))
     t0 = time.perf_counter()

@@ -23,13 +23,15 @@ RESUME_VERSION = 1
 
 
 def fingerprint(model, method: Method, config, overrides, ignore, act_order, metric_search, fp_targets,
-                 refine_passes, damp, seed, calib_digest) -> str:
+                 refine_passes, damp, seed, calib_digest, tune_epochs=0, tune_lr=None) -> str:
     # The search options share the key "act_order", each added only where it changed the encoding
-    # (fp targets from their first release, refine passes when > 0), so that resume directories
-    # written before an option existed keep their fingerprints.
+    # (fp targets from their first release, refine passes and tuning when > 0), so that resume
+    # directories written before an option existed keep their fingerprints.
     flags = (act_order, metric_search, True) if fp_targets else (act_order, metric_search)
     if refine_passes:
         flags += (("refine_passes", refine_passes),)
+    if tune_epochs:
+        flags += (("tune", tune_epochs, tune_lr),)
     cfg = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
     cfg.pop("quantization_config", None)
     cfg.pop("transformers_version", None)

@@ -16,6 +16,7 @@ from ..quantization.hessian import HessianCollector
 from ..quantization.methods import Method, h_loss, quantize_linear, weight_loss
 from .capture import ShiftCollector
 from .resume import Resume
+from .tune import TUNE_LR
 
 LOSS_DEFINITION = ("H-weighted relative error tr((W-Wq) H (W-Wq)^T) / tr(W H W^T), H the damped calibration "
                    "Hessian of the layer; data-free methods log the weight error |W-Wq|^2/|W|^2 instead")
@@ -39,7 +40,8 @@ class Run:
     """State of one quantize_model call."""
 
     def __init__(self, model, method: Method, config: PVQConfig, overrides, ignore, device, offload, act_order,
-                 metric_search, damp, seed, progress, log_path, total_layers, fp_targets=False, refine_passes=0):
+                 metric_search, damp, seed, progress, log_path, total_layers, fp_targets=False, refine_passes=0,
+                 tune_epochs=0, tune_lr=TUNE_LR):
         self.model, self.method, self.config = model, method, config
         self.fp_targets = fp_targets
         self.overrides = overrides
@@ -47,6 +49,7 @@ class Run:
         self.device, self.offload = device, offload
         self.act_order, self.metric_search, self.damp, self.seed = act_order, metric_search, damp, seed
         self.refine_passes = refine_passes
+        self.tune_epochs, self.tune_lr = tune_epochs, tune_lr  # tune.tune_pending between a block's groups
         self.layers: nn.ModuleList | None = None
         self.chunks: list[torch.Tensor] | None = None  # calibration token ids, one tensor per forward
         self.resume: Resume | None = None
@@ -135,7 +138,8 @@ def finish(run: Run, seconds: float) -> None:
     run.write_log()
     if m.kind == "pvq":
         calib = (dict(run.log["calibration"], metric_search=run.metric_search, refine_passes=run.refine_passes,
-                      fp_targets=run.fp_targets) if m.hessian else None)
+                      fp_targets=run.fp_targets, tune_epochs=run.tune_epochs,
+                      **({"tune_lr": run.tune_lr} if run.tune_epochs else {})) if m.hessian else None)
         run.model.config.quantization_config = model_quantization_config(
             run.model, calibration=calib, damp=run.log["damp"], act_order=run.act_order, method=m.name)
         make_save_pretrained_atomic(run.model)  # model.save_pretrained works right away, as save_quantized

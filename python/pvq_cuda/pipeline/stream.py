@@ -4,6 +4,7 @@ runs on copies of one model that share the fp model's pass."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from .generic import generic_block
 from .groups import block_structure, call_order_groups
 from .llama import LlamaFlow, staged_block
 from .run import Run, block_to, decoded_cache, finish
+from .tune import tune_pending
 
 
 def fp_block_pass(block: nn.Module, fp_hidden: list[torch.Tensor], extra, dev, store):
@@ -80,6 +82,8 @@ def lockstep(runs: list[Run]) -> None:
                 t = time.perf_counter()
                 check_copies(i, [s.layers[i] for s in streams])
                 fp_inputs = lead.fp_pass(i)
+                for s in streams[1:]:
+                    s.fp_hidden = lead.fp_hidden  # the fp block's outputs: the others' tuning targets
                 shared += time.perf_counter() - t
                 for k, s in enumerate(streams):
                     t = time.perf_counter()
@@ -234,10 +238,12 @@ class Stream:
         entries_from = len(run.log["layers"])
         plan = self.plan(i)
         forward = lambda c: self.forward(i, c)  # noqa: E731
+        after_group = self.tuner(i, entries_from) if run.tune_epochs else (lambda: None)
         if plan.staged:
-            self.hidden = staged_block(run, block, prefix, i, self.hidden, forward, fp_inputs, self.store)
+            self.hidden = staged_block(run, block, prefix, i, self.hidden, forward, fp_inputs, self.store,
+                                       after_group)
         else:
-            generic_block(run, block, prefix, i, len(self.chunks), forward, fp_inputs, plan.groups)
+            generic_block(run, block, prefix, i, len(self.chunks), forward, fp_inputs, plan.groups, after_group)
             self.hidden = self.outputs(i)
         for e in run.log["layers"][entries_from:]:
             e["path"] = "staged" if plan.staged else "generic"
@@ -247,6 +253,30 @@ class Stream:
             run.resume.save_activations(i, self.hidden, self.fp_hidden)
         block_to(block, run, "cpu")
         run.write_log()
+
+
+    def tuner(self, i: int, entries_from: int) -> Callable[[], None]:
+        """What runs after each group of block ``i`` (still unquantized) is quantized: its linears not
+        yet quantized, those kept in full precision aside, trained toward the block's target
+        outputs (tune.tune_pending): the unquantized block's outputs on the fp stream with fp
+        targets (:meth:`fp_pass` has moved it past the block), else its outputs on its own inputs
+        now. Each group's losses before and after go to the log (``tune``)."""
+        run, block, prefix = self.run, self.layers[i], f"model.layers.{i}."
+        targets = list(self.fp_hidden) if self.fp_hidden is not None else self.outputs(i)
+        names = [n for n in linears(block) if run.ignore is None or not run.ignore.search(prefix + n)]
+
+        def after_group() -> None:
+            done = {e["name"] for e in run.log["layers"][entries_from:]}
+            pending = [n for n in names if prefix + n not in done]
+            t0 = time.perf_counter()
+            losses = tune_pending(block, pending, lambda c: self.forward(i, c), targets, epochs=run.tune_epochs,
+                                  lr=run.tune_lr)
+            if losses is not None:
+                run.log.setdefault("tune", []).append({"block": i, "trained": pending, "loss_before": losses[0],
+                                                       "loss_after": losses[1],
+                                                       "seconds": time.perf_counter() - t0})
+
+        return after_group
 
 
 def run_pipeline(run: Run) -> None:
