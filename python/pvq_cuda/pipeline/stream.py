@@ -254,7 +254,6 @@ class Stream:
         block_to(block, run, "cpu")
         run.write_log()
 
-
     def tuner(self, i: int, entries_from: int) -> Callable[[], None]:
         """What runs after each group of block ``i`` (still unquantized) is quantized: its linears not
         yet quantized, those kept in full precision aside, trained toward the block's target
