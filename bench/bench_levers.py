@@ -5,7 +5,7 @@ Each run copies the fp32 model, quantizes it with ``quantize_model`` under one s
 held-out perplexity on every evaluation text (default: the five text domains; calibration: the
 Jargon File, 32 x 512 tokens, seed 0, as ``pvq-cuda quantize``). A setting is ``D,K,gain_bits``
 followed by any of ``ao`` (act-order), ``ms`` (metric search), ``fp`` (fp targets),
-``refine=<passes>``, ``seed=<rotation seed>``, ``damp=<lambda>``, ``n=<calibration windows>``,
+``refine=<passes>``, ``tune=<epochs>`` (tuning within blocks), ``seed=<rotation seed>``, ``damp=<lambda>``, ``n=<calibration windows>``,
 ``calib=<text>+<text>...`` (calibration texts, a mix drawn as ``pvq-cuda quantize --calib`` draws
 it; default ``--calib``):
 
@@ -58,6 +58,8 @@ def parse_setting(text: str) -> tuple[PVQConfig, dict]:
             kwargs["damp"] = float(flag[5:])
         elif flag.startswith("refine="):
             kwargs["refine_passes"] = int(flag[7:])
+        elif flag.startswith("tune="):
+            kwargs["tune_epochs"] = int(flag[5:])
         elif flag.startswith("n="):
             kwargs["nsamples"] = int(flag[2:])
         elif flag.startswith("calib="):
@@ -91,7 +93,7 @@ def _fmt(ratio: float, se: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("settings", nargs="+",
-                        help="D,K,gain_bits[,ao][,ms][,fp][,refine=N][,seed=S][,damp=L][,n=WINDOWS]"
+                        help="D,K,gain_bits[,ao][,ms][,fp][,refine=N][,tune=E][,seed=S][,damp=L][,n=WINDOWS]"
                              "[,calib=TEXT+TEXT]; the first is the reference")
     parser.add_argument("--calib", default=CALIBRATION_DOMAIN, help="calibration texts (as pvq-cuda quantize)")
     parser.add_argument("--eval", default=",".join(EVALUATION_DOMAINS), help="evaluation texts")
