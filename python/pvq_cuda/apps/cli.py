@@ -118,7 +118,8 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
                         "then quantize them from the trained weights (QuIP#'s tuning within a block; Hessian "
                         "methods; default 0: none)")
     p.add_argument("--tune-lr", type=_positive_float, default=TUNE_LR, metavar="LR",
-                   help=f"Adam's learning rate for --tune-epochs, relative to each layer's weight RMS (default {TUNE_LR:g})")
+                   help=f"Adam's learning rate for --tune-epochs, relative to each layer's weight RMS "
+                        f"(default {TUNE_LR:g})")
     p.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize each layer toward the unquantized model's outputs (asymmetric calibration; "
                         "one more forward per block; any Hessian method). Default: per method, as measured on "

@@ -95,10 +95,13 @@ def quantize_model(model: nn.Module, calibration=None, config: PVQConfig | str |
             model's activations beside the quantized ones. Any method with a Hessian.
         tune_epochs: methods with a Hessian: after each group of a block is quantized, train the
             block's linears not yet quantized (their weights and biases; layers kept by ``ignore``
-            never) for this many passes over the calibration chunks, Adam, one step a chunk, so that the block's outputs match its outputs before quantization (with
-            ``fp_targets``: the unquantized model's); the later groups are then quantized from the
-            trained weights (QuIP#'s fine-tuning within a block, :mod:`pvq_cuda.pipeline.tune`).
-            0 (default): none. Each group's losses are in the log (``tune``).
+            never) for this many passes over the calibration chunks, Adam, one step a chunk, so
+            that the block's outputs match its outputs before quantization (with ``fp_targets``:
+            the unquantized model's), keeping the best epoch's weights; the later groups are then
+            quantized from the trained weights (QuIP#'s fine-tuning within a block,
+            :mod:`pvq_cuda.pipeline.tune`). 0 (default): none. Each group's losses are in the log
+            (``tune``). On SmolLM2-135M it helps at 2.25 bpw (~3 % perplexity out of domain) and
+            only fits the calibration text at 3.25 (README).
         tune_lr: Adam's learning rate for ``tune_epochs``, relative to each layer's weight RMS
             (a step moves a weight by at most about ``tune_lr`` · RMS).
         resume_dir: save each finished block there and skip finished blocks on a rerun with the
