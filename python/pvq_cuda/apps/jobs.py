@@ -21,7 +21,6 @@ import torch
 
 from ..format.config import DEFAULT_PRESET, PRESETS
 from ..pipeline import PER_RUN_OPTIONS, quantize_model, quantize_models, uses_fp_targets
-from ..pipeline.tune import TUNE_LR
 from ..quantization.methods import parse_method
 from .corpus import leading_bos, make_domain_windows, read_source, tokenize_all
 from .domains import CALIBRATION_DOMAIN, DOMAINS, EVALUATION_DOMAINS
@@ -218,7 +217,7 @@ def _run_options(job: Job, method: str, preset: str | None, log_path: Path | Non
                 ignore=args.ignore, device=job.device, act_config=act,
                 offload=args.offload, act_order=args.act_order, metric_search=args.metric_search and m.kind == "pvq",
                 refine_passes=args.refine_passes, fp_targets=fp_targets_for(method, args.fp_targets),
-                tune_epochs=getattr(args, "tune_epochs", 0), tune_lr=getattr(args, "tune_lr", TUNE_LR),
+                tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
                 progress=not args.no_progress,
                 batch_size=args.batch_size, seed=args.seed, log_path=log_path,
                 calibration_info=job.data_info if m.hessian else None)

@@ -38,6 +38,7 @@ from ..layers.linear import PVQLinear
 from ..ops import dequantize_packed, hadamard_transform
 from .capture import block_inputs, first
 from .run import progress_bar
+from .tune import relative_error
 
 STEP_WINDOWS = 4  # calibration windows per optimizer step (finetune_scales' batch_size)
 LEARNING_RATE = 1e-3  # Adam's, on the log-factors: each moves by at most about 0.1 % a step
@@ -245,8 +246,7 @@ def _finetune_blocks(model: nn.Module, reference: nn.Module, windows: torch.Tens
                 total = 0.0
                 for c, h in enumerate(q_in):
                     set_norms()
-                    t = targets[c]
-                    loss = (run(q_block, h, c) - t).square().mean() / t.square().mean().clamp_min(1e-30)
+                    loss = relative_error(run(q_block, h, c), targets[c])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -13,7 +13,7 @@ from torch import nn
 from ..layers.decoder import linears
 from .capture import block_inputs, first, to_device
 from .generic import generic_block
-from .groups import block_structure, call_order_groups
+from .groups import block_structure, call_order_groups, kept
 from .llama import LlamaFlow, staged_block
 from .run import Run, block_to, decoded_cache, finish
 from .tune import tune_pending
@@ -262,7 +262,7 @@ class Stream:
         now. Each group's losses before and after go to the log (``tune``)."""
         run, block, prefix = self.run, self.layers[i], f"model.layers.{i}."
         targets = list(self.fp_hidden) if self.fp_hidden is not None else self.outputs(i)
-        names = [n for n in linears(block) if run.ignore is None or not run.ignore.search(prefix + n)]
+        names = kept(linears(block), prefix, run.ignore)
 
         def after_group() -> None:
             done = {e["name"] for e in run.log["layers"][entries_from:]}

@@ -39,6 +39,8 @@ TUNE_LR = 1.5e-3
 
 
 def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """‖out − target‖² / ‖target‖², in float32: the loss of both block-wise trainings (this one
+    and finetune_scales' block stage)."""
     out, target = out.float(), target.float()
     return (out - target).square().mean() / target.square().mean().clamp_min(1e-30)
 
