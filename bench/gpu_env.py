@@ -72,7 +72,20 @@ def gate(rehearsal: bool) -> int:
     if not torch.equal(got, pvq_cuda.decode(index, 8, 16)):
         print(f"GATE FAILED: decode on {device} differs from the CPU's")
         return 1
-    print(f"gate passed: decode on {device} equals the CPU's")
+    # The error path, which formats numbers: a _C that carried its own libstdc++ (the first H200
+    # run's toolchain linked it statically; CMakeLists.txt says why) segfaulted here and in every
+    # test that checks a message, so stop before the steps rather than crash inside each of them.
+    bad = torch.tensor([3, -5])
+    try:
+        pvq_cuda.decode(bad.to(device), 8, 16)
+    except ValueError as err:
+        if "element 1 (flattened) is -5" not in str(err):
+            print(f"GATE FAILED: a bad index on {device} raised a garbled message: {err}")
+            return 1
+    else:
+        print(f"GATE FAILED: a bad index on {device} raised nothing")
+        return 1
+    print(f"gate passed: decode on {device} equals the CPU's, and a bad index raises the CPU path's error")
     return 0
 
 

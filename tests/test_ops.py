@@ -48,3 +48,35 @@ def test_exported_names():
     for name in ("pyramid_size", "search", "encode", "decode", "cuda_built"):
         assert callable(getattr(pvq_cuda, name))
     assert isinstance(pvq_cuda.cuda_built(), bool)
+
+
+def _elf_needed(path):
+    """The DT_NEEDED names of a 64-bit little-endian ELF shared object (its dynamic section)."""
+    import struct
+
+    data = open(path, "rb").read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, f"{path}: not a 64-bit little-endian ELF"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    dynamic = next(s for s in sections if s[1] == 6)  # SHT_DYNAMIC
+    strtab = sections[dynamic[6]]  # sh_link: the dynamic string table
+    names = []
+    for off in range(dynamic[4], dynamic[4] + dynamic[5], 16):
+        tag, val = struct.unpack_from("<qQ", data, off)
+        if tag == 1:  # DT_NEEDED
+            start = strtab[4] + val
+            names.append(data[start:data.index(b"\0", start)].decode())
+    return names
+
+
+def test_extension_links_the_shared_libstdcxx():
+    """_C uses the libstdc++ that torch loads. A toolchain that links it statically (the H200
+    image's did) gave _C a private copy that crashed writing numbers into error messages; the
+    link line in CMakeLists.txt names the shared one first, and this checks that it took."""
+    from pvq_cuda.ops import _C
+
+    needed = _elf_needed(_C.__file__)
+    assert any(name.startswith("libstdc++.so") for name in needed), f"{_C.__file__} needs only {needed}"
+    with pytest.raises(ValueError, match=r"element 1 \(flattened\) is -5$"):
+        pvq_cuda.decode(torch.tensor([3, -5]), 8, 16)
