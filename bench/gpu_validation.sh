@@ -48,6 +48,10 @@
 #   sanitizer-racecheck     30       90   racecheck on 7 shared-memory kernel tests, with time to spare
 #   summary                  1        -
 #   total                  ~440 of 480 (the build, the least certain, is budgeted high)
+# Measured on an H200 (2026-12-04, bench/results/NVIDIA_H200-2026-12-04/): environment 7 s, build
+# 55, gate 11, bench-matmul 14, bench-hadamard 13, bench-hessian 8, quantize 23 + 23; the codec
+# bench, tests and memcheck crashed early (a libstdc++ link bug, since fixed) and racecheck used
+# its whole 90 s, so their times are still predictions.
 #
 # Results (at most 8 files; names of letters, digits, '.', '_', '-'): environment.txt, build.log,
 # tests.log, sanitizer.log, bench.md (every bench step's output), quantize.md, results.json (one
