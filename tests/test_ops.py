@@ -52,9 +52,10 @@ def test_exported_names():
 
 def _elf_needed(path):
     """The DT_NEEDED names of a 64-bit little-endian ELF shared object (its dynamic section)."""
+    import pathlib
     import struct
 
-    data = open(path, "rb").read()
+    data = pathlib.Path(path).read_bytes()
     assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, f"{path}: not a 64-bit little-endian ELF"
     shoff, = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
