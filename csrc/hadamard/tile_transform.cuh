@@ -29,8 +29,9 @@ constexpr int kTileTarget = kThreads * kWindow;  // elements per tile: one windo
 // Element i of a tile sits at smem[padded(i)]: one pad word per 32 (bank-conflict argument in hadamard.cu).
 __device__ __forceinline__ int padded(int i) { return i + (i >> 5); }
 
-// Words of shared memory for a tile of cnt elements: padded(cnt - 1) + 1.
-constexpr int64_t tile_words(int64_t cnt) { return cnt + (cnt - 1) / 32; }
+// Words of shared memory for a tile of cnt elements: padded(cnt - 1) + 1. Host and device: the
+// activation encoder sizes its shared memory with it in the launcher and in the kernel.
+__host__ __device__ constexpr int64_t tile_words(int64_t cnt) { return cnt + (cnt - 1) / 32; }
 
 // Register conversions and 16-byte vector (un)packing per dtype; kLogVec = log2(elements per vector).
 template <typename T>
