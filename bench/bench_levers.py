@@ -5,9 +5,9 @@ Each run copies the fp32 model, quantizes it with ``quantize_model`` under one s
 held-out perplexity on every evaluation text (default: the five text domains; calibration: the
 Jargon File, 32 x 512 tokens, seed 0, as ``pvq-cuda quantize``). A setting is ``D,K,gain_bits``
 followed by any of ``ao`` (act-order), ``ms`` (metric search), ``fp`` (fp targets),
-``refine=<passes>``, ``tune=<epochs>`` (tuning within blocks), ``seed=<rotation seed>``, ``damp=<lambda>``, ``n=<calibration windows>``,
-``calib=<text>+<text>...`` (calibration texts, a mix drawn as ``pvq-cuda quantize --calib`` draws
-it; default ``--calib``):
+``refine=<passes>``, ``tune=<epochs>`` (tuning within blocks), ``seed=<rotation seed>``,
+``damp=<lambda>``, ``n=<calibration windows>``, ``calib=<text>+<text>...`` (calibration texts, a mix
+drawn as ``pvq-cuda quantize --calib`` draws it; default ``--calib``):
 
     python bench/bench_levers.py 16,30,2,fp 16,30,2 16,30,2,fp,n=64 8,16,2,fp --out levers.md
     python bench/bench_levers.py 16,30,2 16,30,2,calib=jargon+python-docs --out levers-mix.md
