@@ -196,6 +196,23 @@ def test_quantize_finetune_lr_and_windows(tiny, capsys, monkeypatch):
         assert f"argument {option}: {says}" in capsys.readouterr().err
 
 
+def test_quantize_finetune_head(tiny, capsys):
+    """--finetune-head: the output head is trained too, said in the row and the log, and saved."""
+    import pvq_cuda
+    from pvq_cuda.apps.loading import load_model
+
+    out = tiny / "out-ft-head"
+    captured = finetune_tiny(tiny, capsys, out, "--finetune-head")
+    assert "PVQ pvq-2.25 Hessian-aware + finetuned scales (2 steps, output head too)" in captured.out
+    assert "finetuning row scales, gain levels, norms and the output head" in captured.err
+    log = json.loads((out / "quantization_log.json").read_text())
+    ft = log["runs"]["pvq:pvq-2.25"]["finetune"]
+    assert ft["head"] is True
+    saved = pvq_cuda.load_quantized(out).get_output_embeddings().weight
+    original = load_model(str(tiny / "model"), quiet=True).model.get_output_embeddings().weight
+    assert saved.shape == original.shape and not torch.equal(saved, original)
+
+
 def test_quantize_finetune_on_generated_windows(tiny, capsys, monkeypatch):
     """--finetune-data generated: the windows trained on are the unquantized model's own samples,
     as many as --finetune would draw from the text, each starting with a drawn window's first token."""

@@ -69,10 +69,43 @@ def test_without_norms_only_the_packed_scales_change():
     assert changed and all(k.endswith(("row_scale", "levels")) for k in changed)
 
 
-def test_an_error_leaves_the_model_as_it_came():
+def test_head_trains_the_tied_embedding_as_one_tensor(tmp_path):
+    """head=True: the output head's weight is trained too; with tied embeddings the input
+    embedding is that same tensor, so it changes with the head and the two stay one parameter.
+    The KL it reports is what the model then computes, and more freedom fits the training
+    windows at least as well as the scales alone."""
+    model, reference = quantized_pair(8)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tiny_model ties them
+    twin = copy.deepcopy(model)
+    before = packed_state(model)
+    calib = random_ids(10, 32, seed=15)
+    log = pvq_cuda.finetune_scales(model, reference, calib, steps=30, lr=1e-2, batch_size=4, held_out=2, head=True,
+                                   progress=False)
+    plain = pvq_cuda.finetune_scales(twin, reference, calib, steps=30, lr=1e-2, batch_size=4, held_out=2,
+                                     progress=False)
+    head = model.get_output_embeddings().weight
+    assert head is model.get_input_embeddings().weight and isinstance(head, torch.nn.Parameter)
+    assert not torch.equal(head, before["lm_head.weight"])
+    assert torch.equal(twin.get_output_embeddings().weight, before["lm_head.weight"])  # without head: untouched
+    assert log["trained_parameters"] == plain["trained_parameters"] + head.numel()
+    assert log["kl_train_last"] < plain["kl_train_last"]
+    after = model.state_dict()
+    for name in pvq_layers(model):
+        assert torch.equal(after[f"{name}.codes"], before[f"{name}.codes"])
+    ids = calib[-2:]
+    kl = torch.nn.functional.kl_div(torch.log_softmax(logits(model, ids), -1), torch.log_softmax(logits(reference, ids), -1),
+                                    log_target=True, reduction="none").sum(-1).mean()
+    assert float(kl) == pytest.approx(log["kl_held_out_after"], rel=1e-3)
+    loaded = pvq_cuda.load_quantized(pvq_cuda.save_quantized(model, tmp_path / "ft-head"))
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_an_error_leaves_the_model_as_it_came(head):
     model, reference = quantized_pair(2)
     before = packed_state(model)
     norm_params = {n: p for n, p in model.named_parameters() if "norm" in n}
+    embedding = model.get_input_embeddings().weight
     calls = 0
 
     def failing_forward(*args, **kwargs):
@@ -86,10 +119,12 @@ def test_an_error_leaves_the_model_as_it_came():
     original = reference.lm_head.forward
     reference.lm_head.forward = failing_forward
     with pytest.raises(RuntimeError, match="teacher failed"):
-        pvq_cuda.finetune_scales(model, reference, random_ids(4, 16, seed=3), steps=5, lr=1e-2, progress=False)
+        pvq_cuda.finetune_scales(model, reference, random_ids(4, 16, seed=3), steps=5, lr=1e-2, head=head,
+                                 progress=False)
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert all(dict(model.named_parameters())[n] is p for n, p in norm_params.items())
+    assert model.get_input_embeddings().weight is embedding and model.get_output_embeddings().weight is embedding
     assert len(pvq_layers(model)) == 14  # the packed layers are back in place
 
 
@@ -182,6 +217,10 @@ def test_bad_input():
         pvq_cuda.finetune_scales(model, reference, calib, steps=0)
     with pytest.raises(ValueError, match="block_epochs must be an int >= 0"):
         pvq_cuda.finetune_scales(model, reference, calib, block_epochs=-1)
+    with pytest.raises(ValueError, match=r"head must be a bool, and True only with steps > 0"):
+        pvq_cuda.finetune_scales(model, reference, calib, steps=0, block_epochs=1, head=True)
+    with pytest.raises(ValueError, match=r"head must be a bool"):
+        pvq_cuda.finetune_scales(model, reference, calib, head="yes")
     with pytest.raises(ValueError, match="lr must be a positive number"):
         pvq_cuda.finetune_scales(model, reference, calib, lr=float("nan"))
     with pytest.raises(ValueError, match=r"held_out must be an int in \[0, 3\]"):

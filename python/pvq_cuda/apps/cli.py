@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--finetune-lr", type=_positive_float, default=LEARNING_RATE, metavar="LR",
                    help="Adam's learning rate on the log-factors for --finetune and --finetune-blocks "
                         f"(default {LEARNING_RATE:g}: each factor moves by at most about 0.1%% a step)")
+    q.add_argument("--finetune-head", action="store_true",
+                   help="with --finetune, also train the output head's weight (tied to the input embedding where "
+                        "the model ties them) as elementwise factors, as AQLM trains its unquantized parameters "
+                        "(README, fine-tuning)")
     q.add_argument("--baselines", default=",".join(jobs.QUANTIZE_BASELINES),
                    help="comma-separated baseline methods to run beside it, or 'none' "
                         f"(default {','.join(jobs.QUANTIZE_BASELINES)})")

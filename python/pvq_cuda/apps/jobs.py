@@ -406,12 +406,14 @@ def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: d
         _say(f"pvq-cuda: sampled in {sampling_seconds:.0f} s")
     held_out = max(1, windows.shape[0] // 8) if windows.shape[0] > 1 else 0
     lr = getattr(job.args, "finetune_lr", LEARNING_RATE)
+    head = getattr(job.args, "finetune_head", False)
     what = ", ".join(([f"{block_epochs} block epoch{'s' * (block_epochs != 1)}"] if block_epochs else [])
                      + ([f"{steps} step{'s' * (steps != 1)}"] if steps else [])
                      + ([f"lr {lr:g}"] if lr != LEARNING_RATE else [])
-                     + (["on the model's own samples"] if generated else []))
-    _say(f"pvq-cuda: finetuning row scales, gain levels and norms ({what})")
-    ft = finetune_scales(model, job.lm.model, windows, steps=steps, held_out=held_out,
+                     + (["on the model's own samples"] if generated else [])
+                     + (["output head too"] if head else []))
+    _say(f"pvq-cuda: finetuning row scales, gain levels, norms{' and the output head' if head else ''} ({what})")
+    ft = finetune_scales(model, job.lm.model, windows, steps=steps, held_out=held_out, head=head,
                          block_epochs=block_epochs, lr=lr, progress=not job.args.no_progress)
     if held_out:
         both = bool(block_epochs and steps)
@@ -422,7 +424,7 @@ def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: d
              f"{' (before, after the blocks, after)' if both else ''}, {ft['seconds']:.0f} s")
     else:
         _say(f"pvq-cuda: finetune: {ft['seconds']:.0f} s")
-    log["finetune"] = dict(ft, windows=windows.shape[0], held_out=held_out, data=data,
+    log["finetune"] = dict(ft, windows=windows.shape[0], held_out=held_out, data=data, head=head,
                            **({"sampling_seconds": sampling_seconds} if generated else {}))
     log = dict(log, seconds=log["seconds"] + ft["seconds"] + sampling_seconds)
     row = _row(job, method, preset, model, log, fp32)

@@ -2,11 +2,13 @@
 unquantized original, the codes fixed (issue 18.4).
 
 What is trained: each PVQLinear's row scales and gain levels, and the model's normalisation
-weights (every module whose class name ends in ``RMSNorm`` or ``LayerNorm``). Each is trained as a
-multiplicative factor ``exp(t)``, ``t`` starting at 0, so one learning rate fits parameters of any
-magnitude and a row scale never changes sign. The loss is the KL divergence of the quantized
-model's next-token distribution from the original's, over the calibration tokens (the teacher
-runs beside it, no labels needed).
+weights (every module whose class name ends in ``RMSNorm`` or ``LayerNorm``); with ``head`` also
+the output head's weight, element by element (the one unquantized matrix whose error reaches the
+logits directly; AQLM trains its unquantized parameters too). Each is trained as a multiplicative
+factor ``exp(t)``, ``t`` starting at 0, so one learning rate fits parameters of any magnitude and a
+row scale never changes sign. The loss is the KL divergence of the quantized model's next-token
+distribution from the original's, over the calibration tokens (the teacher runs beside it, no
+labels needed).
 
 Two stages, as QuIP# and AQLM fine-tune: first block by block (``block_epochs``), each decoder
 block's factors trained so that the block, fed the quantized model's own activations, reproduces
@@ -93,14 +95,32 @@ class _ScaledDirections(nn.Module):
         layer.disable_decoded_cache()
 
 
-def _norms(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    out = []
+def _factor_targets(model: nn.Module, norms: bool,
+                    head: bool) -> list[tuple[nn.Parameter, list[tuple[nn.Module, str]]]]:
+    """The dense parameters trained as elementwise factors: each norm module's weight (with
+    ``norms``: every module whose class name ends in ``RMSNorm`` or ``LayerNorm``) and the output
+    head's weight (with ``head``). Each comes with every (module, attribute) that holds it, so a
+    head tied to the input embedding is swapped in both places and trains as the one tensor it is."""
+    chosen: list[nn.Parameter] = []
+    if norms:
+        for mod in model.modules():
+            name = type(mod).__name__
+            w = getattr(mod, "weight", None)
+            if (name.endswith("RMSNorm") or name.endswith("LayerNorm")) and isinstance(w, nn.Parameter):
+                chosen.append(w)
+    if head:
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        w = getattr(out, "weight", None)
+        if not isinstance(w, nn.Parameter):
+            raise ValueError("finetune_scales: head=True needs a model whose get_output_embeddings() has a weight")
+        chosen.append(w)
+    sites: dict[int, list[tuple[nn.Module, str]]] = {id(p): [] for p in chosen}
     for mod in model.modules():
-        name = type(mod).__name__
-        if (name.endswith("RMSNorm") or name.endswith("LayerNorm")) and isinstance(getattr(mod, "weight", None),
-                                                                                  nn.Parameter):
-            out.append((mod, "weight"))
-    return out
+        for attr, p in mod._parameters.items():
+            if p is not None and id(p) in sites:
+                sites[id(p)].append((mod, attr))
+    unique = list({id(p): p for p in chosen}.values())
+    return [(p, sites[id(p)]) for p in unique]
 
 
 def _swap(model: nn.Module, old_to_new: dict[int, nn.Module]) -> None:
@@ -211,7 +231,7 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
-def _finetune_blocks(model: nn.Module, reference: nn.Module, windows: torch.Tensor, params_of, set_norms, *,
+def _finetune_blocks(model: nn.Module, reference: nn.Module, windows: torch.Tensor, params_of, set_factors, *,
                      epochs: int, lr: float, batch_size: int, device, bar) -> list[tuple[float, float]]:
     """The block-by-block stage: for each decoder block in order, ``epochs`` passes of Adam over
     the windows (``batch_size`` a step) on the relative squared error between the block's output on
@@ -224,7 +244,7 @@ def _finetune_blocks(model: nn.Module, reference: nn.Module, windows: torch.Tens
                          f"{len(r_layers)}: the reference must be the same model unquantized")
     chunks = [windows[i:i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
     with torch.no_grad():
-        set_norms()
+        set_factors()
         caught = [block_inputs(model, q_layers, c) for c in chunks]
         q_in = [h for h, _ in caught]
         extras = [e for _, e in caught]  # each block's other arguments (masks, rotary embeddings) per chunk
@@ -245,7 +265,7 @@ def _finetune_blocks(model: nn.Module, reference: nn.Module, windows: torch.Tens
             for _ in range(epochs):
                 total = 0.0
                 for c, h in enumerate(q_in):
-                    set_norms()
+                    set_factors()
                     loss = relative_error(run(q_block, h, c), targets[c])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -254,7 +274,7 @@ def _finetune_blocks(model: nn.Module, reference: nn.Module, windows: torch.Tens
                 per_epoch.append(total / len(q_in))
         losses.append((per_epoch[0], per_epoch[-1]) if per_epoch else (float("nan"), float("nan")))
         with torch.no_grad():
-            set_norms()
+            set_factors()
             q_in = [run(q_block, h, c) for c, h in enumerate(q_in)]
         r_in = targets
         if bar is not None:
@@ -264,8 +284,8 @@ def _finetune_blocks(model: nn.Module, reference: nn.Module, windows: torch.Tens
 
 
 def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.Tensor, *, steps: int = 100,
-                    lr: float = LEARNING_RATE, batch_size: int = STEP_WINDOWS, norms: bool = True, held_out: int = 0,
-                    block_epochs: int = 0, progress: bool = True) -> dict:
+                    lr: float = LEARNING_RATE, batch_size: int = STEP_WINDOWS, norms: bool = True, head: bool = False,
+                    held_out: int = 0, block_epochs: int = 0, progress: bool = True) -> dict:
     """Train the row scales and gain levels of ``model``'s PVQ layers (and its norm weights, with
     ``norms``) toward ``reference``, the same model unquantized; the codes stay. In place.
 
@@ -280,6 +300,9 @@ def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.T
         block_epochs: passes over the training windows per decoder block in the block-by-block
             stage before the end-to-end one (0: none). Needs a causal LM whose blocks are
             ``model.model.layers``.
+        head: also train the output head's weight (``get_output_embeddings()``; with tied
+            embeddings the input embedding is the same tensor and changes with it), elementwise, as
+            log-factors like the rest, in the end-to-end steps only (a block has no head).
 
     Returns:
         ``{"steps", "seconds", "trained_parameters", "kl_train_first", "kl_train_last",
@@ -294,6 +317,9 @@ def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.T
         raise ValueError(f"finetune_scales: block_epochs must be an int >= 0, got {block_epochs!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < (0 if block_epochs else 1):
         raise ValueError(f"finetune_scales: steps must be a positive int (or 0 with block_epochs), got {steps!r}")
+    if not isinstance(head, bool) or (head and not steps):
+        raise ValueError(f"finetune_scales: head must be a bool, and True only with steps > 0 (the block stage "
+                         f"trains no head), got head={head!r}, steps={steps!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"finetune_scales: lr must be a positive number, got {lr!r}")
     if not isinstance(held_out, int) or not 0 <= held_out < calibration.shape[0]:
@@ -310,10 +336,9 @@ def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.T
     n_train = calibration.shape[0] - held_out
 
     twins = {id(m): _ScaledDirections(m) for m in layers}
-    norm_params = _norms(model) if norms else []
-    norm_orig = [getattr(m, a) for m, a in norm_params]
-    norm0 = [p.detach().clone() for p in norm_orig]
-    norm_logs = [nn.Parameter(torch.zeros_like(w, dtype=torch.float32)) for w in norm0]
+    dense = _factor_targets(model, norms, head)  # [(parameter, the (module, attribute) pairs holding it)]
+    dense0 = [p.detach().clone() for p, _ in dense]
+    dense_logs = [nn.Parameter(torch.zeros_like(w, dtype=torch.float32)) for w in dense0]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     done = False
     _swap(model, twins)
@@ -321,16 +346,18 @@ def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.T
         for p, _ in frozen:
             p.requires_grad_(False)
 
-        def set_norms() -> None:
-            for (mod, attr), w0, t in zip(norm_params, norm0, norm_logs):
-                delattr(mod, attr)
-                setattr(mod, attr, (w0.float() * t.exp()).to(w0.dtype))  # a tensor for this forward
+        def set_factors() -> None:
+            for (_, sites), w0, t in zip(dense, dense0, dense_logs):
+                value = (w0.float() * t.exp()).to(w0.dtype)  # a tensor for this forward
+                for mod, attr in sites:
+                    delattr(mod, attr)
+                    setattr(mod, attr, value)
 
         teacher = _Teacher(reference, calibration, device)
 
         def kl_on(rows: list[int]) -> torch.Tensor:
             target = teacher.logits(rows)
-            set_norms()
+            set_factors()
             return _kl(model(input_ids=calibration[rows].to(device)).logits, target)
 
         def held_out_kl() -> float | None:
@@ -348,7 +375,7 @@ def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.T
         before = held_out_kl()
         block_losses, block_seconds, after_blocks = [], 0.0, None
         if block_epochs:
-            log_of = {id(mod): t for (mod, _), t in zip(norm_params, norm_logs)}
+            log_of = {id(mod): t for (_, sites), t in zip(dense, dense_logs) for mod, _ in sites}
 
             def params_of(block: nn.Module) -> list[nn.Parameter]:
                 mods = list(block.modules())
@@ -356,13 +383,13 @@ def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.T
                         + [log_of[id(m)] for m in mods if id(m) in log_of])
 
             tb = time.perf_counter()
-            block_losses = _finetune_blocks(model, reference, calibration[:n_train], params_of, set_norms,
+            block_losses = _finetune_blocks(model, reference, calibration[:n_train], params_of, set_factors,
                                             epochs=block_epochs, lr=lr, batch_size=batch_size, device=device, bar=bar)
             block_seconds = time.perf_counter() - tb
             after_blocks = held_out_kl()
         losses = []
         if steps:
-            params = [p for t in twins.values() for p in (t.log_row, t.log_levels)] + norm_logs
+            params = [p for t in twins.values() for p in (t.log_row, t.log_levels)] + dense_logs
             opt = torch.optim.Adam(params, lr=lr)
             for step in range(steps):
                 start = (step * batch_size) % n_train
@@ -381,17 +408,18 @@ def finetune_scales(model: nn.Module, reference: nn.Module, calibration: torch.T
     finally:
         # Trained values on success; on any error the model is left exactly as it came.
         _swap(model, {id(t): t.layer for t in twins.values()})
-        for (mod, attr), orig, w0, t in zip(norm_params, norm_orig, norm0, norm_logs):
-            if attr not in mod._parameters:  # a plain tensor from the last forward
-                delattr(mod, attr)
-                mod.register_parameter(attr, orig)
+        for (orig, sites), w0, t in zip(dense, dense0, dense_logs):
+            for mod, attr in sites:
+                if attr not in mod._parameters:  # a plain tensor from the last forward
+                    delattr(mod, attr)
+                    mod.register_parameter(attr, orig)
             if done:
                 orig.data.copy_((w0.float() * t.detach().exp()).to(w0.dtype))
         for p, rg in frozen:
             p.requires_grad_(rg)
     for t in twins.values():
         t.write_back()
-    trained = sum(t.log_row.numel() + t.log_levels.numel() for t in twins.values()) + sum(w.numel() for w in norm0)
+    trained = sum(t.log_row.numel() + t.log_levels.numel() for t in twins.values()) + sum(w.numel() for w in dense0)
     return {"steps": steps, "lr": lr, "batch_size": batch_size, "norms": norms, "seconds": time.perf_counter() - t0,
             "trained_parameters": trained, "kl_train_first": losses[0] if losses else None,
             "kl_train_last": losses[-1] if losses else None, "kl_held_out_before": before,
