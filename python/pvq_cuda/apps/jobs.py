@@ -390,8 +390,9 @@ def cmd_quantize(args) -> int:
 def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: dict, steps: int,
                    block_epochs: int = 0) -> Row:
     """--finetune / --finetune-blocks: train ``model``'s row scales, gain levels and norm weights
-    toward the fp32 model on the calibration windows (the last eighth held out to watch), block by
-    block and then end to end, then evaluate it again."""
+    (and its output head, with --finetune-head) toward the fp32 model on the calibration windows
+    (the last eighth held out to watch), block by block and then end to end, then evaluate it
+    again."""
     from ..pipeline.finetune import LEARNING_RATE, finetune_scales, sample_windows
 
     windows = job.calibration if job.finetune is None else job.finetune
