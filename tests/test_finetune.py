@@ -72,8 +72,8 @@ def test_without_norms_only_the_packed_scales_change():
 def test_head_trains_the_tied_embedding_as_one_tensor(tmp_path):
     """head=True: the output head's weight is trained too; with tied embeddings the input
     embedding is that same tensor, so it changes with the head and the two stay one parameter.
-    The KL it reports is what the model then computes, and more freedom fits the training
-    windows at least as well as the scales alone."""
+    The KL it reports is what the model then computes, and the added freedom fits the training
+    windows better than the scales alone do."""
     model, reference = quantized_pair(8)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tiny_model ties them
     twin = copy.deepcopy(model)
