@@ -211,6 +211,10 @@ def test_quantize_finetune_head(tiny, capsys):
     saved = pvq_cuda.load_quantized(out).get_output_embeddings().weight
     original = load_model(str(tiny / "model"), quiet=True).model.get_output_embeddings().weight
     assert saved.shape == original.shape and not torch.equal(saved, original)
+    for alone in ([], ["--finetune-blocks", "1"]):  # no end-to-end steps: refused before any work
+        assert main(["quantize", "--finetune-head", *alone, "--out", str(tiny / "never")]) == 2
+        assert "--finetune-head trains the head in --finetune's end-to-end steps" in capsys.readouterr().err
+        assert not (tiny / "never").exists()
 
 
 def test_quantize_finetune_on_generated_windows(tiny, capsys, monkeypatch):

@@ -347,6 +347,8 @@ def cmd_quantize(args) -> int:
     m = parse_method(method)
     if m.kind != "pvq":
         raise SystemExit(f"--method {method!r}: quantize saves a PVQ model; run baselines with `pvq-cuda compare`")
+    if getattr(args, "finetune_head", False) and not getattr(args, "finetune", 0):
+        raise ValueError("--finetune-head trains the head in --finetune's end-to-end steps: give --finetune STEPS")
     if args.bpw is None and args.config is None:
         # Data-free runs keep the preset: without calibration the allocation only weighs weight
         # energy, which was never measured against it.
