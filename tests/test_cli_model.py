@@ -197,7 +197,8 @@ def test_quantize_finetune_lr_and_windows(tiny, capsys, monkeypatch):
 
 
 def test_quantize_finetune_head(tiny, capsys):
-    """--finetune-head: the output head is trained too, said in the row and the log, and saved."""
+    """--finetune-head: the output head is trained too, said in the row and the log, and saved;
+    it and the other fine-tuning options are refused without the fine-tuning they shape."""
     import pvq_cuda
     from pvq_cuda.apps.loading import load_model
 
@@ -215,6 +216,10 @@ def test_quantize_finetune_head(tiny, capsys):
         assert main(["quantize", "--finetune-head", *alone, "--out", str(tiny / "never")]) == 2
         assert "--finetune-head trains the head in --finetune's end-to-end steps" in capsys.readouterr().err
         assert not (tiny / "never").exists()
+    for option in (["--finetune-lr", "3e-3"], ["--finetune-windows", "16"], ["--finetune-data", "generated"]):
+        assert main(["quantize", *option, "--out", str(tiny / "never")]) == 2
+        assert f"{option[0]} shapes fine-tuning: give --finetune STEPS or --finetune-blocks EPOCHS" in \
+            capsys.readouterr().err
 
 
 def test_quantize_finetune_on_generated_windows(tiny, capsys, monkeypatch):

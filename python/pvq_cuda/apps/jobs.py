@@ -338,6 +338,22 @@ def _header(job: Job, logs: dict) -> list[str]:
     return lines
 
 
+def _check_finetune_options(args) -> None:
+    """A fine-tuning option without the fine-tuning it shapes is a mistake to say, not to ignore."""
+    from ..pipeline.finetune import LEARNING_RATE
+
+    steps, epochs = getattr(args, "finetune", 0), getattr(args, "finetune_blocks", 0)
+    if getattr(args, "finetune_head", False) and not steps:
+        raise ValueError("--finetune-head trains the head in --finetune's end-to-end steps: give --finetune STEPS")
+    given = [name for name, set_ in (("--finetune-windows", getattr(args, "finetune_windows", None) is not None),
+                                      ("--finetune-data", getattr(args, "finetune_data", "calibration") != "calibration"),
+                                      ("--finetune-lr", getattr(args, "finetune_lr", LEARNING_RATE) != LEARNING_RATE))
+             if set_]
+    if given and not (steps or epochs):
+        raise ValueError(f"{', '.join(given)} shape{'s' * (len(given) == 1)} fine-tuning: give --finetune STEPS "
+                         f"or --finetune-blocks EPOCHS")
+
+
 def cmd_quantize(args) -> int:
     """Quantize with PVQ, save the model to --out, print perplexity and time beside fp32 and baselines."""
     from ..layers.quantized_model import save_quantized
@@ -347,8 +363,7 @@ def cmd_quantize(args) -> int:
     m = parse_method(method)
     if m.kind != "pvq":
         raise SystemExit(f"--method {method!r}: quantize saves a PVQ model; run baselines with `pvq-cuda compare`")
-    if getattr(args, "finetune_head", False) and not getattr(args, "finetune", 0):
-        raise ValueError("--finetune-head trains the head in --finetune's end-to-end steps: give --finetune STEPS")
+    _check_finetune_options(args)
     if args.bpw is None and args.config is None:
         # Data-free runs keep the preset: without calibration the allocation only weighs weight
         # energy, which was never measured against it.
