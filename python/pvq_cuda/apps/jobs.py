@@ -339,7 +339,8 @@ def _header(job: Job, logs: dict) -> list[str]:
 
 
 def _check_finetune_options(args) -> None:
-    """A fine-tuning option without the fine-tuning it shapes is a mistake to say, not to ignore."""
+    """Refuse an option that shapes fine-tuning when no fine-tuning is asked for: ignoring it would
+    hide the user's mistake."""
     from ..pipeline.finetune import LEARNING_RATE
 
     steps, epochs = getattr(args, "finetune", 0), getattr(args, "finetune_blocks", 0)
