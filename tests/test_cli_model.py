@@ -216,7 +216,9 @@ def test_quantize_finetune_head(tiny, capsys):
         assert main(["quantize", "--finetune-head", *alone, "--out", str(tiny / "never")]) == 2
         assert "--finetune-head trains the head in --finetune's end-to-end steps" in capsys.readouterr().err
         assert not (tiny / "never").exists()
-    for option in (["--finetune-lr", "3e-3"], ["--finetune-windows", "16"], ["--finetune-data", "generated"]):
+    # Refused even at their default values: given, they show a mistake all the same.
+    for option in (["--finetune-lr", "3e-3"], ["--finetune-windows", "16"], ["--finetune-data", "generated"],
+                   ["--finetune-lr", "1e-3"], ["--finetune-data", "calibration"]):
         assert main(["quantize", *option, "--out", str(tiny / "never")]) == 2
         assert f"{option[0]} shapes fine-tuning: give --finetune STEPS or --finetune-blocks EPOCHS" in \
             capsys.readouterr().err

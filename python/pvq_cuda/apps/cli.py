@@ -169,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(same seed, never from the held-out part; the last eighth held out to watch the KL). "
                         "Default: max(--nsamples, 4 x STEPS), about one pass (reusing 32 windows over 40 steps "
                         "overfit them; README)")
-    q.add_argument("--finetune-data", choices=["calibration", "generated"], default="calibration",
+    # None, not the default value, so that a given option is told from an absent one (jobs.py)
+    q.add_argument("--finetune-data", choices=["calibration", "generated"], default=None,
                    help="what --finetune trains on: windows of the calibration text (default), or windows the "
                         "unquantized model writes itself, sampled at temperature 1 from the calibration windows' "
                         "first tokens (seeded by --seed; README, fine-tuning)")
-    q.add_argument("--finetune-lr", type=_positive_float, default=LEARNING_RATE, metavar="LR",
+    q.add_argument("--finetune-lr", type=_positive_float, default=None, metavar="LR",
                    help="Adam's learning rate on the log-factors for --finetune and --finetune-blocks "
                         f"(default {LEARNING_RATE:g}: each factor moves by at most about 0.1%% a step)")
     q.add_argument("--finetune-head", action="store_true",

@@ -340,16 +340,14 @@ def _header(job: Job, logs: dict) -> list[str]:
 
 def _check_finetune_options(args) -> None:
     """Refuse an option that shapes fine-tuning when no fine-tuning is asked for: ignoring it would
-    hide the user's mistake."""
-    from ..pipeline.finetune import LEARNING_RATE
-
+    hide the user's mistake. The options default to None, so one given with its default value is
+    refused too."""
     steps, epochs = getattr(args, "finetune", 0), getattr(args, "finetune_blocks", 0)
     if getattr(args, "finetune_head", False) and not steps:
         raise ValueError("--finetune-head trains the head in --finetune's end-to-end steps: give --finetune STEPS")
-    given = [name for name, set_ in (("--finetune-windows", getattr(args, "finetune_windows", None) is not None),
-                                      ("--finetune-data", getattr(args, "finetune_data", "calibration") != "calibration"),
-                                      ("--finetune-lr", getattr(args, "finetune_lr", LEARNING_RATE) != LEARNING_RATE))
-             if set_]
+    given = [option for option, attr in (("--finetune-windows", "finetune_windows"), ("--finetune-data", "finetune_data"),
+                                         ("--finetune-lr", "finetune_lr"))
+             if getattr(args, attr, None) is not None]
     if given and not (steps or epochs):
         raise ValueError(f"{', '.join(given)} shape{'s' * (len(given) == 1)} fine-tuning: give --finetune STEPS "
                          f"or --finetune-blocks EPOCHS")
@@ -414,7 +412,7 @@ def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: d
     from ..pipeline.finetune import LEARNING_RATE, finetune_scales, sample_windows
 
     windows = job.calibration if job.finetune is None else job.finetune
-    data = getattr(job.args, "finetune_data", "calibration")
+    data = getattr(job.args, "finetune_data", None) or "calibration"
     generated, sampling_seconds = data == "generated", 0.0
     if generated:
         t = time.perf_counter()
@@ -424,7 +422,7 @@ def _finetuned_row(job: Job, model, method: str, preset: str, log: dict, fp32: d
         sampling_seconds = time.perf_counter() - t
         _say(f"pvq-cuda: sampled in {sampling_seconds:.0f} s")
     held_out = max(1, windows.shape[0] // 8) if windows.shape[0] > 1 else 0
-    lr = getattr(job.args, "finetune_lr", LEARNING_RATE)
+    lr = getattr(job.args, "finetune_lr", None) or LEARNING_RATE
     head = getattr(job.args, "finetune_head", False)
     what = ", ".join(([f"{block_epochs} block epoch{'s' * (block_epochs != 1)}"] if block_epochs else [])
                      + ([f"{steps} step{'s' * (steps != 1)}"] if steps else [])
