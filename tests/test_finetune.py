@@ -100,6 +100,33 @@ def test_head_trains_the_tied_embedding_as_one_tensor(tmp_path):
     assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
+def test_block_stage_leaves_the_head_in_place(monkeypatch):
+    """With head=True and a block stage, the blocks are trained with the head's own parameter in
+    place (the block stage does not train it, so nothing is rebuilt there); the end-to-end steps
+    then train it, tied embedding and all."""
+    from pvq_cuda.pipeline import finetune
+
+    model, reference = quantized_pair(9)
+    head = model.get_output_embeddings().weight
+    before = head.detach().clone()
+    seen = []
+    real = finetune._finetune_blocks
+
+    def watched(*args, **kwargs):
+        out = real(*args, **kwargs)
+        now = model.get_output_embeddings().weight
+        seen.append((now is head, now is model.get_input_embeddings().weight))
+        return out
+
+    monkeypatch.setattr(finetune, "_finetune_blocks", watched)
+    log = pvq_cuda.finetune_scales(model, reference, random_ids(8, 16, seed=4), steps=3, lr=1e-2, batch_size=4,
+                                   block_epochs=1, head=True, progress=False)
+    assert seen == [(True, True)]
+    assert log["block_epochs"] == 1 and len(log["block_loss"]) == len(model.model.layers)
+    assert model.get_output_embeddings().weight is head is model.get_input_embeddings().weight
+    assert not torch.equal(head, before)
+
+
 @pytest.mark.parametrize("head", [False, True])
 def test_an_error_leaves_the_model_as_it_came(head):
     model, reference = quantized_pair(2)
