@@ -136,6 +136,21 @@ def test_tuning_on_the_generic_path():
         ["mlp.down_proj"]]
 
 
+def test_resumed_log_lists_the_tuning_of_every_block(tmp_path):
+    """A resumed run's log holds the tuning of the blocks it took from resume_dir too, as the
+    run that quantized them logged it."""
+    first = quantize_quietly(tiny_model(), _calib(), tune_epochs=1, resume_dir=tmp_path / "r")
+    (tmp_path / "r" / "block_0001.safetensors").unlink()  # as if the run had stopped after block 0
+    resumed = quantize_quietly(tiny_model(), _calib(), tune_epochs=1, resume_dir=tmp_path / "r")
+    assert {e["block"] for e in first["tune"]} == {0, 1}
+    strip = lambda log: [(e["block"], e["trained"]) for e in log["tune"]]  # noqa: E731
+    assert strip(resumed) == strip(first)
+    block_0 = [e for e in first["tune"] if e["block"] == 0]
+    assert resumed["tune"][:len(block_0)] == block_0  # given back as logged, seconds included
+    for a, b in zip(first["tune"], resumed["tune"]):
+        assert b["loss_after"] == pytest.approx(a["loss_after"], rel=1e-5)
+
+
 def test_tuning_is_part_of_the_resume_fingerprint(tmp_path):
     quantize_quietly(tiny_model(), _calib(), tune_epochs=1, resume_dir=tmp_path / "r")
     with pytest.raises(ValueError, match="resume_dir .* other settings"):

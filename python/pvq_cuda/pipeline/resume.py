@@ -70,7 +70,10 @@ class Resume:
             k += 1
         return k
 
-    def save_block(self, i: int, block: nn.Module, prefix: str, entries: list[dict]) -> None:
+    def save_block(self, i: int, block: nn.Module, prefix: str, entries: list[dict],
+                   tune: list[dict] | None = None) -> None:
+        """Block ``i``'s quantized layers, with its layer log ``entries`` and its tuning log
+        ``tune`` (quantize_model's ``tune`` entries of this block) to give back on resume."""
         tensors: dict = {}
         for rel, m in block.named_modules():
             if isinstance(m, PVQLinear):
@@ -83,7 +86,12 @@ class Resume:
             if isinstance(m, nn.Linear):
                 tensors[f"{rel}.weight"] = m.weight.detach()
         save_file(self.block_path(i), tensors, metadata={"fingerprint": self.fingerprint,
-                                                          "log": json.dumps(entries)})
+                                                          "log": json.dumps(entries),
+                                                          "tune": json.dumps(tune or [])})
+
+    def load_tune(self, i: int) -> list[dict]:
+        """The tuning log saved with block ``i`` (none in a block saved without one)."""
+        return json.loads(read_metadata(self.block_path(i)).get("tune", "[]"))
 
     def load_block(self, i: int, block: nn.Module, device) -> list[dict]:
         path = self.block_path(i)

@@ -204,6 +204,9 @@ class Stream:
             block_to(layers[i], run, self.dev)
             for e in resume.load_block(i, layers[i], self.dev):
                 run.record(e)
+            tuned = resume.load_tune(i)
+            if tuned:  # the log lists every block's tuning, not only the blocks tuned in this run
+                run.log.setdefault("tune", []).extend(tuned)
             block_to(layers[i], run, "cpu")
         if start:
             saved = resume.load_activations(start - 1, n, self.store)
@@ -249,7 +252,8 @@ class Stream:
             e["path"] = "staged" if plan.staged else "generic"
         decoded_cache(block, False)
         if run.resume is not None:
-            run.resume.save_block(i, block, prefix, run.log["layers"][entries_from:])
+            run.resume.save_block(i, block, prefix, run.log["layers"][entries_from:],
+                                  [t for t in run.log.get("tune", []) if t["block"] == i])
             run.resume.save_activations(i, self.hidden, self.fp_hidden)
         block_to(block, run, "cpu")
         run.write_log()
