@@ -345,9 +345,9 @@ def _check_finetune_options(args) -> None:
     steps, epochs = getattr(args, "finetune", 0), getattr(args, "finetune_blocks", 0)
     if getattr(args, "finetune_head", False) and not steps:
         raise ValueError("--finetune-head trains the head in --finetune's end-to-end steps: give --finetune STEPS")
-    given = [option for option, attr in (("--finetune-windows", "finetune_windows"), ("--finetune-data", "finetune_data"),
-                                         ("--finetune-lr", "finetune_lr"))
-             if getattr(args, attr, None) is not None]
+    options = (("--finetune-windows", "finetune_windows"), ("--finetune-data", "finetune_data"),
+               ("--finetune-lr", "finetune_lr"))
+    given = [option for option, attr in options if getattr(args, attr, None) is not None]
     if given and not (steps or epochs):
         raise ValueError(f"{', '.join(given)} shape{'s' * (len(given) == 1)} fine-tuning: give --finetune STEPS "
                          f"or --finetune-blocks EPOCHS")
