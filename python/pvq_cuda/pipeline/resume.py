@@ -89,11 +89,9 @@ class Resume:
                                                           "log": json.dumps(entries),
                                                           "tune": json.dumps(tune or [])})
 
-    def load_tune(self, i: int) -> list[dict]:
-        """The tuning log saved with block ``i`` (none in a block saved without one)."""
-        return json.loads(read_metadata(self.block_path(i)).get("tune", "[]"))
-
-    def load_block(self, i: int, block: nn.Module, device) -> list[dict]:
+    def load_block(self, i: int, block: nn.Module, device) -> tuple[list[dict], list[dict]]:
+        """Install block ``i``'s saved layers in ``block``; returns its layer log and its tuning log
+        (none in a block saved without one), as :meth:`save_block` got them."""
         path = self.block_path(i)
         meta = read_metadata(path)
         if meta.get("fingerprint") != self.fingerprint:
@@ -110,7 +108,7 @@ class Resume:
             if name.endswith(".weight") and isinstance(value, torch.Tensor):
                 with torch.no_grad():
                     block.get_submodule(name[: -len(".weight")]).weight.copy_(value)
-        return entries
+        return entries, json.loads(meta.get("tune", "[]"))
 
     def save_activations(self, i: int, hidden: list[torch.Tensor], fp_hidden: list[torch.Tensor] | None) -> None:
         tensors = {f"h.{c}": h for c, h in enumerate(hidden)}

@@ -113,7 +113,8 @@ def data_free(run: Run) -> None:
         prefix = f"model.layers.{i}."
         if resume is not None and resume.block_path(i).exists():
             block_to(block, run, run.device)
-            for e in resume.load_block(i, block, run.device):
+            entries, _ = resume.load_block(i, block, run.device)  # data-free: no tuning
+            for e in entries:
                 run.record(e)
             block_to(block, run, "cpu")
             continue
@@ -202,9 +203,9 @@ class Stream:
         start = resume.done(len(layers))
         for i in range(start):
             block_to(layers[i], run, self.dev)
-            for e in resume.load_block(i, layers[i], self.dev):
+            entries, tuned = resume.load_block(i, layers[i], self.dev)
+            for e in entries:
                 run.record(e)
-            tuned = resume.load_tune(i)
             if tuned:  # the log lists every block's tuning, not only the blocks tuned in this run
                 run.log.setdefault("tune", []).extend(tuned)
             block_to(layers[i], run, "cpu")
