@@ -30,6 +30,18 @@ def test_fp_targets_default_per_method():
     assert not fp_targets_for("pvq-datafree", True) and not fp_targets_for("rtn-int4", True)  # no Hessian
 
 
+def test_search_default_per_rate():
+    """Hessian-aware PVQ below SEARCH_BELOW_BPW searches harder unless told; nothing else does."""
+    from pvq_cuda.apps.jobs import REFINE_PASSES, SEARCH_BELOW_BPW, search_for
+    low, high = SEARCH_BELOW_BPW - 0.75, SEARCH_BELOW_BPW + 0.25
+    assert search_for("pvq", low, None, None) == (True, REFINE_PASSES)
+    assert search_for("pvq", high, None, None) == (False, 0)
+    assert search_for("pvq", low, False, 0) == (False, 0) and search_for("pvq", high, True, 3) == (True, 3)
+    assert search_for("pvq", low, None, 1) == (True, 1) and search_for("pvq", low, False, None) == (False, REFINE_PASSES)
+    assert search_for("pvq-datafree", low, None, None) == (False, 0)  # no Hessian, not measured
+    assert search_for("gptq-int2", low, True, 2) == (False, 0)  # only PVQ searches
+
+
 def test_quantize_evaluates_on_the_domains_calibration_does_not_read():
     """quantize's default evaluation: every domain but the calibration's (the others' defaults,
     files and an explicit --eval are unchanged)."""
@@ -292,8 +304,11 @@ def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
     rc = main(["compare", "--model", str(tiny / "model"), "--calib", str(tiny / "text.txt"), *SMALL,
                "--config", "pvq-3.25", "--bpw", "2.5,3.5", "--refine-passes", "1", "--fp-targets", "--no-progress",
                "--out", str(tmp_path)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert rc == 0
+    assert "pvq 2.5bpw (metric search, 1 refinement pass)" in captured.err  # the progress line says so
+    assert "pvq 3.5bpw (1 refinement pass)" in captured.err
     stem = tmp_path / "compare_model"
     result = json.loads(stem.with_suffix(".json").read_text())
     methods = [r["method"] for r in result["results"]]
@@ -308,6 +323,9 @@ def test_compare_writes_table_plot_and_log(tiny, tmp_path, capsys):
     assert len(log["runs"]["gptq-int4"]["layers"]) == 14
     assert log["runs"]["gptq-int4"]["fp_targets"] is True and log["runs"]["rtn-int4"]["fp_targets"] is False
     assert log["runs"]["pvq:pvq-3.25"]["refine_passes"] == 1 and log["runs"]["gptq-int4"]["refine_passes"] == 0
+    # metric search by default below 3 bpw only (search_for), the given refinement at every rate
+    assert [log["runs"][m]["metric_search"] for m in methods[-3:]] == [False, True, False]
+    assert log["runs"]["pvq:2.5bpw"]["refine_passes"] == 1
     # every quantized row carries the standard error of its ratio over the 3 held-out windows
     assert all(r["ratio_se"] > 0 for r in result["results"][1:]) and result["results"][0]["ratio_se"] is None
     assert " ± " in out

@@ -103,15 +103,19 @@ def _data_options(p: argparse.ArgumentParser, calibration: bool = True) -> None:
 
 
 def _quant_options(p: argparse.ArgumentParser) -> None:
+    from .jobs import REFINE_PASSES, SEARCH_BELOW_BPW
     p.add_argument("--ignore", help="regex of module names to keep in full precision (e.g. 'mlp\\.down_proj')")
     p.add_argument("--offload", action="store_true", help="keep the model on CPU, move one block at a time to the device")
     p.add_argument("--resume", action="store_true", help="save each finished block under OUT/resume and skip it on a rerun")
     p.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
-    p.add_argument("--metric-search", action="store_true",
-                   help="PVQ: refine pulses under each group's Hessian block metric (slower, usually better)")
-    p.add_argument("--refine-passes", type=_non_negative, default=0, metavar="N",
+    p.add_argument("--metric-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="PVQ: refine pulses under each group's Hessian block metric (slower). Default: on below "
+                        f"{SEARCH_BELOW_BPW:g} bpw, off above, as measured on text calibration never read (README, "
+                        "fine-tuning)")
+    p.add_argument("--refine-passes", type=_non_negative, default=None, metavar="N",
                    help="PVQ: N coordinate-descent passes over each layer's groups after error feedback "
-                        "(lowers the layer loss ~6%% with N=2; default 0)")
+                        f"(lowers the layer loss ~6%% with N=2). Default: {REFINE_PASSES} below {SEARCH_BELOW_BPW:g} "
+                        "bpw, 0 above")
     p.add_argument("--tune-epochs", type=_non_negative, default=0, metavar="EPOCHS",
                    help="after each group of a block is quantized, train the block's linears not yet quantized "
                         "for EPOCHS passes over the calibration chunks toward the block's unquantized outputs, "

@@ -207,16 +207,42 @@ def fp_targets_for(method: str, requested: bool | None) -> bool:
     return uses_fp_targets(method, requested)
 
 
+#: Below this rate a Hessian-aware PVQ row searches harder by default: metric search and
+#: REFINE_PASSES refinement passes. Out of domain, on the default model, they lowered perplexity by
+#: 7 % and 6 % at 2.25 bpw allocated (two calibration draws) and by 2 % at 2.75, for 2.3-2.6x the
+#: quantization time, and moved nothing at 3.25; 4 passes did worse than 2
+#: (bench/results/search-by-rate-cpu-2026-12-04.md). 3.0 itself was not measured.
+SEARCH_BELOW_BPW = 3.0
+REFINE_PASSES = 2
+
+
+def search_for(method: str, rate: float, metric_search: bool | None, refine_passes: int | None) -> tuple[bool, int]:
+    """(metric_search, refine_passes) of a run of ``method`` at ``rate`` bits per weight: as
+    requested (``--metric-search`` / ``--no-metric-search``, ``--refine-passes N``), else on with
+    REFINE_PASSES passes for Hessian-aware PVQ below SEARCH_BELOW_BPW, off above and for the other
+    methods. Only PVQ searches."""
+    m = parse_method(method)
+    searched = m.kind == "pvq" and m.hessian and rate < SEARCH_BELOW_BPW
+    if metric_search is None:
+        metric_search = searched
+    if refine_passes is None:
+        refine_passes = REFINE_PASSES if searched else 0
+    return metric_search and m.kind == "pvq", refine_passes if m.kind == "pvq" else 0
+
+
 def _run_options(job: Job, method: str, preset: str | None, log_path: Path | None) -> dict:
     """quantize_model's keyword arguments for one row."""
     args = job.args
     m = parse_method(method)
     act = getattr(args, "act_config", None) if m.kind == "pvq" else None  # quantize --act-config
     rate = _rate_of(preset)
-    return dict(config=DEFAULT_PRESET if rate is not None else preset or DEFAULT_PRESET, bpw=rate, method=method,
+    config = DEFAULT_PRESET if rate is not None else preset or DEFAULT_PRESET
+    metric_search, refine_passes = search_for(method, PRESETS[config].code_bpw if rate is None else rate,
+                                              args.metric_search, args.refine_passes)
+    return dict(config=config, bpw=rate, method=method,
                 ignore=args.ignore, device=job.device, act_config=act,
-                offload=args.offload, act_order=args.act_order, metric_search=args.metric_search and m.kind == "pvq",
-                refine_passes=args.refine_passes, fp_targets=fp_targets_for(method, args.fp_targets),
+                offload=args.offload, act_order=args.act_order, metric_search=metric_search,
+                refine_passes=refine_passes, fp_targets=fp_targets_for(method, args.fp_targets),
                 tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
                 progress=not args.no_progress,
                 batch_size=args.batch_size, seed=args.seed, log_path=log_path,
@@ -240,6 +266,15 @@ def _row(job: Job, method: str, preset: str | None, model, log: dict, fp32: dict
     return row
 
 
+def _search_note(opts: dict) -> str:
+    """What a run searches beyond error feedback, for its progress line (the defaults depend on
+    the rate: search_for)."""
+    parts = (["metric search"] if opts["metric_search"] else []) + \
+        ([f"{opts['refine_passes']} refinement pass{'es' if opts['refine_passes'] > 1 else ''}"]
+         if opts["refine_passes"] else [])
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def run_method(job: Job, method: str, preset: str | None, fp32: dict, log_path: Path | None,
                keep_base: bool = True, logprobs: dict | None = None):
     """Quantize a copy of the fp32 model by ``method`` and evaluate it against ``fp32`` (the fp32
@@ -249,7 +284,7 @@ def run_method(job: Job, method: str, preset: str | None, fp32: dict, log_path: 
     opts = _run_options(job, method, preset, log_path)
     if job.args.resume:
         opts["resume_dir"] = Path(job.args.out_dir) / "resume" / f"{method}-{preset or 'baseline'}"
-    _say(f"pvq-cuda: {method}{' ' + preset if preset else ''}")
+    _say(f"pvq-cuda: {method}{' ' + preset if preset else ''}{_search_note(opts)}")
     log = quantize_model(model, job.calibration, **opts)
     return _row(job, method, preset, model, log, fp32, logprobs), log, model
 
@@ -279,7 +314,7 @@ def run_methods(job: Job, runs: list[tuple[str, str | None, Path | None]], fp32:
         models = [copy.deepcopy(job.lm.model) if keep_base or k != len(runs) - 1 else job.lm.model for k in batch]
         opts = [_run_options(job, *runs[k]) for k in batch]
         shared = {key: v for key, v in opts[0].items() if key not in PER_RUN_OPTIONS}
-        names = [" ".join(n for n in runs[k][:2] if n) for k in batch]
+        names = [" ".join(n for n in runs[k][:2] if n) + _search_note(o) for k, o in zip(batch, opts)]
         _say(f"pvq-cuda: {', '.join(names)} together (one pass of the fp model over each block, shared)")
         logs = quantize_models(models, job.calibration, [{key: v for key, v in o.items() if key in PER_RUN_OPTIONS}
                                                           for o in opts], **shared)
