@@ -37,7 +37,8 @@ def test_search_default_per_rate():
     assert search_for("pvq", low, None, None) == (True, REFINE_PASSES)
     assert search_for("pvq", high, None, None) == (False, 0)
     assert search_for("pvq", low, False, 0) == (False, 0) and search_for("pvq", high, True, 3) == (True, 3)
-    assert search_for("pvq", low, None, 1) == (True, 1) and search_for("pvq", low, False, None) == (False, REFINE_PASSES)
+    assert search_for("pvq", low, None, 1) == (True, 1)
+    assert search_for("pvq", low, False, None) == (False, REFINE_PASSES)
     assert search_for("pvq-datafree", low, None, None) == (False, 0)  # no Hessian, not measured
     assert search_for("gptq-int2", low, True, 2) == (False, 0)  # only PVQ searches
 
