@@ -222,12 +222,11 @@ def search_for(method: str, rate: float, metric_search: bool | None, refine_pass
     REFINE_PASSES passes for Hessian-aware PVQ below SEARCH_BELOW_BPW, off above and for the other
     methods. Only PVQ searches."""
     m = parse_method(method)
-    searched = m.kind == "pvq" and m.hessian and rate < SEARCH_BELOW_BPW
-    if metric_search is None:
-        metric_search = searched
-    if refine_passes is None:
-        refine_passes = REFINE_PASSES if searched else 0
-    return metric_search and m.kind == "pvq", refine_passes if m.kind == "pvq" else 0
+    if m.kind != "pvq":
+        return False, 0
+    searched = m.hessian and rate < SEARCH_BELOW_BPW
+    return (searched if metric_search is None else metric_search,
+            (REFINE_PASSES if searched else 0) if refine_passes is None else refine_passes)
 
 
 def _run_options(job: Job, method: str, preset: str | None, log_path: Path | None) -> dict:
