@@ -43,6 +43,29 @@ def test_search_default_per_rate():
     assert search_for("gptq-int2", low, True, 2) == (False, 0)  # only PVQ searches
 
 
+def test_run_options_search_by_row_rate():
+    """Each compare row searches by its own rate: an allocated row by its --bpw, a preset row by the
+    preset's code rate (pvq-2.25 searches, pvq-3.25 does not); an explicit flag wins everywhere."""
+    from types import SimpleNamespace
+
+    from pvq_cuda.apps.jobs import REFINE_PASSES, Job, _run_options
+
+    def opts(preset, metric_search=None, refine_passes=None, method="pvq"):
+        args = SimpleNamespace(ignore=None, offload=False, act_order=False, metric_search=metric_search,
+                               refine_passes=refine_passes, fp_targets=None, tune_epochs=0, tune_lr=None,
+                               no_progress=True, batch_size=1, seed=0)
+        job = Job(lm=None, calibration=torch.zeros(1, 1), evaluation={}, data_info={}, device=torch.device("cpu"),
+                  args=args)
+        o = _run_options(job, method, preset, None)
+        return o["metric_search"], o["refine_passes"]
+
+    assert opts("pvq-2.25") == (True, REFINE_PASSES) and opts("pvq8-2.25") == (True, REFINE_PASSES)
+    assert opts("pvq-3.25") == (False, 0) and opts("pvq-4.25") == (False, 0) and opts(None) == (False, 0)
+    assert opts("2.5bpw") == (True, REFINE_PASSES) and opts("3.5bpw") == (False, 0)
+    assert opts("pvq-2.25", False, 0) == (False, 0) and opts("pvq-3.25", True, 1) == (True, 1)
+    assert opts("pvq-2.25", method="pvq-datafree") == (False, 0)
+
+
 def test_quantize_evaluates_on_the_domains_calibration_does_not_read():
     """quantize's default evaluation: every domain but the calibration's (the others' defaults,
     files and an explicit --eval are unchanged)."""

@@ -165,10 +165,15 @@ def test_hessian_aware_on_cuda():
 
 
 @pytest.mark.parametrize("D,K", [(4, 7), (8, 16), (16, 14), (16, 30)])
-def test_metric_search_matches_explicit_rescoring(D, K):
-    """The incremental move scores pick the same moves as rescoring every candidate vector."""
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_metric_search_matches_explicit_rescoring(D, K, chunk_rows, monkeypatch):
+    """The incremental move scores pick the same moves as rescoring every candidate vector, whether
+    the rows are scored all at once or in chunks of 7 (later passes rescan only the rows that moved)."""
+    from pvq_cuda.quantization import quantize
     from pvq_cuda.quantization.quantize import METRIC_SEARCH_PASSES, _metric_search
 
+    if chunk_rows is not None:
+        monkeypatch.setattr(quantize, "_MOVE_SCORES", chunk_rows * D * D)
     gen = torch.Generator().manual_seed(D * 100 + K)
     w = torch.randn(120, D, generator=gen)
     A = torch.randn(D, D, generator=gen)

@@ -166,7 +166,8 @@ def _refine_groups(w, H, Q, D, passes, code_group, order, index, gain_code, K):
             if not better.any():
                 continue
             Q[:, b] = torch.where(better[:, None], q, Q[:, b])
-            G += torch.where(better[:, None], d, torch.zeros(())) @ Hd[b, :]
+            rows = better.nonzero().squeeze(1)  # G changes only in the re-coded rows
+            G[rows] += d[rows] @ Hd[b, :]
             g = int(order[j // D])
             index[:, g] = torch.where(better, encode(pulses, K), index[:, g])
             gain_code[:, g] = torch.where(better, code, gain_code[:, g])
@@ -195,29 +196,53 @@ def _metric_search(pulses: torch.Tensor, w: torch.Tensor, M: torch.Tensor) -> to
     N, D = pulses.shape
     y = pulses.double()
     Md = M.double()
-    Mw = w.double() @ Md  # [N, D]; M is symmetric
-    sgn_w = torch.where(w < 0, -1.0, 1.0).double()
-    diag = Md.diagonal()
-    off = ~torch.eye(D, dtype=torch.bool, device=w.device)  # moves i -> j need i != j
-    rows = torch.arange(N, device=w.device)
+    Mw_all = w.double() @ Md  # [N, D]; M is symmetric
+    sgn_all = torch.where(w < 0, -1.0, 1.0).double()
+    # A row whose pulses did not move in a pass scores the same next pass and stays put, so each
+    # pass rescans only the rows the last one moved: after the first pass that is 2-4 % of them.
+    active = torch.arange(N, device=w.device)
     for _ in range(METRIC_SEARCH_PASSES):
-        My = y @ Md
-        num0, den0 = (y * Mw).sum(-1), (y * My).sum(-1)
-        d_src = -torch.sign(y)                                   # [N, D]: the pulse leaving i
-        d_dst = torch.where(y == 0, sgn_w, torch.sign(y))        # [N, D]: the pulse arriving at j
-        num = num0[:, None, None] + (d_src * Mw)[:, :, None] + (d_dst * Mw)[:, None, :]
-        den = (den0[:, None, None] + 2 * (d_src * My)[:, :, None] + 2 * (d_dst * My)[:, None, :]
-               + diag[None, :, None] + diag[None, None, :] + 2 * d_src[:, :, None] * d_dst[:, None, :] * Md)
-        score = num.square() / den.clamp_min(1e-300)
-        score = torch.where(off & (y != 0)[:, :, None], score, torch.full_like(score, -1.0))
-        best = num0.square() / den0.clamp_min(1e-300)
-        top, arg = score.reshape(N, D * D).max(dim=1)
-        better = top > best * (1 + 1e-12)
+        moves = [_best_moves(y[r], Mw_all[r], sgn_all[r], Md)
+                 for r in active.split(max(1, _MOVE_SCORES // (D * D)))]
+        better = torch.cat([b for b, _ in moves])
         if not better.any():
             break
-        i, j = arg // D, arg % D
-        moved = y.clone()
-        moved[rows, i] += d_src[rows, i]
-        moved[rows, j] += d_dst[rows, j]
-        y = torch.where(better.unsqueeze(1), moved, y)
+        active = active[better]
+        y[active] = torch.cat([m for _, m in moves])[better]
     return y.to(torch.int8)
+
+
+# Move scores computed at once: [rows, D, D] float64 in chunks of about 1 MB stay in cache (measured
+# fastest on this machine's 2 cores: 2.3x the unchunked speed at D=16 and 1,536 rows).
+_MOVE_SCORES = 2 ** 17
+
+
+def _best_moves(y: torch.Tensor, Mw: torch.Tensor, sgn_w: torch.Tensor, Md: torch.Tensor):
+    """For rows y (float64 pulses) with Mw = w M and sgn_w = sign(w): whether each row's best single
+    pulse move i -> j raises its fit, and the rows with that move made.
+
+    The [rows, D, D] scores are built in place to keep memory traffic down. Each row's score
+    depends on that row alone, so chunking the rows does not change any result."""
+    n, D = y.shape
+    My = y @ Md
+    num0, den0 = (y * Mw).sum(-1), (y * My).sum(-1)
+    d_src = -torch.sign(y)                              # [n, D]: the pulse leaving i
+    d_dst = torch.where(y == 0, sgn_w, torch.sign(y))   # [n, D]: the pulse arriving at j
+    # Fit after the move: num = (y+δ)Mwᵀ, den = (y+δ)M(y+δ)ᵀ = yMyᵀ + 2δMyᵀ + δMδᵀ.
+    num = (num0[:, None] + d_src * Mw)[:, :, None] + (d_dst * Mw)[:, None, :]
+    den = (den0[:, None] + 2 * d_src * My)[:, :, None] + (2 * d_dst * My)[:, None, :]
+    diag = Md.diagonal()
+    den.add_(diag[None, :, None]).add_(diag[None, None, :])
+    den.add_(torch.mul(d_src[:, :, None], d_dst[:, None, :]).mul_(2 * Md))
+    score = num.square_().div_(den.clamp_min_(1e-300))
+    no_move = (y == 0)[:, :, None] | torch.eye(D, dtype=torch.bool, device=y.device)  # y_i = 0 or i = j
+    score.masked_fill_(no_move, -1.0)
+    best = num0.square() / den0.clamp_min(1e-300)
+    top, arg = score.reshape(n, D * D).max(dim=1)
+    better = top > best * (1 + 1e-12)
+    i, j = arg // D, arg % D
+    rows = torch.arange(n, device=y.device)
+    moved = y.clone()
+    moved[rows, i] += d_src[rows, i]
+    moved[rows, j] += d_dst[rows, j]
+    return better, moved
