@@ -212,8 +212,8 @@ def _metric_search(pulses: torch.Tensor, w: torch.Tensor, M: torch.Tensor) -> to
     return y.to(torch.int8)
 
 
-# Move scores computed at once: [rows, D, D] float64 in chunks of about 1 MB stay in cache (measured
-# fastest on this machine's 2 cores: 2.3x the unchunked speed at D=16 and 1,536 rows).
+# Move scores computed at once: [rows, D, D] float64 in chunks of about 1 MB stay in cache. Measured
+# fastest on a 2-core CPU: 1.6x the unchunked speed at D=16 and 1,536 rows (9.3 against 14.6 ms a call).
 _MOVE_SCORES = 2 ** 17
 
 
@@ -221,8 +221,9 @@ def _best_moves(y: torch.Tensor, Mw: torch.Tensor, sgn_w: torch.Tensor, Md: torc
     """For rows y (float64 pulses) with Mw = w M and sgn_w = sign(w): whether each row's best single
     pulse move i -> j raises its fit, and the rows with that move made.
 
-    The [rows, D, D] scores are built in place to keep memory traffic down. Each row's score
-    depends on that row alone, so chunking the rows does not change any result."""
+    The [rows, D, D] scores are built in place to keep memory traffic down. Each row's score comes
+    from that row alone: on the CPU the codes are bit-identical to scoring all rows at once
+    (bench/results/search-speed-cpu-2026-12-04.md)."""
     n, D = y.shape
     My = y @ Md
     num0, den0 = (y * Mw).sum(-1), (y * My).sum(-1)
