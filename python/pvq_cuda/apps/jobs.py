@@ -210,9 +210,10 @@ def fp_targets_for(method: str, requested: bool | None) -> bool:
 #: Below this rate a Hessian-aware PVQ row searches harder by default: metric search and
 #: REFINE_PASSES refinement passes. Out of domain, on the default model, they lowered perplexity by
 #: 7 % and 6 % at 2.25 bpw allocated (two calibration draws) and by 2 % at 2.75, and moved nothing
-#: at 3.25; 4 passes did worse than 2 (bench/results/search-by-rate-cpu-2026-12-04.md). 3.0 itself
-#: was not measured. They cost about 1.9x the plain quantization time allocated at 2.25 and 2.5x for
-#: the uniform pvq-2.25 preset (bench/results/search-speed-cpu-2026-12-04.md).
+#: at 3.0 (1.007x +- 0.008) or 3.25; 4 passes did worse than 2
+#: (bench/results/search-by-rate-cpu-2026-12-04.md). They cost about 1.9x the plain quantization
+#: time allocated at 2.25 and 2.5x for the uniform pvq-2.25 preset
+#: (bench/results/search-speed-cpu-2026-12-04.md).
 SEARCH_BELOW_BPW = 3.0
 REFINE_PASSES = 2
 
