@@ -6,6 +6,9 @@ TORCH_LIBRARY(pvq_cuda, m) {
   m.def("search(Tensor x, int K) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("encode(Tensor pulses, int K) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("decode(Tensor index, int D, int K) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // One pass of the quantizer's metric pulse search (codec/metric_moves.h); CPU only.
+  m.def("_metric_moves(Tensor pulses, Tensor w_metric, Tensor y_metric, Tensor fit_num, Tensor fit_den, "
+        "Tensor w_sign, Tensor metric) -> (Tensor, Tensor)");
   // Packed layers (csrc/packed/packed_layer.h has the layout).
   m.def("_pack_codes(Tensor index, Tensor gain, int index_bits, int scale_bits) -> Tensor");
   m.def("_unpack_codes(Tensor codes, int rows, int groups, int index_bits, int scale_bits) -> (Tensor, Tensor)");

@@ -165,15 +165,18 @@ def test_hessian_aware_on_cuda():
 
 
 @pytest.mark.parametrize("D,K", [(4, 7), (8, 16), (16, 14), (16, 30)])
-@pytest.mark.parametrize("chunk_rows", [None, 7])
-def test_metric_search_matches_explicit_rescoring(D, K, chunk_rows, monkeypatch):
+@pytest.mark.parametrize("path", ["native", "torch", "torch in chunks of 7 rows"])
+def test_metric_search_matches_explicit_rescoring(D, K, path, monkeypatch):
     """The incremental move scores pick the same moves as rescoring every candidate vector, whether
-    the rows are scored all at once or in chunks of 7 (later passes rescan only the rows that moved)."""
+    the native op scores them (the CPU) or torch ops do (other devices), all rows at once or in
+    chunks (later passes rescan only the rows that moved)."""
     from pvq_cuda.quantization import quantize
     from pvq_cuda.quantization.quantize import METRIC_SEARCH_PASSES, _metric_search
 
-    if chunk_rows is not None:
-        monkeypatch.setattr(quantize, "_MOVE_SCORES", chunk_rows * D * D)
+    if path != "native":
+        monkeypatch.setattr(quantize, "_native_moves", lambda y: False)
+    if path.endswith("7 rows"):
+        monkeypatch.setattr(quantize, "_MOVE_SCORES", 7 * D * D)
     gen = torch.Generator().manual_seed(D * 100 + K)
     w = torch.randn(120, D, generator=gen)
     A = torch.randn(D, D, generator=gen)
@@ -200,3 +203,58 @@ def test_metric_search_matches_explicit_rescoring(D, K, chunk_rows, monkeypatch)
             y = best_y
         assert torch.equal(got[r].double(), y), r
         assert int(got[r].abs().sum()) == K
+
+
+def _move_inputs(D, rows, gen, integer):
+    """Inputs of one metric-search pass, with integer-valued w and M (many exactly tied moves) or
+    random ones; a quarter of the rows hold a single pulse."""
+    K = min(2 * D, pvq_cuda.max_pulses(D))
+    w = (torch.randint(-3, 4, (rows, D), generator=gen) if integer else torch.randn(rows, D, generator=gen)).double()
+    if integer:  # a diagonal metric of small integers: moves between equal coordinates tie exactly
+        M = torch.diag(torch.randint(1, 3, (D,), generator=gen).double())
+    else:
+        A = torch.randn(D, D, generator=gen).double()
+        M = A @ A.T + 0.05 * torch.eye(D, dtype=torch.float64)
+    y = pvq_cuda.search(torch.randn(rows, D, generator=gen), K).double()
+    y[: rows // 4] = pvq_cuda.search(torch.randn(rows // 4, D, generator=gen), 1).double()  # one pulse
+    Mw, My = w @ M, y @ M
+    sgn = torch.where(w < 0, -1.0, 1.0).double()
+    return y, Mw, My, (y * Mw).sum(-1), (y * My).sum(-1), sgn, M
+
+
+@pytest.mark.parametrize("D", [2, 4, 8, 16, 32])
+@pytest.mark.parametrize("integer", [False, True])
+def test_metric_moves_op_equals_torch_scoring(D, integer):
+    """The native op and the torch scoring (the path off the CPU) make the same move in every row,
+    bit for bit, ties included (the first move in (i, j) order wins on both)."""
+    from pvq_cuda.quantization.quantize import _scored_moves
+
+    gen = torch.Generator().manual_seed(D + 100 * integer)
+    args = _move_inputs(D, 301, gen, integer)
+    better, moved = pvq_cuda.ops.metric_moves(*args)
+    want_better, want_moved = _scored_moves(*args)
+    assert better.dtype == torch.bool and moved.dtype == torch.float64 and moved.shape == args[0].shape
+    assert torch.equal(better, want_better)
+    assert 0 < int(better.sum()) < len(better)  # both outcomes are exercised
+    assert torch.equal(moved[better], want_moved[better])
+    assert torch.equal(moved[~better], args[0][~better])
+    assert torch.equal(moved.abs().sum(-1), args[0].abs().sum(-1))  # a move keeps K
+
+
+def test_metric_moves_opcheck_and_bad_input():
+    gen = torch.Generator().manual_seed(3)
+    args = _move_inputs(8, 20, gen, False)
+    torch.library.opcheck(torch.ops.pvq_cuda._metric_moves.default, args)
+    y, Mw, My, num, den, sgn, M = args
+    with pytest.raises(TypeError, match="w_metric must be float64"):
+        pvq_cuda.ops.metric_moves(y, Mw.float(), My, num, den, sgn, M)
+    with pytest.raises(ValueError, match=r"fit_den must have shape \[20\]"):
+        pvq_cuda.ops.metric_moves(y, Mw, My, num, den[:5], sgn, M)
+    with pytest.raises(ValueError, match=r"metric must have shape \[8, 8\]"):
+        pvq_cuda.ops.metric_moves(y, Mw, My, num, den, sgn, M[:4])
+    with pytest.raises(ValueError, match="y_metric must have the shape of pulses"):
+        pvq_cuda.ops.metric_moves(y, Mw, My[:, :4], num, den, sgn, M)
+    with pytest.raises(ValueError, match="D must be one of"):
+        pvq_cuda.ops.metric_moves(y[:, :6], Mw[:, :6], My[:, :6], num, den, sgn[:, :6], M[:6, :6])
+    with pytest.raises(ValueError, match=r"pulses must have shape \[rows, D\]"):
+        pvq_cuda.ops.metric_moves(y[0], Mw, My, num, den, sgn, M)

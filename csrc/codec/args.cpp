@@ -52,6 +52,31 @@ uint64_t check_decode_args(const at::Tensor& index, int64_t D, int64_t K) {
   return check_codec_limits("pvq_cuda.decode", D, K);
 }
 
+void check_metric_moves_args(const at::Tensor& pulses, const at::Tensor& w_metric, const at::Tensor& y_metric,
+                             const at::Tensor& fit_num, const at::Tensor& fit_den, const at::Tensor& w_sign,
+                             const at::Tensor& metric) {
+  constexpr const char* op = "pvq_cuda._metric_moves";
+  TORCH_CHECK_VALUE(pulses.dim() == 2, op, ": pulses must have shape [rows, D], got ", pulses.sizes());
+  const int64_t rows = pulses.size(0), D = pulses.size(1);
+  TORCH_CHECK_VALUE(pvq::group_level(D) >= 0, op, ": D must be one of 1, 2, 4, 8, 16, 32, got D=", D);
+  const std::pair<const char*, const at::Tensor*> args[] = {
+      {"pulses", &pulses}, {"w_metric", &w_metric}, {"y_metric", &y_metric}, {"fit_num", &fit_num},
+      {"fit_den", &fit_den}, {"w_sign", &w_sign}, {"metric", &metric}};
+  for (const auto& [name, t] : args) {
+    check_dense(op, name, *t);
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kDouble, op, ": ", name, " must be float64, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t->device());
+  }
+  for (const auto& [name, t] : {args[1], args[2], args[5]})
+    TORCH_CHECK_VALUE(t->sizes() == pulses.sizes(), op, ": ", name, " must have the shape of pulses [", rows, ", ", D,
+                      "], got ", t->sizes());
+  for (const auto& [name, t] : {args[3], args[4]})
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == rows, op, ": ", name, " must have shape [", rows, "], got ",
+                      t->sizes());
+  TORCH_CHECK_VALUE(metric.dim() == 2 && metric.size(0) == D && metric.size(1) == D, op, ": metric must have shape [",
+                    D, ", ", D, "], got ", metric.sizes());
+}
+
 at::Tensor pulses_as_int8(const at::Tensor& pulses, int64_t K) {
   at::Tensor p = pulses.reshape({-1, pulses.size(-1)});
   if (p.scalar_type() != at::kChar) {

@@ -15,6 +15,12 @@ uint64_t check_search_args(const at::Tensor& x, int64_t K);
 uint64_t check_encode_args(const at::Tensor& pulses, int64_t K);
 uint64_t check_decode_args(const at::Tensor& index, int64_t D, int64_t K);
 
+// _metric_moves: pulses, w_metric, y_metric, w_sign float64 [rows, D] with D a codec group size;
+// fit_num, fit_den float64 [rows]; metric float64 [D, D]; all on the CPU.
+void check_metric_moves_args(const at::Tensor& pulses, const at::Tensor& w_metric, const at::Tensor& y_metric,
+                             const at::Tensor& fit_num, const at::Tensor& fit_den, const at::Tensor& w_sign,
+                             const at::Tensor& metric);
+
 // int8 pulses, [groups, D], contiguous; other integer dtypes are range-checked before narrowing.
 at::Tensor pulses_as_int8(const at::Tensor& pulses, int64_t K);
 

@@ -9,7 +9,7 @@ import torch  # noqa: F401  (first: loads the libtorch that _C links against)
 
 from . import _C  # loading the library runs the TORCH_LIBRARY registrations
 from .activation import encode_activations, wa_matmul
-from .codec import decode, encode, search
+from .codec import decode, encode, metric_moves, search
 from .counting import MAX_INDEX_BITS, MAX_K, SUPPORTED_D, check_limits, index_bits, max_pulses, pyramid_size
 from .hadamard import HADAMARD_BASES, HADAMARD_MAX_N, hadamard_split, hadamard_transform
 from .hessian import hessian_accumulate_
@@ -25,6 +25,7 @@ __all__ = [
     "HADAMARD_BASES", "HADAMARD_MAX_N", "MAX_INDEX_BITS", "MAX_K", "SUPPORTED_D", "check_limits", "cuda_built",
     "decode", "dequantize_packed", "encode", "encode_activations", "hadamard_split", "hadamard_transform",
     "hessian_accumulate_",
-    "index_bits", "matmul_grad_input", "matmul_packed", "max_pulses", "pack_codes", "pyramid_size", "search", "unpack_codes",
+    "index_bits", "matmul_grad_input", "matmul_packed", "max_pulses", "metric_moves", "pack_codes", "pyramid_size",
+    "search", "unpack_codes",
     "wa_matmul",
 ]

@@ -1,4 +1,5 @@
-"""The codec ops: search (projection onto the pyramid), encode and decode (paper.md §2–§3)."""
+"""The codec ops: search (projection onto the pyramid), encode and decode (paper.md §2–§3), and the
+quantizer's metric pulse moves."""
 
 from __future__ import annotations
 
@@ -53,6 +54,30 @@ def decode(index: torch.Tensor, D: int, K: int) -> torch.Tensor:
     check_tensor("pvq_cuda.decode", "index", index, (torch.int64, torch.int32))
     check_limits(D, K, "pvq_cuda.decode")
     return torch.ops.pvq_cuda.decode.default(index.long(), D, K)
+
+
+def metric_moves(pulses: torch.Tensor, w_metric: torch.Tensor, y_metric: torch.Tensor, fit_num: torch.Tensor,
+                 fit_den: torch.Tensor, w_sign: torch.Tensor,
+                 metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of the quantizer's metric pulse search, for each row: the single pulse move i -> j
+    that most raises the fit (y·M·wᵀ)² / (y·M·yᵀ) of pulses y to target w under metric M.
+
+    Args (float64, CPU; ``[rows, D]`` unless said): ``pulses`` y; ``w_metric`` w·M; ``y_metric``
+    y·M; ``fit_num`` y·(w·M) and ``fit_den`` y·(y·M), ``[rows]``; ``w_sign`` sign(w) as ±1 (the
+    sign a pulse takes on a coordinate y does not use yet); ``metric`` M, ``[D, D]``, symmetric.
+
+    Returns:
+        (better, moved): bool ``[rows]``, whether the best move raises the fit by more than a
+        relative 1e-12, and float64 ``[rows, D]``, y with that move made (y itself where not better).
+        Ties go to the first move in (i, j) order. The scores round exactly as
+        ``quantization/quantize.py``'s torch scoring, the path on other devices (csrc/codec/metric_moves.h).
+    """
+    return torch.ops.pvq_cuda._metric_moves.default(pulses, w_metric, y_metric, fit_num, fit_den, w_sign, metric)
+
+
+@torch.library.register_fake("pvq_cuda::_metric_moves")
+def _metric_moves_fake(pulses, w_metric, y_metric, fit_num, fit_den, w_sign, metric):
+    return pulses.new_empty(pulses.shape[:1], dtype=torch.bool), torch.empty_like(pulses)
 
 
 @torch.library.register_fake("pvq_cuda::search")

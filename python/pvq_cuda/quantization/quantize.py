@@ -7,14 +7,14 @@ import torch
 from ..format.config import DEFAULT_PRESET, PVQConfig
 from ..format.gain import beta_gain_levels
 from ..format.weight import PVQWeight, rotation_signs
-from ..ops import encode, hadamard_transform, pack_codes, search
+from ..ops import encode, hadamard_transform, metric_moves, pack_codes, search
 from .error_feedback import error_feedback, inverse_cholesky_upper
 from .hessian import rotate_hessian
 
 METRIC_SEARCH_PASSES = 4  # pulse-move passes under the block metric; gains flatten out after ~3
-# The metric search scores its [rows, D, D] float64 candidate moves in chunks of about this many
-# (1 MB). Measured fastest on a 2-core CPU: 1.6x the unchunked speed at D=16 and 1,536 rows (9.3
-# against 14.6 ms a call; chunks of 128 or 1,024 rows at D=16 were slower).
+# Off the CPU the metric search scores its [rows, D, D] float64 candidate moves with torch ops, in
+# chunks of about this many (1 MB): on a 2-core CPU, where this path was measured before the native
+# op replaced it there, 1.6x the unchunked speed at D=16 and 1,536 rows.
 _MOVE_SCORES = 2 ** 17
 
 
@@ -206,8 +206,8 @@ def _metric_search(pulses: torch.Tensor, w: torch.Tensor, M: torch.Tensor) -> to
     # pass rescans only the rows the last one moved: after the first pass that is 2-4 % of them.
     active = torch.arange(N, device=w.device)
     for _ in range(METRIC_SEARCH_PASSES):
-        moves = [_best_moves(y[r], Mw_all[r], sgn_all[r], Md)
-                 for r in active.split(max(1, _MOVE_SCORES // (D * D)))]
+        per_call = len(active) if _native_moves(y) else max(1, _MOVE_SCORES // (D * D))
+        moves = [_best_moves(y[r], Mw_all[r], sgn_all[r], Md) for r in active.split(per_call)]
         better = torch.cat([b for b, _ in moves])
         if not better.any():
             break
@@ -216,16 +216,28 @@ def _metric_search(pulses: torch.Tensor, w: torch.Tensor, M: torch.Tensor) -> to
     return y.to(torch.int8)
 
 
+def _native_moves(y: torch.Tensor) -> bool:
+    """Whether the native op scores the moves (``ops.metric_moves``: the CPU) or torch ops do."""
+    return y.device.type == "cpu"
+
+
 def _best_moves(y: torch.Tensor, Mw: torch.Tensor, sgn_w: torch.Tensor, Md: torch.Tensor):
     """For rows y (float64 pulses) with Mw = w M and sgn_w = sign(w): whether each row's best single
-    pulse move i -> j raises its fit, and the rows with that move made.
-
-    The [rows, D, D] scores are built in place to keep memory traffic down. Each row's score comes
-    from that row alone: on the CPU the codes are bit-identical to scoring all rows at once
-    (bench/results/search-speed-cpu-2026-12-04.md)."""
-    n, D = y.shape
+    pulse move i -> j raises its fit, and the rows with that move made. Both paths round every
+    score alike, so the codes do not depend on which one ran (tests/test_quantize_hessian.py)."""
     My = y @ Md
     num0, den0 = (y * Mw).sum(-1), (y * My).sum(-1)
+    if _native_moves(y):
+        return metric_moves(y, Mw, My, num0, den0, sgn_w, Md)
+    return _scored_moves(y, Mw, My, num0, den0, sgn_w, Md)
+
+
+def _scored_moves(y, Mw, My, num0, den0, sgn_w, Md):
+    """The torch path of :func:`_best_moves` (csrc/codec/metric_moves.h has the same expressions).
+
+    The [rows, D, D] scores are built in place to keep memory traffic down. Each row's score comes
+    from that row alone, so scoring the rows in chunks gives the same codes as all at once."""
+    n, D = y.shape
     d_src = -torch.sign(y)                              # [n, D]: the pulse leaving i
     d_dst = torch.where(y == 0, sgn_w, torch.sign(y))   # [n, D]: the pulse arriving at j
     # Fit after the move: num = (y+δ)Mwᵀ, den = (y+δ)M(y+δ)ᵀ = yMyᵀ + 2δMyᵀ + δMδᵀ.
