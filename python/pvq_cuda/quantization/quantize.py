@@ -12,10 +12,11 @@ from .error_feedback import error_feedback, inverse_cholesky_upper
 from .hessian import rotate_hessian
 
 METRIC_SEARCH_PASSES = 4  # pulse-move passes under the block metric; gains flatten out after ~3
-# Off the CPU the metric search scores its [rows, D, D] float64 candidate moves with torch ops, in
-# chunks of about this many (1 MB): on a 2-core CPU, where this path was measured before the native
-# op replaced it there, 1.6x the unchunked speed at D=16 and 1,536 rows.
-_MOVE_SCORES = 2 ** 17
+# Off the CPU (where ops.metric_moves scores in registers) the metric search builds its [rows, D, D]
+# float64 move scores with torch ops, at most this many at once (128 MB a temporary): a GPU runs few
+# large kernels, and memory stays bounded on wide layers (28,672 rows at D = 32 take two chunks).
+# Chunks of 2^17 were the fastest for this path on a 2-core CPU, before the native op replaced it.
+_MOVE_SCORES = 2 ** 24
 
 
 def quantize_weight(W: torch.Tensor, config: PVQConfig | None = None, hessian: torch.Tensor | None = None, *,
