@@ -258,3 +258,24 @@ def test_metric_moves_opcheck_and_bad_input():
         pvq_cuda.ops.metric_moves(y[:, :6], Mw[:, :6], My[:, :6], num, den, sgn[:, :6], M[:6, :6])
     with pytest.raises(ValueError, match=r"pulses must have shape \[rows, D\]"):
         pvq_cuda.ops.metric_moves(y[0], Mw, My, num, den, sgn, M)
+
+
+@requires_cuda
+def test_metric_moves_op_rejects_cuda_tensors():
+    args = _move_inputs(8, 20, torch.Generator().manual_seed(4), False)
+    with pytest.raises(ValueError, match="pulses must be on the CPU"):
+        pvq_cuda.ops.metric_moves(*(t.cuda() for t in args))
+
+
+@requires_cuda
+def test_metric_search_on_cuda_matches_the_cpu():
+    """On a GPU the moves are scored by torch ops (the CPU has the native op). The rounding of the
+    inputs (w·M, y·M from cuBLAS) may differ, so near-ties may flip: nearly all codes and the loss
+    must agree."""
+    W, H = _layer()
+    cfg = PVQConfig.preset("pvq-2.25")
+    cpu = quantize_weight(W, cfg, H, metric_search=True, refine_passes=1)
+    gpu = quantize_weight(W.cuda(), cfg, H.cuda(), metric_search=True, refine_passes=1)
+    assert (gpu.codes.cpu() == cpu.codes).float().mean() > 0.99
+    loss_cpu, loss_gpu = (hessian_loss(W, q.dequantize().cpu(), H) for q in (cpu, gpu))
+    assert abs(loss_gpu / loss_cpu - 1) < 0.01

@@ -2,15 +2,15 @@
 // of the single pulse moves i -> j, the one that most raises the fit (yMwᵀ)² / (yMyᵀ) of pulses y
 // to the target w under the block metric M. Torch-free, float64.
 //
-// Each quantity is the same float64 expression, evaluated in the same order, as the torch scoring
-// in quantize.py's _move_scores (the reference on every other device): for a move δ =
-// −sign(y_i)·e_i + σ_j·e_j,
+// Each quantity is the same float64 expression, evaluated in the same order, as in the torch
+// scoring of quantize.py's _scored_moves (the path on every other device): for the move
+// δ = s_i·e_i + t_j·e_j, with s = −sign(y) (the pulse leaving i) and t_j = sign(y_j), or sign(w_j)
+// where y_j = 0 (the pulse arriving at j),
 //   num_ij = (num0 + s_i·Mw_i) + t_j·Mw_j
 //   den_ij = ((((den0 + 2s_i·My_i) + 2t_j·My_j) + M_ii) + M_jj) + (s_i·t_j)·(2M_ij)
 //   score_ij = num_ij² / max(den_ij, 1e-300)
-// with s = −sign(y) and t_j = sign(y_j), or sign(w_j) where y_j = 0. So the codes do not depend on
-// which path scored them; the translation unit is compiled with -ffp-contract=off, since an FMA
-// would round differently.
+// So the codes do not depend on which path scored them. The translation unit that includes this
+// is compiled with -ffp-contract=off: an FMA would round differently.
 #pragma once
 
 namespace pvq {

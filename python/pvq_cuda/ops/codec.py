@@ -72,7 +72,12 @@ def metric_moves(pulses: torch.Tensor, w_metric: torch.Tensor, y_metric: torch.T
         Ties go to the first move in (i, j) order. The scores round exactly as
         ``quantization/quantize.py``'s torch scoring, the path on other devices (csrc/codec/metric_moves.h).
     """
-    return torch.ops.pvq_cuda._metric_moves.default(pulses, w_metric, y_metric, fit_num, fit_den, w_sign, metric)
+    args = (pulses, w_metric, y_metric, fit_num, fit_den, w_sign, metric)
+    for name, t in zip(("pulses", "w_metric", "y_metric", "fit_num", "fit_den", "w_sign", "metric"), args):
+        if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta"):
+            raise ValueError(f"pvq_cuda.metric_moves: {name} must be on the CPU (the op has only a CPU kernel; "
+                             f"quantize_weight scores moves with torch ops on other devices), got {t.device}")
+    return torch.ops.pvq_cuda._metric_moves.default(*args)
 
 
 @torch.library.register_fake("pvq_cuda::_metric_moves")
