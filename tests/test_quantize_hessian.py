@@ -246,8 +246,10 @@ def test_metric_moves_opcheck_and_bad_input():
     args = _move_inputs(8, 20, gen, False)
     torch.library.opcheck(torch.ops.pvq_cuda._metric_moves.default, args)
     y, Mw, My, num, den, sgn, M = args
-    with pytest.raises(TypeError, match="w_metric must be float64"):
+    with pytest.raises(TypeError, match="w_metric must have dtype float64"):
         pvq_cuda.ops.metric_moves(y, Mw.float(), My, num, den, sgn, M)
+    with pytest.raises(TypeError, match="w_metric must be float64"):  # the kernel's own check
+        torch.ops.pvq_cuda._metric_moves.default(y, Mw.float(), My, num, den, sgn, M)
     with pytest.raises(ValueError, match=r"fit_den must have shape \[20\]"):
         pvq_cuda.ops.metric_moves(y, Mw, My, num, den[:5], sgn, M)
     with pytest.raises(ValueError, match=r"metric must have shape \[8, 8\]"):

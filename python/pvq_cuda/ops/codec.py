@@ -73,15 +73,22 @@ def metric_moves(pulses: torch.Tensor, w_metric: torch.Tensor, y_metric: torch.T
         ``quantization/quantize.py``'s torch scoring, the path on other devices (csrc/codec/metric_moves.h).
     """
     args = (pulses, w_metric, y_metric, fit_num, fit_den, w_sign, metric)
+    _check_metric_moves(args)
+    return torch.ops.pvq_cuda._metric_moves.default(*args)
+
+
+def _check_metric_moves(args) -> None:
+    """Float64 dense tensors on the CPU (or meta); the shapes are checked by the kernel."""
     for name, t in zip(("pulses", "w_metric", "y_metric", "fit_num", "fit_den", "w_sign", "metric"), args):
-        if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta"):
+        check_tensor("pvq_cuda.metric_moves", name, t, (torch.float64,))
+        if t.device.type == "cuda":
             raise ValueError(f"pvq_cuda.metric_moves: {name} must be on the CPU (the op has only a CPU kernel; "
                              f"quantize_weight scores moves with torch ops on other devices), got {t.device}")
-    return torch.ops.pvq_cuda._metric_moves.default(*args)
 
 
 @torch.library.register_fake("pvq_cuda::_metric_moves")
 def _metric_moves_fake(pulses, w_metric, y_metric, fit_num, fit_den, w_sign, metric):
+    _check_metric_moves((pulses, w_metric, y_metric, fit_num, fit_den, w_sign, metric))
     return pulses.new_empty(pulses.shape[:1], dtype=torch.bool), torch.empty_like(pulses)
 
 
